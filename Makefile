@@ -1,0 +1,49 @@
+# Adapter Deploy: one target per phase, plus deploy/rollback/status/demo/test.
+# Variables reach the scripts as single arguments (exported, then quoted), so a
+# value with spaces or shell characters stays one value and never runs as code.
+# Scripts exit with the documented codes (scripts/deploycore/errors.py); make
+# itself exits 2 whenever a recipe fails.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+USER_VARS := PARAMS MODEL MODELS CYCLE SRC METRICS ENDPOINT TO DRY_RUN JSON FORMAT PYTEST_ARGS
+# Take each value as typed: make would otherwise expand $(...) inside it.
+$(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
+export $(USER_VARS)
+
+.DEFAULT_GOAL := help
+
+help: ## list every target with one line
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*## "} {printf "  make %-14s %s\n", $$1, $$2}'
+
+install: $(VENV)/.install-stamp ## create .venv and install the project (idempotent)
+
+$(VENV)/.install-stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+test: install ## run the test suite (pytest)
+	$(PY) -m pytest $${PYTEST_ARGS:--q}
+
+lint: install ## ruff check + format check
+	$(PY) -m ruff check scripts engines tests bench
+	$(PY) -m ruff format --check scripts engines tests bench
+
+version: install ## MODEL=gemma_4b CYCLE=1 SRC=dir [METRICS=json]: version an adapter
+	$(PY) scripts/version.py --model "$$MODEL" --cycle "$$CYCLE" --src "$$SRC" \
+	  $${METRICS:+--metrics "$$METRICS"}
+
+versions: install ## [MODEL=...]: table of versions per model
+	$(PY) scripts/versions.py $${MODEL:+--model "$$MODEL"} $${JSON:+--json}
+
+bench: install ## run the benchmarks and print their figures
+	$(PY) bench/bench_hash.py
+
+.PHONY: help install test lint version versions bench

@@ -1,0 +1,180 @@
+"""params.yaml: the only file users edit, validated on load.
+
+Every unknown key and wrong type is reported at once with its key path.
+`PARAMS=<file>` (environment or --params) points at another file; relative
+paths inside it resolve against the project root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deploycore import PROJECT_ROOT
+from deploycore.errors import ConfigError, UsageError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
+VERSION_RE = re.compile(r"^cycle[0-9]+_[0-9]{8}_[0-9a-f]{8}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Names end up in paths and remote commands: allow only a safe alphabet."""
+    if not NAME_RE.match(value) or value in {".", ".."}:
+        raise UsageError(
+            f"invalid {kind} name {value!r}",
+            "use letters, digits, '_' or '-' (at most 64; start and end with a letter or digit)",
+        )
+    return value
+
+
+def check_version_id(value: str) -> str:
+    if not VERSION_RE.match(value):
+        raise UsageError(
+            f"invalid version id {value!r}",
+            "a version id looks like cycle1_20260315_a4b2c8d1 (see `make versions`)",
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelParams(_Strict):
+    task: Literal["translation", "transcription"] = "translation"
+    base_model: str = Field(description="hub id or local path of the base model")
+    sentences: str | None = None  # optional health-check sentence file (JSON)
+
+
+class HealthCheckParams(_Strict):
+    latency_limit_s: float = 5.0
+    engine: Literal["auto", "hf", "mlx"] = "auto"
+
+
+class ReleaseParams(_Strict):
+    keep: int = Field(3, ge=2, description="releases kept per model on an endpoint")
+    parallel: int = Field(4, ge=1, description="endpoints deployed at once")
+
+
+class EndpointParams(_Strict):
+    host: str = "localhost"
+    user: str | None = None
+    port: int | None = None
+    ssh_config: str | None = None
+    identity_file: str | None = None
+    adapter_dir: str
+    project_dir: str | None = None
+    python: str | None = None
+    platform: Literal["mlx", "cuda", "cpu"] = "cuda"
+    reload_method: Literal["sigusr1", "restart", "none"] = "none"
+    restart_command: list[str] | None = None
+    transport: Literal["ssh", "local"] = "ssh"
+    base_models: dict[str, str] = {}
+    models: list[str] | None = None
+    service_url: str | None = None
+    pidfile: str | None = None
+    compat_links: dict[str, str] = {}
+    format: Literal["adapter", "merged", "bitsandbytes", "gguf"] | None = None
+    formats: dict[str, Literal["adapter", "merged", "bitsandbytes", "gguf"]] = {}
+
+    @field_validator("service_url")
+    @classmethod
+    def _loopback_only_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("http://"):
+            raise ValueError("service_url must start with http://")
+        return value
+
+
+class StoreParams(_Strict):
+    adapters_dir: str = "adapters"
+    signing_key: str | None = None
+
+
+class Params(_Strict):
+    store: StoreParams = StoreParams()
+    models: dict[str, ModelParams]
+    health_check: HealthCheckParams = HealthCheckParams()
+    release: ReleaseParams = ReleaseParams()
+    endpoints: dict[str, EndpointParams] = {}
+    alert_command: list[str] | None = None
+    alert_url: str | None = None
+
+    # Set after loading: where the file came from (not a user key).
+    source: Path = Field(default=PROJECT_ROOT / "params.yaml", exclude=True)
+
+    def model(self, name: str) -> ModelParams:
+        check_name("model", name)
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise UsageError(
+                f"unknown model {name!r} (known: {known})",
+                f"add it under models: in {self.source.name} or pick a known one",
+            )
+        return self.models[name]
+
+    def endpoint(self, name: str) -> EndpointParams:
+        check_name("endpoint", name)
+        if name not in self.endpoints:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise UsageError(
+                f"unknown endpoint {name!r} (known: {known})",
+                f"add it under endpoints: in {self.source.name} or pick a known one",
+            )
+        return self.endpoints[name]
+
+    def resolve(self, path: str) -> Path:
+        """A path from params: ~ expanded, relative ones against the project root."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.resolve(self.store.adapters_dir)
+
+
+def params_path(explicit: str | None = None) -> Path:
+    raw = explicit or os.environ.get("PARAMS") or str(PROJECT_ROOT / "params.yaml")
+    p = Path(os.path.expanduser(raw))
+    return p if p.is_absolute() else (Path.cwd() / p)
+
+
+def _format_errors(err: ValidationError, source: Path) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {what}")
+    return f"{source} is invalid: " + "; ".join(parts)
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    source = params_path(str(path) if path else None)
+    if not source.is_file():
+        raise ConfigError(f"params file {source} not found", "create it or set PARAMS=<file>")
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{source} is not valid YAML{where}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping at the top level", "see params.yaml")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            _format_errors(exc, source), "correct or remove the keys named above"
+        ) from None
+    bad = [n for n in [*params.models, *params.endpoints] if not NAME_RE.match(n)]
+    if bad:
+        raise ConfigError(
+            f"{source}: invalid model/endpoint names {bad}",
+            "use letters, digits, '_' or '-'",
+        )
+    params.source = source
+    return params

@@ -1,0 +1,81 @@
+"""One error hierarchy for the whole project.
+
+Every error carries the exit code the scripts return and a message that names
+the problem and the fix. The core raises these; only the shared runner prints
+them and exits.
+
+Exit codes (the documented interface; `make` itself exits 2 on any failure):
+    0  success
+    1  unexpected internal error (a bug: rerun with --traceback)
+    2  usage or configuration error (bad flag, params.yaml, adapter, model, cycle)
+    3  remote error (ssh, rsync, transfer, checksum, endpoint disk)
+    4  health check failed
+    5  reload failed (service did not acknowledge the new release)
+    6  nothing to roll back
+    7  endpoint locked by another deploy
+"""
+
+from __future__ import annotations
+
+
+class AdapterDeployError(Exception):
+    """Base class: a known failure with an exit code and a suggested fix."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def one_line(self) -> str:
+        text = self.message.rstrip(".")
+        return f"{text}. Fix: {self.fix}" if self.fix else text
+
+
+class UsageError(AdapterDeployError):
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+class AdapterError(UsageError):
+    """An adapter directory is not something we will version or load."""
+
+
+class RemoteError(AdapterDeployError):
+    exit_code = 3
+
+
+class ChecksumMismatch(RemoteError):
+    """A transferred file does not match the manifest."""
+
+
+class HealthCheckFailed(AdapterDeployError):
+    exit_code = 4
+
+
+class ReloadFailed(AdapterDeployError):
+    exit_code = 5
+
+
+class NothingToRollBack(AdapterDeployError):
+    exit_code = 6
+
+
+class Locked(AdapterDeployError):
+    exit_code = 7
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected internal error",
+    2: "usage or configuration error",
+    3: "remote error",
+    4: "health check failed",
+    5: "reload failed",
+    6: "nothing to roll back",
+    7: "endpoint locked",
+}
