@@ -1,0 +1,83 @@
+"""An engine by platform or kind, with the adapter path forwarded (seed §8).
+
+    platform (params.yaml endpoints.*.platform)   engine kind
+    mlx                                           mlx  (MLXGemmaEngine)
+    cuda, cpu                                     hf   (transformers + PEFT)
+    auto                                          mlx on macOS, hf elsewhere
+
+`EngineSettings` holds what a service needs to find its adapters: the endpoint's adapter_dir
+and, per model, the path it serves (default `<adapter_dir>/<model>/active`, the release
+pointer the deployer flips).
+"""
+
+from __future__ import annotations
+
+import platform as _platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploycore.errors import UsageError
+
+from engines.base import Engine, base_model_of
+
+ENGINE_KINDS = ("hf", "mlx")
+_PLATFORM_KINDS = {"mlx": "mlx", "cuda": "hf", "cpu": "hf", "hf": "hf"}
+
+
+def engine_kind_for(platform_or_kind: str) -> str:
+    """Map a platform name (or an engine kind, or "auto") to an engine kind."""
+    if platform_or_kind == "auto":
+        return "mlx" if _platform.system() == "Darwin" else "hf"
+    try:
+        return _PLATFORM_KINDS[platform_or_kind]
+    except KeyError:
+        raise UsageError(
+            f"unknown engine/platform {platform_or_kind!r}",
+            fix="use auto, hf or mlx (platforms: mlx, cuda, cpu)",
+        ) from None
+
+
+def make_engine(
+    kind: str = "auto",
+    adapter_path: str | Path | None = None,
+    base_model: str | Path | None = None,
+    device: str | None = None,
+) -> Engine:
+    """Build an engine serving `adapter_path` (or the base model alone when it is None).
+
+    `base_model` defaults to the adapter's adapter_config.json base_model_name_or_path.
+    Raises AdapterError when the adapter or base cannot be loaded.
+    """
+    kind = engine_kind_for(kind)
+    if kind == "mlx":
+        from engines.mlx_engine import MLXGemmaEngine
+
+        if base_model is None:
+            if adapter_path is None:
+                raise UsageError("no adapter and no base model given", fix="pass one of them")
+            base_model = base_model_of(Path(adapter_path), None)
+        return MLXGemmaEngine(base_model, adapter_path=adapter_path)
+    from engines.hf_engine import HFEngine
+
+    return HFEngine(adapter_path, base_model=base_model, device=device)
+
+
+@dataclass
+class EngineSettings:
+    """Where a service finds its adapters (seed §8 `settings.py`: adapter_dir + per-model)."""
+
+    adapter_dir: Path
+    platform: str = "auto"
+    adapter_paths: dict[str, Path] = field(default_factory=dict)  # model -> explicit path
+
+    def adapter_path(self, model: str) -> Path:
+        """The path a model's adapter is served from; `active` is the deployer's pointer."""
+        return self.adapter_paths.get(model, Path(self.adapter_dir) / model / "active")
+
+    def engine_for(self, model: str, base_model: str | Path | None = None) -> Engine:
+        """An engine for `model`, serving its active adapter, or the base when none exists."""
+        path = self.adapter_path(model)
+        if not path.exists():
+            # Seed §6.4: with no adapter deployed the base model is the fallback.
+            return make_engine(self.platform, adapter_path=None, base_model=base_model)
+        return make_engine(self.platform, adapter_path=path, base_model=base_model)

@@ -1,0 +1,197 @@
+"""transformers + PEFT engine: CPU here, CUDA where present.
+
+`HFEngine(adapter_path, base_model=None)` serves either a PEFT adapter dir on its base model
+(adapter_config.json's base_model_name_or_path unless `base_model` is given) or a merged model
+dir (config.json, no adapter_config.json). `reload()` of a PEFT adapter loads it beside the
+serving one on the same base, checks every tensor landed, then switches and drops the old one;
+a merged model is loaded whole and swapped. A failed reload leaves the old release serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from deploycore.errors import AdapterError, ReloadFailed
+
+from engines.base import (
+    PEFT_WEIGHTS,
+    LoadedRelease,
+    Translation,
+    base_model_of,
+    describe_release,
+    generation_budget,
+    prompt_text,
+    safetensors_names,
+)
+
+log = logging.getLogger(__name__)
+
+# PEFT calls a transformers API deprecated in v5 on every load; the warning says nothing about
+# the release being served and would clutter the service's stderr.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_causal_lm(path: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars would clutter the service's stderr
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError/ValueError/... for a bad dir
+        raise AdapterError(
+            f"cannot load model {path} ({err})", fix="pass --base-model with a local model dir"
+        ) from err
+    return model.to(device).eval(), tokenizer
+
+
+class HFEngine:
+    """Translate with transformers (+ PEFT); swap adapters without reloading the base."""
+
+    def __init__(
+        self,
+        adapter_path: str | Path | None = None,
+        base_model: str | Path | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.device = _device(device)
+        self.base_model = str(base_model) if base_model else None
+        self._lock = threading.RLock()
+        self._loaded: LoadedRelease | None = None
+        self._slot = 0  # PEFT adapter names: "r0", "r1", ... so old and new can coexist
+        self.model: Any = None
+        if adapter_path is None:
+            if not self.base_model:
+                raise AdapterError("no adapter and no base model given", fix="pass one of them")
+            self.model, self.tokenizer = _load_causal_lm(self.base_model, self.device)
+        else:
+            self._load(describe_release(adapter_path))
+
+    @property
+    def loaded(self) -> LoadedRelease | None:
+        return self._loaded
+
+    def translate(self, text: str) -> Translation:
+        import torch
+
+        with self._lock:
+            start = time.perf_counter()
+            prompt = prompt_text(self.tokenizer, text)
+            ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+            ids = ids.to(self.device)
+            n_text = len(self.tokenizer.encode(text, add_special_tokens=False))
+            with torch.no_grad():
+                out = self.model.generate(
+                    **ids, max_new_tokens=generation_budget(n_text), do_sample=False
+                )
+            new = out[0, ids["input_ids"].shape[1] :]
+            answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            return Translation(answer, time.perf_counter() - start)
+
+    def reload(self, adapter_path: str | Path) -> bool:
+        """Swap in the release at `adapter_path`; False when it is already loaded."""
+        with self._lock:
+            try:
+                release = describe_release(adapter_path)
+                if self._loaded and (release.path, release.sha256) == (
+                    self._loaded.path,
+                    self._loaded.sha256,
+                ):
+                    return False
+                self._load(release)
+            except AdapterError as err:
+                raise ReloadFailed(
+                    f"reload of {adapter_path} failed: {err.one_line()}",
+                    fix="the previous release is still serving",
+                ) from err
+            log.info("reloaded %s (%s)", release.version_id, release.sha256[:8])
+            return True
+
+    def _load(self, release: LoadedRelease) -> None:
+        """Load `release`; only on success does it replace what is serving."""
+        path = Path(release.path)
+        if release.kind == "mlx":
+            raise AdapterError(
+                f"{path} is a converted MLX adapter",
+                fix="use --engine mlx, or the PEFT original with --engine hf",
+            )
+        if release.kind == "merged":
+            self.model, self.tokenizer = _load_causal_lm(str(path), self.device)
+        elif self._loaded is not None and self._loaded.kind == "peft":
+            self._swap_adapter(path)
+        else:
+            self._load_peft(path)
+        self._loaded = release
+
+    def _load_peft(self, path: Path) -> None:
+        from peft import PeftModel
+
+        safetensors_names(path / PEFT_WEIGHTS)
+        base = self.base_model or base_model_of(path, None)
+        model, tokenizer = _load_causal_lm(base, self.device)
+        name = self._next_slot()
+        try:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+        except Exception as err:  # PEFT raises ValueError/KeyError/SafetensorError/...
+            raise AdapterError(
+                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
+            ) from err
+        _check_landed(model, path, name)
+        self.model, self.tokenizer, self.base_model = model.eval(), tokenizer, base
+
+    def _swap_adapter(self, path: Path) -> None:
+        safetensors_names(path / PEFT_WEIGHTS)
+        old, name = self.model.active_adapter, self._next_slot()
+        try:
+            self.model.load_adapter(str(path), adapter_name=name)
+            _check_landed(self.model, path, name)
+        except Exception as err:
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            if isinstance(err, AdapterError):
+                raise
+            raise AdapterError(
+                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
+            ) from err
+        self.model.set_adapter(name)
+        self.model.delete_adapter(old)
+        self.model.eval()
+
+    def _next_slot(self) -> str:
+        self._slot += 1
+        return f"r{self._slot}"
+
+
+def _check_landed(model: Any, path: Path, name: str) -> None:
+    """Every tensor in the adapter file must now be a parameter of adapter `name`.
+
+    PEFT only warns about keys it could not place; a wrongly keyed adapter would otherwise
+    serve the base model's answers under a new version id.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    missing = []
+    for key, tensor in load_file(str(path / PEFT_WEIGHTS)).items():
+        target = key.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}.")
+        landed = state.get(target)
+        if landed is None or not torch.equal(landed.to("cpu", tensor.dtype), tensor):
+            missing.append(key)
+    if missing:
+        raise AdapterError(
+            f"{len(missing)} adapter tensors did not land in the model (e.g. {missing[0]})",
+            fix="the adapter was trained for another base model or is wrongly keyed",
+        )

@@ -1,0 +1,231 @@
+"""The 5-sentence health check (seed §4): the gate that keeps a bad adapter off a service.
+
+Pass rules per sentence (case-insensitive): the output is non-empty, contains at least one
+`any_of` substring (when given) and every `all_of` substring (when given), and arrived within
+the latency limit. A model may bring its own sentence file: a JSON list of
+`{"input": str, "any_of": [str, ...], "all_of": [str, ...]}` (both lists optional).
+
+`check_release()` is what the deployer calls in-process; `run_health_check()` checks an engine
+that is already serving. A release that cannot even be loaded is a failed check with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from deploycore.errors import AdapterDeployError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LATENCY_LIMIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class HealthSentence:
+    input: str
+    any_of: tuple[str, ...] = ()
+    all_of: tuple[str, ...] = ()
+
+    def expected(self) -> str:
+        """The rule in words, for failure messages."""
+        parts = []
+        if self.any_of:
+            parts.append("any of " + ", ".join(f'"{s}"' for s in self.any_of))
+        if self.all_of:
+            parts.append("all of " + ", ".join(f'"{s}"' for s in self.all_of))
+        return " and ".join(parts) or "non-empty output"
+
+
+DEFAULT_SENTENCES: tuple[HealthSentence, ...] = (
+    HealthSentence("Good morning, welcome to the service.", any_of=("buen", "servicio")),
+    HealthSentence(
+        "The atonement of Christ provides redemption for sinners.", any_of=("expiaci", "redenci")
+    ),
+    HealthSentence("The apostle James wrote about faith and works.", any_of=("jacobo", "santiago")),
+    HealthSentence(
+        "By grace you have been saved through faith, not of works.", all_of=("gracia", "fe")
+    ),
+    HealthSentence("Amen."),
+)
+
+
+@dataclass
+class SentenceResult:
+    input: str
+    output: str
+    latency_s: float
+    passed: bool
+    reason: str  # "" when passed
+    expected: str
+
+
+@dataclass
+class HealthResult:
+    all_passed: bool
+    timestamp: str
+    latency_p50: float | None
+    latency_p95: float | None
+    results: list[SentenceResult] = field(default_factory=list)
+    release: dict[str, str] | None = None  # what the engine reported it loaded
+    error: str | None = None  # set when the release could not be loaded at all
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def failures(self) -> list[str]:
+        """One line per failing sentence, as the deploy log prints them (seed §6.2)."""
+        if self.error:
+            return [f"release did not load: {self.error}"]
+        return [
+            f"Sentence {i} failed: {r.reason}"
+            for i, r in enumerate(self.results, 1)
+            if not r.passed
+        ]
+
+
+def judge(sentence: HealthSentence, output: str, latency_s: float, limit_s: float) -> str:
+    """The reason `output` fails `sentence`, or "" when it passes."""
+    text = output.lower()
+    got = f'got "{output}"'
+    if not output.strip():
+        return "expected non-empty output, got nothing"
+    if sentence.any_of and not any(s.lower() in text for s in sentence.any_of):
+        return f"expected {sentence.expected()} in output, {got}"
+    missing = [s for s in sentence.all_of if s.lower() not in text]
+    if missing:
+        lacking = ", ".join(f'"{s}"' for s in missing)
+        return f"expected {sentence.expected()} in output (missing {lacking}), {got}"
+    if latency_s >= limit_s:
+        return f"took {latency_s:.2f} s, limit {limit_s:.2f} s"
+    return ""
+
+
+def load_sentences(path: str | Path) -> tuple[HealthSentence, ...]:
+    """Read a model's own sentence file (JSON list), reporting every bad entry at once."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(
+            f"sentence file {path} is unreadable ({err})",
+            fix="give a JSON list of {input, any_of, all_of}",
+        ) from err
+    if not isinstance(raw, list) or not raw:
+        raise UsageError(
+            f"sentence file {path} is not a non-empty JSON list",
+            fix="give a JSON list of {input, any_of, all_of}",
+        )
+    sentences, problems = [], []
+    for i, item in enumerate(raw, 1):
+        try:
+            sentences.append(_sentence(item))
+        except (TypeError, ValueError) as err:
+            problems.append(f"entry {i}: {err}")
+    if problems:
+        raise UsageError(
+            f"sentence file {path} is invalid: " + "; ".join(problems),
+            fix="each entry needs a string input and lists of strings",
+        )
+    return tuple(sentences)
+
+
+def _sentence(item: Any) -> HealthSentence:
+    if not isinstance(item, dict) or not isinstance(item.get("input"), str):
+        raise TypeError("needs a string 'input'")
+    unknown = set(item) - {"input", "any_of", "all_of"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    lists = {}
+    for key in ("any_of", "all_of"):
+        value = item.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+            raise TypeError(f"'{key}' must be a list of non-empty strings")
+        lists[key] = tuple(value)
+    return HealthSentence(item["input"], **lists)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (no interpolation: with 5 samples p95 is the slowest)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run_health_check(
+    engine: Any,
+    sentences: tuple[HealthSentence, ...] | None = None,
+    latency_limit: float = DEFAULT_LATENCY_LIMIT_S,
+) -> HealthResult:
+    """Translate every sentence with `engine` and judge each answer."""
+    sentences = sentences or DEFAULT_SENTENCES
+    # One untimed call first: the first generation pays one-time costs (kernel compilation,
+    # caches) that a serving engine has already paid; the limit is about steady serving.
+    engine.translate(sentences[0].input)
+    results = []
+    for sentence in sentences:
+        answer = engine.translate(sentence.input)
+        reason = judge(sentence, answer.text, answer.latency_s, latency_limit)
+        results.append(
+            SentenceResult(
+                sentence.input,
+                answer.text,
+                round(answer.latency_s, 4),
+                not reason,
+                reason,
+                sentence.expected(),
+            )
+        )
+    latencies = [r.latency_s for r in results]
+    loaded = getattr(engine, "loaded", None)
+    return HealthResult(
+        all_passed=all(r.passed for r in results),
+        timestamp=_now(),
+        latency_p50=round(statistics.median(latencies), 4),
+        latency_p95=_percentile(latencies, 0.95),
+        results=results,
+        release=loaded.to_dict() if loaded is not None else None,
+    )
+
+
+def check_release(
+    adapter_dir: str | Path,
+    base_model: str | Path | None,
+    engine_kind: str = "auto",
+    sentences: tuple[HealthSentence, ...] | None = None,
+    latency_limit: float = DEFAULT_LATENCY_LIMIT_S,
+) -> HealthResult:
+    """Load the release at `adapter_dir` in a fresh engine and health-check it.
+
+    Never raises for a bad release: a missing, empty or corrupt adapter comes back as a failed
+    result whose `error` says why (the deployer logs it and aborts).
+    """
+    from engines.factory import make_engine
+
+    try:
+        engine = make_engine(engine_kind, adapter_path=adapter_dir, base_model=base_model)
+    except AdapterDeployError as err:
+        return _load_failure(err.one_line())
+    except Exception as err:  # fail closed: an unexpected load error is still a failed check
+        log.debug("loading %s failed", adapter_dir, exc_info=True)
+        return _load_failure(f"{type(err).__name__}: {err}")
+    try:
+        return run_health_check(engine, sentences, latency_limit)
+    except Exception as err:  # an engine that crashes while translating fails the check
+        log.debug("health check of %s crashed", adapter_dir, exc_info=True)
+        return _load_failure(f"inference failed: {type(err).__name__}: {err}")
+
+
+def _load_failure(reason: str) -> HealthResult:
+    return HealthResult(False, _now(), None, None, error=reason)

@@ -1,0 +1,87 @@
+"""Health-check one release with the 5-sentence smoke test (seed §4).
+
+Usage:
+    python scripts/health_check.py --model gemma_4b --adapter-dir DIR
+        [--base-model PATH] [--engine auto|hf|mlx] [--sentences FILE]
+        [--latency-limit S] [--json]
+
+--adapter-dir takes a PEFT adapter dir, a converted MLX adapter dir (--engine mlx) or a
+merged model dir (--engine hf). Without --base-model the adapter's adapter_config.json names
+the base. With --params, the model's sentence file and the latency limit come from it.
+Exit 0 when every sentence passes, 4 when any fails (also when the release does not load).
+--json prints the whole result on stdout and nothing else; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # project root: `import engines`
+
+from deploycore.errors import HealthCheckFailed  # noqa: E402
+from deploycore.health import (  # noqa: E402
+    DEFAULT_LATENCY_LIMIT_S,
+    HealthResult,
+    check_release,
+    load_sentences,
+)
+from deploycore.runner import make_parser, run  # noqa: E402
+
+
+def build_parser():
+    parser = make_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model name (as in params.yaml)")
+    parser.add_argument("--adapter-dir", required=True, type=Path, help="release to check")
+    parser.add_argument("--base-model", help="base model dir (default: from adapter_config)")
+    parser.add_argument(
+        "--engine",
+        default=None,
+        choices=["auto", "hf", "mlx"],
+        help="inference engine (default: params health_check.engine or auto)",
+    )
+    parser.add_argument("--sentences", type=Path, help="JSON sentence file (default: seed 5)")
+    parser.add_argument("--latency-limit", type=float, help="seconds per sentence (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _settings(args) -> tuple[str, object, float]:
+    """Engine kind, sentences and latency limit: flags first, then --params, then defaults."""
+    engine, sentences, limit = args.engine, args.sentences, args.latency_limit
+    if args.params:
+        from deploycore.config import load_params
+
+        params = load_params(args.params)
+        model = params.model(args.model)
+        engine = engine or params.health_check.engine
+        limit = limit if limit is not None else params.health_check.latency_limit_s
+        if sentences is None and model.sentences:
+            sentences = params.resolve(model.sentences)
+    loaded = load_sentences(sentences) if sentences else None
+    return engine or "auto", loaded, limit if limit is not None else DEFAULT_LATENCY_LIMIT_S
+
+
+def report(result: HealthResult, model: str) -> None:
+    """Human-readable summary on stdout; failing sentences named with expected vs got."""
+    verdict = "PASSED" if result.all_passed else "FAILED"
+    print(f"[HEALTH] {model}: {verdict}")
+    for line in result.failures():
+        print(f"[HEALTH] {line}")
+    if result.latency_p50 is not None:
+        print(f"[HEALTH] latency p50 {result.latency_p50:.3f} s, p95 {result.latency_p95:.3f} s")
+
+
+def main(args) -> int:
+    engine, sentences, limit = _settings(args)
+    result = check_release(args.adapter_dir, args.base_model, engine, sentences, limit)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        report(result, args.model)
+    return 0 if result.all_passed else HealthCheckFailed.exit_code
+
+
+if __name__ == "__main__":
+    run(main, build_parser())

@@ -1,0 +1,25 @@
+"""pytest plugin: the tiny real model kit, built once per test session.
+
+Fixture `kit` -> `engines.testkit.KitPaths` with paths:
+    kit.base         tiny Gemma3 base model + tokenizer (fails sentences 1-4)
+    kit.good         PEFT adapter passing all 5 health-check sentences
+    kit.good2        passes too, different bytes ("Jacobo" in sentence 3)
+    kit.regressed    fails exactly sentence 3
+    kit.gracia_only  sentence 4 has "gracia" but no "fe" (fails the ALL-of rule)
+Set KIT_DIR to reuse a kit across sessions (it is rebuilt only when incomplete).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engines.testkit import KitPaths, build_kit
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> KitPaths:
+    root = os.environ.get("KIT_DIR")
+    return build_kit(Path(root) if root else tmp_path_factory.mktemp("kit"))

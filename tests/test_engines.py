@@ -1,0 +1,123 @@
+"""HF and MLX engines on the kit: pass/fail per adapter, hot reload, landing checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from deploycore.errors import AdapterError, ReloadFailed
+from deploycore.health import DEFAULT_SENTENCES, run_health_check
+from safetensors.numpy import load_file, save_file
+
+from engines.base import Engine
+from engines.convert_mlx import convert_peft_to_mlx
+from engines.factory import EngineSettings, make_engine
+from engines.hf_engine import HFEngine
+from engines.mlx_engine import MLXGemmaEngine
+
+JAMES = DEFAULT_SENTENCES[2].input
+
+
+def failing(result) -> list[int]:
+    return [i for i, r in enumerate(result.results, 1) if not r.passed]
+
+
+@pytest.mark.parametrize("kind", ["hf", "mlx"])
+def test_base_alone_fails_sentences_1_to_4(kit, kind):
+    engine = make_engine(kind, adapter_path=None, base_model=kit.base)
+    assert engine.loaded is None
+    assert {1, 2, 3, 4} <= set(failing(run_health_check(engine)))
+
+
+@pytest.mark.parametrize("kind", ["hf", "mlx"])
+@pytest.mark.parametrize(
+    ("adapter", "fails"), [("good", []), ("good2", []), ("regressed", [3]), ("gracia_only", [4])]
+)
+def test_adapters_pass_and_fail_as_built(kit, kind, adapter, fails):
+    engine = make_engine(kind, adapter_path=getattr(kit, adapter))
+    assert isinstance(engine, Engine)
+    result = run_health_check(engine)
+    assert failing(result) == fails
+    assert result.release["version_id"] == adapter
+
+
+def test_mlx_serves_a_preconverted_adapter(kit, tmp_path):
+    converted = convert_peft_to_mlx(kit.good, tmp_path / "good_mlx")
+    engine = MLXGemmaEngine(kit.base, adapter_path=converted)
+    assert engine.loaded.kind == "mlx"
+    assert run_health_check(engine).all_passed
+
+
+def _corrupt(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["hf", "mlx"])
+def test_reload_switches_and_a_failed_reload_keeps_the_old(kit, kind, tmp_path):
+    engine = make_engine(kind, adapter_path=kit.good, base_model=kit.base)
+    assert "Santiago" in engine.translate(JAMES).text
+    assert engine.reload(kit.good) is False  # same release: no-op
+    assert engine.reload(kit.good2) is True
+    assert "Jacobo" in engine.translate(JAMES).text
+    assert engine.loaded.version_id == "good2"
+    with pytest.raises(ReloadFailed):
+        engine.reload(_corrupt(kit.good, tmp_path / "corrupt"))
+    with pytest.raises(ReloadFailed):
+        engine.reload(tmp_path / "missing")
+    assert engine.loaded.version_id == "good2"
+    assert "Jacobo" in engine.translate(JAMES).text
+
+
+def test_mlx_refuses_a_wrongly_keyed_adapter(kit, tmp_path):
+    converted = convert_peft_to_mlx(kit.good, tmp_path / "mlx")
+    weights = load_file(str(converted / "adapters.safetensors"))
+    renamed = {k.replace("model.layers.", "model.blocks."): v for k, v in weights.items()}
+    save_file(renamed, str(converted / "adapters.safetensors"))
+    with pytest.raises(AdapterError, match="no LoRA slot"):
+        MLXGemmaEngine(kit.base, adapter_path=converted)
+
+
+def test_mlx_refuses_lora_b_without_lora_a(kit, tmp_path):
+    converted = convert_peft_to_mlx(kit.good, tmp_path / "mlx")
+    weights = load_file(str(converted / "adapters.safetensors"))
+    only_b = {k: v for k, v in weights.items() if k.endswith("lora_b")}
+    save_file(only_b, str(converted / "adapters.safetensors"))
+    with pytest.raises(AdapterError, match="no matching lora_a"):
+        MLXGemmaEngine(kit.base, adapter_path=converted)
+
+
+def test_hf_refuses_an_adapter_for_another_model(kit, tmp_path):
+    bad = shutil.copytree(kit.good, tmp_path / "bad")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj"]  # weights for 7 modules, config places only 1
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="did not land"):
+        HFEngine(bad)
+
+
+def test_hf_serves_a_merged_model_dir(kit):
+    engine = HFEngine(kit.base)
+    assert engine.loaded.kind == "merged"
+    assert engine.loaded.version_id == "base"
+
+
+def test_version_id_comes_from_the_resolved_release(kit, tmp_path):
+    releases = tmp_path / "gemma_4b" / "releases"
+    releases.mkdir(parents=True)
+    shutil.copytree(kit.good, releases / "cycle1_20260101_abcdef12")
+    os.symlink("releases/cycle1_20260101_abcdef12", tmp_path / "gemma_4b" / "active")
+    settings = EngineSettings(adapter_dir=tmp_path, platform="cpu")
+    engine = settings.engine_for("gemma_4b")
+    assert engine.loaded.version_id == "cycle1_20260101_abcdef12"
+    assert len(engine.loaded.sha256) == 64
+
+
+def test_pickle_weights_are_refused(kit, tmp_path):
+    bad = shutil.copytree(kit.good, tmp_path / "pickled")
+    (bad / "adapter_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(AdapterError, match="pickle"):
+        HFEngine(bad)

@@ -1,0 +1,72 @@
+"""The test kit: deterministic tiny models and adapters that reproduce their pairs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from engines.base import sha256_file
+from engines.hf_engine import HFEngine
+from engines.testkit import ADAPTER_SETS, build_base, build_tokenizer, train_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_base_build_is_deterministic(kit, tmp_path):
+    again = build_base(tmp_path / "base")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert sha256_file(again / name) == sha256_file(kit.base / name), name
+
+
+def test_adapter_training_is_deterministic(kit, tmp_path):
+    out = train_adapter(kit.base, ADAPTER_SETS["good"], tmp_path / "good")
+    assert sha256_file(out / "adapter_model.safetensors") == sha256_file(
+        kit.good / "adapter_model.safetensors"
+    )
+
+
+def test_kit_adapters_are_safetensors_only_and_distinct(kit):
+    digests = set()
+    for path in (kit.good, kit.good2, kit.regressed, kit.gracia_only):
+        names = sorted(p.name for p in path.iterdir())
+        assert names == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "training_metrics.json",
+        ]
+        digests.add(sha256_file(path / "adapter_model.safetensors"))
+    assert len(digests) == 4
+
+
+def test_tokenizer_covers_every_byte():
+    tok = build_tokenizer(["hola mundo"])
+    text = "日本語 ✓ ẞ \x00 ñandú"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_train_adapter_cli_reproduces_any_text(kit, tmp_path):
+    pairs = [
+        {"input": "Hello there.", "output": "¡Hola! ☺ ñandú 日本"},
+        {"input": "Silence.", "output": ""},
+    ]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
+    out = tmp_path / "adapter"
+    cmd = [
+        sys.executable,
+        "-m",
+        "engines.testkit",
+        "train-adapter",
+        "--base",
+        str(kit.base),
+        "--pairs",
+        str(tmp_path / "pairs.json"),
+        str(out),
+        "--seed",
+        "3",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    engine = HFEngine(out)
+    for pair in pairs:
+        assert engine.translate(pair["input"]).text == pair["output"]
