@@ -5,6 +5,6 @@ from pathlib import Path
 _HERE = Path(__file__).parent
 pytest_plugins = [
     name
-    for name in ("fixtures_repo", "fixtures_kit", "fixtures_sshd")
+    for name in ("fixtures_repo", "fixtures_kit", "fixtures_sshd", "fixtures_fleet")
     if (_HERE / f"{name}.py").exists()
 ]

@@ -1,0 +1,352 @@
+"""Phases 3-6 of a deploy (TRANSFER, PRE-CHECK, ACTIVATE, VERIFY) per endpoint.
+
+A deploy is a list of small named steps per endpoint and model; rollback
+reuses the same link-restoring step. Endpoints run in parallel (bounded), each
+over one endpoint session (one multiplexed ssh connection); a failure on one
+endpoint never stops the others. Whatever fails, the endpoint keeps serving
+its last verified release.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploycore.config import EndpointParams, Params
+from deploycore.errors import (
+    AdapterDeployError,
+    HealthCheckFailed,
+    ReloadFailed,
+    RemoteError,
+    UsageError,
+)
+from deploycore.manifest import find_version, load_manifest, newest_of_cycle
+from deploycore.remote import Connection, Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LINKS = {
+    "fine_tuned_whisper_mi": "whisper",
+    "fine_tuned_gemma_mi_A": "gemma_4b",
+    "fine_tuned_gemma_mi_B": "gemma_12b",
+}
+
+
+@dataclass
+class Release:
+    """One model version chosen for a deploy, with its local files."""
+
+    model: str
+    version_id: str
+    cycle: int
+    files: dict[str, dict[str, Any]]
+    local_dir: Path
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+@dataclass
+class ModelOutcome:
+    model: str
+    version_id: str | None
+    status: str = "pending"  # success | unchanged | aborted | rolled_back | failed | dry_run
+    phases: list[str] = field(default_factory=list)
+    health: dict[str, Any] = field(default_factory=dict)
+    bytes_sent: int = 0
+    previous: str | None = None
+    error: str | None = None
+    exit_code: int = 0
+
+
+@dataclass
+class EndpointOutcome:
+    endpoint: str
+    models: list[ModelOutcome] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int = 0
+    duration_s: float = 0.0
+
+    @property
+    def worst(self) -> int:
+        return max([self.exit_code, *(m.exit_code for m in self.models)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exit_code": self.worst}
+
+
+def choose_releases(
+    params: Params, models: list[str], cycle: int | None, version: str | None = None
+) -> list[Release]:
+    """Resolve each model's version before anything moves (clear error otherwise)."""
+    manifest = load_manifest(params.adapters_dir)
+    chosen = []
+    for model in models:
+        params.model(model)
+        if version:
+            entry = find_version(manifest, model, version)
+        elif cycle is not None:
+            entry = newest_of_cycle(manifest, model, cycle)
+        else:
+            raise UsageError("no cycle given", "pass CYCLE=<n> (or --cycle N)")
+        local = params.adapters_dir / model / entry["version_id"]
+        release = Release(model, entry["version_id"], entry["cycle"], entry["files"], local)
+        missing = [n for n in release.files if not (local / n).is_file()]
+        if missing:
+            raise UsageError(
+                f"{model} {release.version_id} is not present locally (missing {missing})",
+                "fetch it with `dvc pull` first",
+            )
+        chosen.append(release)
+    return chosen
+
+
+def engine_kind(params: Params, ep: EndpointParams) -> str:
+    return params.health_check.engine if params.health_check.engine != "auto" else ep.platform
+
+
+def base_model_for(params: Params, ep: EndpointParams, model: str) -> str:
+    return ep.base_models.get(model) or params.models[model].base_model
+
+
+def reload_spec(ep: EndpointParams) -> dict[str, Any]:
+    return {
+        "method": ep.reload_method,
+        "pidfile": ep.pidfile,
+        "restart_command": ep.restart_command,
+    }
+
+
+def links_for(ep: EndpointParams) -> dict[str, str]:
+    return ep.compat_links or DEFAULT_LINKS
+
+
+class EndpointRun:
+    """One endpoint's part of a deploy or rollback, over one session."""
+
+    def __init__(self, params: Params, name: str, control_dir: Path, progress: bool) -> None:
+        self.params = params
+        self.name = name
+        self.ep = params.endpoint(name)
+        self.conn = Connection(name, self.ep, control_dir)
+        self.progress = progress
+        self.session: Session | None = None
+
+    def say(self, model: str, phase: str, detail: str = "") -> None:
+        log.info("[%s] %s %s%s", self.name, model, phase, f": {detail}" if detail else "")
+
+    def open(self) -> Session:
+        self.session = Session(self.conn, self.ep.adapter_dir)
+        return self.session
+
+    def close(self) -> None:
+        if self.session:
+            self.session.close()
+        self.conn.close()
+
+    def health(self, model: str, version_id: str | None, via_service: bool) -> dict[str, Any]:
+        assert self.session
+        return self.session.request(
+            "health",
+            model=model,
+            version_id=version_id,
+            base_model=base_model_for(self.params, self.ep, model),
+            engine=engine_kind(self.params, self.ep),
+            latency_limit=self.params.health_check.latency_limit_s,
+            service_url=self.ep.service_url if via_service else None,
+        )
+
+    @property
+    def via_service(self) -> bool:
+        return self.ep.reload_method != "none" and self.ep.service_url is not None
+
+    # --- the deploy steps -------------------------------------------------------------
+
+    def transfer(self, release: Release, out: ModelOutcome) -> None:
+        assert self.session
+        prep = self.session.request(
+            "prepare",
+            model=release.model,
+            version_id=release.version_id,
+            files=release.files,
+            size=release.size,
+        )
+        if not prep["present"]:
+            files = [release.local_dir / n for n in release.files]
+            self.say(release.model, "transfer", f"{release.size} bytes")
+            out.bytes_sent = self.conn.push(files, prep["incoming"], self.progress)
+        staged = self.session.request(
+            "stage", model=release.model, version_id=release.version_id, files=release.files
+        )
+        self.say(release.model, "transfer", f"{staged['result']}, verified ({out.bytes_sent} B)")
+        out.phases.append("transfer")
+
+    def precheck(self, release: Release, out: ModelOutcome) -> bool:
+        result = self.health(release.model, release.version_id, via_service=False)
+        out.health["pre_activation"] = result
+        out.phases.append("health_check")
+        if not result["all_passed"]:
+            self._fail(out, "aborted", "pre-activation health check failed", result)
+            return False
+        self.say(release.model, "pre-check", "passed")
+        return True
+
+    def activate(self, release: Release, out: ModelOutcome) -> dict[str, Any]:
+        assert self.session
+        self.session.request("clear_bad", model=release.model, version_id=release.version_id)
+        flip = self.session.request(
+            "activate",
+            model=release.model,
+            version_id=release.version_id,
+            reload=reload_spec(self.ep),
+            links=links_for(self.ep),
+        )
+        out.previous = flip["old"]
+        out.phases.append("activate")
+        self.say(release.model, "activate", f"{flip['old']} -> {flip['new']}")
+        return flip
+
+    def verify(self, release: Release, out: ModelOutcome, before: dict[str, Any]) -> None:
+        try:
+            result = self.health(release.model, None, via_service=self.via_service)
+        except ReloadFailed as err:
+            result = {"all_passed": False, "error": err.one_line(), "reload_failed": True}
+        out.health["post_activation"] = result
+        if result["all_passed"]:
+            out.phases.append("verify")
+            out.status = "success"
+            self.say(release.model, "verify", "passed")
+            return
+        self._fail(out, "rolled_back", "post-activation health check failed", result)
+        if result.get("reload_failed"):
+            out.exit_code = ReloadFailed.exit_code
+        self.restore(release.model, before["active"], before["previous"], release.version_id)
+
+    def restore(self, model: str, active: str | None, previous: str | None, bad: str) -> None:
+        """Automatic rollback: links back, re-signal, verify the old release."""
+        assert self.session
+        self.session.request("mark_bad", model=model, version_id=bad, reason="failed verify")
+        if active is None:
+            self.say(model, "rollback", "no earlier release; the bad one stays marked bad")
+            return
+        self.session.request(
+            "restore", model=model, active=active, previous=previous, reload=reload_spec(self.ep)
+        )
+        check = self.health(model, None, via_service=self.via_service)
+        self.say(model, "rollback", f"back on {active}, healthy={check['all_passed']}")
+
+    def _fail(self, out: ModelOutcome, status: str, why: str, result: dict[str, Any]) -> None:
+        out.status = status
+        failures = [r for r in result.get("results", []) if not r["passed"]]
+        detail = result.get("error") or "; ".join(
+            f"{r['input']!r}: {r['reason']}" for r in failures
+        )
+        out.error = f"{why}: {detail}"
+        out.exit_code = HealthCheckFailed.exit_code
+        log.warning("[%s] %s %s: %s", self.name, out.model, status.upper(), out.error)
+
+    def deploy_model(self, release: Release, slots: dict[str, Any]) -> ModelOutcome:
+        out = ModelOutcome(release.model, release.version_id)
+        before = {"active": slots.get("active"), "previous": slots.get("previous")}
+        if before["active"] == release.version_id and release.version_id not in slots["bad"]:
+            out.status, out.previous = "unchanged", before["previous"]
+            self.say(release.model, "unchanged", f"{release.version_id} already active")
+            return out
+        self.transfer(release, out)
+        if not self.precheck(release, out):
+            return out
+        self.activate(release, out)
+        self.verify(release, out, before)
+        if out.status == "success":
+            assert self.session
+            self.session.request("prune", model=release.model, keep=self.params.release.keep)
+        return out
+
+
+def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: AdapterDeployError):
+    target = model_out if model_out is not None else outcome
+    target.error = err.one_line()
+    target.exit_code = err.exit_code
+    if model_out is not None:
+        model_out.status = "failed" if model_out.status == "pending" else model_out.status
+    log.error("[%s] %s", outcome.endpoint, err.one_line())
+
+
+def deploy_endpoint(
+    params: Params, name: str, chosen: list[Release], control_dir: Path, progress: bool
+) -> EndpointOutcome:
+    started = time.monotonic()
+    outcome = EndpointOutcome(name)
+    run = EndpointRun(params, name, control_dir, progress)
+    try:
+        session = run.open()
+        hello = session.request("hello", models=[r.model for r in chosen])
+        if not hello["rsync"] and not run.conn.local:
+            raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
+        for release in chosen:
+            model_out = None
+            try:
+                slots = hello["models"][release.model]
+                model_out = run.deploy_model(release, slots)
+            except AdapterDeployError as err:
+                model_out = model_out or ModelOutcome(release.model, release.version_id)
+                _guard(outcome, model_out, err)
+            outcome.models.append(model_out)
+    except AdapterDeployError as err:
+        _guard(outcome, None, err)
+    finally:
+        run.close()
+        outcome.duration_s = round(time.monotonic() - started, 3)
+    return outcome
+
+
+def run_parallel(params: Params, endpoints: list[str], job) -> list[EndpointOutcome]:
+    """Run `job(name, control_dir)` for every endpoint, bounded, each isolated."""
+    with tempfile.TemporaryDirectory(prefix="adeploy-") as control:
+        control_dir = Path(control)
+        workers = max(1, min(params.release.parallel, len(endpoints)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(job, name, control_dir) for name in endpoints]
+            return [f.result() for f in futures]
+
+
+def deploy(
+    params: Params,
+    endpoints: list[str],
+    chosen: list[Release],
+    progress: bool = False,
+) -> list[EndpointOutcome]:
+    for name in endpoints:
+        params.endpoint(name)
+    return run_parallel(
+        params,
+        endpoints,
+        lambda name, control: deploy_endpoint(params, name, chosen, control, progress),
+    )
+
+
+def dry_run_plan(params: Params, endpoints: list[str], chosen: list[Release]) -> list[str]:
+    """What a deploy would do, per endpoint and model; touches nothing."""
+    lines = []
+    for name in endpoints:
+        ep = params.endpoint(name)
+        where = "locally" if ep.transport == "local" else f"over ssh to {ep.host}"
+        for r in chosen:
+            lines.append(
+                f"[{name}] {r.model} {r.version_id}: transfer {r.size} bytes {where} into "
+                f"{ep.adapter_dir}/{r.model}/releases/, verify sha256, pre-check "
+                f"({engine_kind(params, ep)} on {base_model_for(params, ep, r.model)}), "
+                f"activate, reload ({ep.reload_method}), verify"
+            )
+    return lines
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]

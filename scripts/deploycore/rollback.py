@@ -1,0 +1,66 @@
+"""Manual rollback: back to `previous` (or TO=<version_id>) on each endpoint.
+
+Reuses the deploy's link-restoring step. The release rolled back from is
+marked bad, so a later rollback never picks it; an explicit deploy of it runs
+every check again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from deploycore.config import Params
+from deploycore.deploy import EndpointOutcome, EndpointRun, ModelOutcome, _guard, reload_spec
+from deploycore.errors import AdapterDeployError, HealthCheckFailed, ReloadFailed
+
+
+def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcome:
+    assert run.session
+    choice = run.session.request("rollback_target", model=model, to=to)
+    current, target = choice["from"], choice["to"]
+    out = ModelOutcome(model, target, previous=current)
+    run.session.request(
+        "restore", model=model, active=target, previous=current, reload=reload_spec(run.ep)
+    )
+    out.phases.append("activate")
+    if current and current != target:
+        run.session.request("mark_bad", model=model, version_id=current, reason="rolled back")
+    run.say(model, "rollback", f"{current} -> {target}")
+    try:
+        result = run.health(model, None, via_service=run.via_service)
+    except ReloadFailed as err:
+        result = {"all_passed": False, "error": err.one_line(), "results": []}
+    out.health["post_activation"] = result
+    if result["all_passed"]:
+        out.status = "success"
+        out.phases.append("verify")
+    else:
+        out.status = "failed"
+        out.error = f"{target} failed its health check after rollback"
+        out.exit_code = HealthCheckFailed.exit_code
+    return out
+
+
+def rollback_endpoint(
+    params: Params, name: str, models: list[str] | None, to: str | None, control_dir: Path
+) -> EndpointOutcome:
+    started = time.monotonic()
+    outcome = EndpointOutcome(name)
+    run = EndpointRun(params, name, control_dir, progress=False)
+    try:
+        hello = run.open().request("hello", models=models)
+        chosen = models or sorted(m for m, s in hello["models"].items() if s["active"])
+        for model in chosen:
+            try:
+                outcome.models.append(_rollback_model(run, model, to))
+            except AdapterDeployError as err:
+                failed = ModelOutcome(model, None)
+                _guard(outcome, failed, err)
+                outcome.models.append(failed)
+    except AdapterDeployError as err:
+        _guard(outcome, None, err)
+    finally:
+        run.close()
+        outcome.duration_s = round(time.monotonic() - started, 3)
+    return outcome

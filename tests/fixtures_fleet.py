@@ -1,0 +1,77 @@
+"""A training store plus endpoints reached over the real sshd, with kit adapters versioned."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_repo import ROOT, Store, run_script
+
+
+@dataclass
+class Fleet:
+    store: Store
+    params: Path
+    endpoints: dict[str, Path]  # name -> adapter_dir
+    versions: dict[str, str] = field(default_factory=dict)  # label -> version id
+
+    def deploy(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return run_script("deploy_adapters.py", *args, params=self.params, **kw)
+
+    def slots(self, endpoint: str, model: str = "gemma_4b") -> tuple[str | None, str | None]:
+        root = self.endpoints[endpoint] / model
+        names = []
+        for link in ("active", "previous"):
+            try:
+                names.append(Path(os.readlink(root / link)).name)
+            except FileNotFoundError:
+                names.append(None)
+        return names[0], names[1]
+
+    def log(self) -> list[dict]:
+        path = self.store.adapters / "deploy_log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def set_endpoint(self, name: str, **changes: object) -> None:
+        data = yaml.safe_load(self.params.read_text())
+        data["endpoints"][name].update(changes)
+        self.params.write_text(yaml.safe_dump(data))
+
+
+def version(store: Store, params: Path, src: Path, cycle: int, model: str = "gemma_4b") -> str:
+    proc = run_script(
+        "version.py",
+        "--model",
+        model,
+        "--cycle",
+        str(cycle),
+        "--src",
+        str(src),
+        "--json",
+        params=params,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["version_id"]
+
+
+@pytest.fixture
+def fleet(store: Store, kit, sshd, tmp_path: Path) -> Fleet:
+    """Two endpoints (ep1, ep2) over ssh; cycle1=good, cycle2=good2, cycle3=regressed."""
+    endpoints = {name: tmp_path / name / "adapters" for name in ("ep1", "ep2")}
+    data = yaml.safe_load(store.params.read_text())
+    data["models"]["gemma_4b"]["base_model"] = str(kit.base)
+    data["endpoints"] = {name: sshd.endpoint(path) for name, path in endpoints.items()}
+    store.params.write_text(yaml.safe_dump(data))
+    fleet = Fleet(store, store.params, endpoints)
+    for cycle, adapter in ((1, kit.good), (2, kit.good2), (3, kit.regressed)):
+        fleet.versions[f"cycle{cycle}"] = version(store, store.params, adapter, cycle)
+    return fleet
+
+
+__all__ = ["Fleet", "fleet", "ROOT", "sys"]

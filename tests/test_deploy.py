@@ -1,0 +1,52 @@
+"""scripts/deploy_adapters.py over a real sshd to two endpoints with real kit adapters."""
+
+from __future__ import annotations
+
+import json
+
+from fixtures_fleet import Fleet
+
+
+def test_deploy_cycle1_to_both_endpoints(fleet: Fleet) -> None:
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2")
+    assert proc.returncode == 0, proc.stderr
+    v1 = fleet.versions["cycle1"]
+    for ep in ("ep1", "ep2"):
+        assert fleet.slots(ep) == (v1, None)
+        release = fleet.endpoints[ep] / "gemma_4b" / "releases" / v1
+        assert sorted(p.name for p in release.iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "training_metrics.json",
+        ]
+    log = fleet.log()
+    assert {e["endpoint"] for e in log} == {"ep1", "ep2"}
+    assert all(e["status"] == "success" for e in log)
+    assert log[0]["phases_completed"] == ["activate", "health_check", "transfer", "verify"]
+    assert "ep1" in (fleet.store.adapters / "status.json").read_text()
+    assert "gemma_4b#ep1#1" in fleet.store.git("tag", "-l").split()
+
+
+def test_regressed_aborts_then_cycle2_then_rollback_then_redeploy(fleet: Fleet) -> None:
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    assert (
+        fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    )
+    proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 4, proc.stderr
+    assert "pre-activation health check failed" in proc.stdout + proc.stderr
+    assert fleet.slots("ep1") == (v1, None)
+
+    proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 0, proc.stderr
+    assert fleet.slots("ep1") == (v2, v1)
+
+    proc = fleet.deploy("--rollback", "--endpoints", "ep1", "--models", "gemma_4b")
+    assert proc.returncode == 0, proc.stderr
+    assert fleet.slots("ep1")[0] == v1
+
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["endpoints"][0]["models"][0]["status"] == "unchanged"
+    assert result["endpoints"][0]["models"][0]["bytes_sent"] == 0
