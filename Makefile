@@ -9,7 +9,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-USER_VARS := PARAMS MODEL MODELS CYCLE SRC METRICS ENDPOINT TO DRY_RUN JSON FORMAT PYTEST_ARGS
+USER_VARS := PARAMS MODEL MODELS CYCLE VERSION SRC METRICS ENDPOINT TO DRY_RUN JSON FORMAT \
+  ENGINE BASE PYTEST_ARGS
 # Take each value as typed: make would otherwise expand $(...) inside it.
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
@@ -17,8 +18,8 @@ export $(USER_VARS)
 .DEFAULT_GOAL := help
 
 help: ## list every target with one line
-	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
-	  awk 'BEGIN {FS = ":.*## "} {printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*## "} {printf "  make %-32s %s\n", $$1, $$2}'
 
 install: $(VENV)/.install-stamp ## create .venv and install the project (idempotent)
 
@@ -43,7 +44,36 @@ version: install ## MODEL=gemma_4b CYCLE=1 SRC=dir [METRICS=json]: version an ad
 versions: install ## [MODEL=...]: table of versions per model
 	$(PY) scripts/versions.py $${MODEL:+--model "$$MODEL"} $${JSON:+--json}
 
+# Shell fragments: MODELS/ENDPOINT are lists (split on spaces, globbing off); the rest are
+# single quoted arguments.
+SELECT = set -f; if [ -n "$$MODELS" ]; then sel=(--models $$MODELS); else sel=(--all-adapters); fi
+WHAT = $${CYCLE:+--cycle "$$CYCLE"} $${VERSION:+--version "$$VERSION"}
+FLAGS = $${DRY_RUN:+--dry-run} $${JSON:+--json}
+
+deploy: install ## CYCLE=1 ENDPOINT="a b" [MODELS="m1 m2"] [DRY_RUN=1]: full deploy
+	@$(SELECT); $(PY) scripts/deploy_adapters.py $(WHAT) $${ENDPOINT:+--endpoints $$ENDPOINT} \
+	  "$${sel[@]}" $(FLAGS)
+
+rollback: install ## [ENDPOINT=..] [MODELS=..] [TO=version_id]: roll back (bare: last deploy)
+	@set -f; $(PY) scripts/deploy_adapters.py --rollback $${ENDPOINT:+--endpoints $$ENDPOINT} \
+	  $${MODELS:+--models $$MODELS} $${TO:+--to "$$TO"} $(FLAGS)
+
+status: install ## [ENDPOINT=..]: endpoint x model table, read live (JSON=1 for JSON)
+	@set -f; $(PY) scripts/status.py $${ENDPOINT:+--endpoints $$ENDPOINT} $${JSON:+--json}
+
+transfer precheck activate verify: install ## CYCLE=1 ENDPOINT=..: run one deploy phase alone
+	@set -f; $(PY) scripts/phase.py $@ $(WHAT) $${ENDPOINT:+--endpoints $$ENDPOINT} \
+	  $${MODELS:+--models $$MODELS} $${JSON:+--json}
+
+health-check: install ## MODEL=gemma_4b SRC=adapter_dir [BASE=..] [ENGINE=hf|mlx]: local check
+	@$(PY) scripts/health_check.py --model "$$MODEL" --adapter-dir "$$SRC" \
+	  $${BASE:+--base-model "$$BASE"} $${ENGINE:+--engine "$$ENGINE"} $${JSON:+--json}
+
+bootstrap: install ## ENDPOINT=..: copy this project to the endpoint's project_dir and install
+	@set -f; $(PY) scripts/bootstrap.py --endpoints $$ENDPOINT
+
 bench: install ## run the benchmarks and print their figures
 	$(PY) bench/bench_hash.py
 
-.PHONY: help install test lint version versions bench
+.PHONY: help install test lint version versions bench deploy rollback status transfer precheck \
+  activate verify health-check bootstrap

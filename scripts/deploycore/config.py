@@ -74,6 +74,8 @@ class EndpointParams(_Strict):
     reload_method: Literal["sigusr1", "restart", "none"] = "none"
     restart_command: list[str] | None = None
     transport: Literal["ssh", "local"] = "ssh"
+    rsync_path: str | None = None  # rsync on the endpoint, when not on its PATH
+    min_free_bytes: int = Field(64 << 20, ge=0, description="keep this much free on the endpoint")
     base_models: dict[str, str] = {}
     models: list[str] | None = None
     service_url: str | None = None

@@ -177,6 +177,7 @@ class EndpointRun:
             version_id=release.version_id,
             files=release.files,
             size=release.size,
+            reserve=self.ep.min_free_bytes,
         )
         if not prep["present"]:
             files = [release.local_dir / n for n in release.files]
@@ -198,20 +199,28 @@ class EndpointRun:
         self.say(release.model, "pre-check", "passed")
         return True
 
-    def activate(self, release: Release, out: ModelOutcome) -> dict[str, Any]:
+    def activate(self, release: Release, out: ModelOutcome) -> bool:
+        """Flip and reload; a reload that fails puts the old release back at once."""
         assert self.session
         self.session.request("clear_bad", model=release.model, version_id=release.version_id)
-        flip = self.session.request(
-            "activate",
-            model=release.model,
-            version_id=release.version_id,
-            reload=reload_spec(self.ep),
-            links=links_for(self.ep),
-        )
-        out.previous = flip["old"]
+        before = self.session.request("hello", models=[release.model])["models"][release.model]
+        out.previous = before["active"]
+        try:
+            flip = self.session.request(
+                "activate",
+                model=release.model,
+                version_id=release.version_id,
+                reload=reload_spec(self.ep),
+                links=links_for(self.ep),
+            )
+        except ReloadFailed as err:
+            out.status, out.error, out.exit_code = "rolled_back", err.one_line(), err.exit_code
+            log.warning("[%s] %s reload failed: %s", self.name, release.model, err.one_line())
+            self.restore(release.model, before["active"], before["previous"], release.version_id)
+            return False
         out.phases.append("activate")
         self.say(release.model, "activate", f"{flip['old']} -> {flip['new']}")
-        return flip
+        return True
 
     def verify(self, release: Release, out: ModelOutcome, before: dict[str, Any]) -> None:
         try:
@@ -233,12 +242,17 @@ class EndpointRun:
         """Automatic rollback: links back, re-signal, verify the old release."""
         assert self.session
         self.session.request("mark_bad", model=model, version_id=bad, reason="failed verify")
-        if active is None:
-            self.say(model, "rollback", "no earlier release; the bad one stays marked bad")
+        try:
+            self.session.request(
+                "restore", model=model, active=active, previous=previous,
+                reload=reload_spec(self.ep),
+            )  # fmt: skip
+        except ReloadFailed as err:
+            log.error("[%s] %s links restored, but reload failed: %s", self.name, model, err)
             return
-        self.session.request(
-            "restore", model=model, active=active, previous=previous, reload=reload_spec(self.ep)
-        )
+        if active is None:
+            self.say(model, "rollback", "no earlier release: active removed, base model serves")
+            return
         check = self.health(model, None, via_service=self.via_service)
         self.say(model, "rollback", f"back on {active}, healthy={check['all_passed']}")
 
@@ -262,8 +276,8 @@ class EndpointRun:
         self.transfer(release, out)
         if not self.precheck(release, out):
             return out
-        self.activate(release, out)
-        self.verify(release, out, before)
+        if self.activate(release, out):
+            self.verify(release, out, before)
         if out.status == "success":
             assert self.session
             self.session.request("prune", model=release.model, keep=self.params.release.keep)

@@ -54,15 +54,18 @@ class EndpointSide:
             "models": {m: self.slots(m).describe() for m in names},
         }
 
-    def op_prepare(self, model: str, version_id: str, files: dict, size: int) -> dict[str, Any]:
+    def op_prepare(
+        self, model: str, version_id: str, files: dict, size: int, reserve: int = 0
+    ) -> dict[str, Any]:
         slots = self.slots(model)
         release = slots.release(check_version_id(version_id))
         if release.is_dir() and not releases.file_problems(release, files):
             return {"present": True, "incoming": None}
         free = shutil.disk_usage(self.adapter_dir).free
-        if free < size + (16 << 20):
+        if free < size + reserve:
             raise RemoteError(
-                f"endpoint disk is full: {free} bytes free under {self.adapter_dir}, need {size}",
+                f"endpoint disk is full: {free} bytes free under {self.adapter_dir}, "
+                f"need {size} plus {reserve} kept free",
                 "free space on the endpoint (old releases, caches) and deploy again",
             )
         return {"present": False, "incoming": str(releases.prepare_incoming(slots, version_id))}
@@ -108,10 +111,10 @@ class EndpointSide:
         return {"old": old, "new": new, "reload": reloaded}
 
     def op_restore(
-        self, model: str, active: str, previous: str | None, reload: dict
+        self, model: str, active: str | None, previous: str | None, reload: dict
     ) -> dict[str, Any]:
         slots = self.slots(model)
-        releases.set_links(slots, check_version_id(active), previous)
+        releases.set_links(slots, active and check_version_id(active), previous)
         reloaded = signal_reload(**reload)
         self._record(model, active=active, previous=slots.previous_id(), last_reload=reloaded)
         return {"active": active, "previous": slots.previous_id(), "reload": reloaded}
@@ -135,13 +138,15 @@ class EndpointSide:
         self._record(model, **fields)
         return {}
 
-    def op_status(self) -> dict[str, Any]:
+    def op_status(self, service_url: str | None = None) -> dict[str, Any]:
         status = read_status(self.adapter_dir)
         hello = self.op_hello()
         for model, slots in hello["models"].items():
             entry = status.setdefault("models", {}).setdefault(model, {})
             entry.update(active_version=slots["active"], previous_version=slots["previous"])
             entry["bad"] = sorted(slots["bad"])
+        if service_url:
+            status["service"] = _service_view(service_url)
         return status
 
     def _record(self, model: str, **fields: Any) -> None:
@@ -153,6 +158,16 @@ class EndpointSide:
             entry[renamed.get(key, key)] = value
         status["updated"] = _now()
         atomic_write_json(self.adapter_dir / STATUS, status)
+
+
+def _service_view(url: str) -> dict[str, Any]:
+    """What the running service says it loaded (or why it could not be asked)."""
+    from deploycore.service_client import service_status
+
+    try:
+        return service_status(url, timeout=5)
+    except (AdapterDeployError, OSError) as err:
+        return {"error": str(err)}
 
 
 def read_status(adapter_dir: Path) -> dict[str, Any]:

@@ -207,8 +207,15 @@ def rollback_target(slots: ModelSlots, to: str | None) -> str:
     )
 
 
-def set_links(slots: ModelSlots, active: str, previous: str | None) -> None:
-    """Put both links back exactly (used by rollback and automatic rollback)."""
+def set_links(slots: ModelSlots, active: str | None, previous: str | None) -> None:
+    """Put both links back exactly (used by rollback and automatic rollback).
+
+    No earlier release means no adapter at all: the service serves its base model.
+    """
+    if active is None:
+        slots.active.unlink(missing_ok=True)
+        fsync_dir(slots.root)
+        return
     point(slots.active, slots.release(active))
     if previous and slots.release(previous).is_dir():
         point(slots.previous, slots.release(previous))

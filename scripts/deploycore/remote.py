@@ -31,7 +31,7 @@ _SSH_FAILURES = [
     (
         "Host key verification failed",
         "host key of {host} is unknown or has changed",
-        "verify the endpoint's key (ssh-keyscan) and add it to known_hosts; none is trusted blindly",
+        "verify the endpoint's key (ssh-keyscan) and add it to known_hosts",
     ),
     (
         "REMOTE HOST IDENTIFICATION HAS CHANGED",
@@ -118,6 +118,7 @@ class Connection:
             raise RemoteError("rsync is missing on this machine", "install rsync")
         argv = ["rsync", "-a", "--partial-dir=.rsync-partial", "--stats"]
         argv += ["--info=progress2"] if progress else []
+        argv += [f"--rsync-path={self.ep.rsync_path}"] if self.ep.rsync_path else []
         if self.local:
             target = dest_dir.rstrip("/") + "/"
         else:
@@ -126,13 +127,37 @@ class Connection:
         argv += [str(f) for f in files] + [target]
         code, stdout, stderr = _run_relaying(argv, relay=progress)
         if code != 0:
-            if "command not found" in stderr or code == 127:
+            if "not found" in stderr or code == 127:
                 raise RemoteError(
                     f"{self.name}: rsync is missing on the endpoint",
                     "install it there (apt-get install rsync / brew install rsync)",
                 )
             raise self.explain(stderr)
         return _bytes_sent(stdout)
+
+    def sync_tree(self, paths: list[Path], dest_dir: str) -> int:
+        """Mirror code paths into dest_dir (bootstrap): caches and weights stay behind."""
+        argv = ["rsync", "-a", "--delete", "--stats", "--exclude=__pycache__", "--exclude=*.pyc"]
+        # mkdir first: --mkpath needs rsync >= 3.2.3 on the endpoint, older than macOS ships.
+        if self.local:
+            Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        else:
+            self.run(["mkdir", "-p", dest_dir])
+        target = dest_dir.rstrip("/") + "/"
+        if not self.local:
+            argv += ["-e", shlex.join(self.ssh_argv())]
+            target = f"{self.ep.host}:{target}"
+        code, stdout, stderr = _run_relaying([*argv, *map(str, paths), target], relay=False)
+        if code != 0:
+            raise self.explain(stderr)
+        return _bytes_sent(stdout)
+
+    def run(self, command: list[str]) -> str:
+        """Run one command on the endpoint; its output, or a RemoteError."""
+        proc = subprocess.run(self.argv(command), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise self.explain(proc.stderr or proc.stdout)
+        return proc.stdout
 
     def close(self) -> None:
         if not self.local and self.control_path.exists():

@@ -1,0 +1,78 @@
+"""Single phases of a deploy, run on their own (each safe to re-run).
+
+`make transfer|precheck|activate|verify CYCLE=N ENDPOINT=x [MODELS=...]` run one
+step of the same EndpointRun a full deploy uses. Verify here only reports: it
+does not roll back (a full deploy does; `make rollback` does it by hand).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from deploycore.config import Params
+from deploycore.deploy import (
+    EndpointOutcome,
+    EndpointRun,
+    ModelOutcome,
+    Release,
+    _guard,
+    run_parallel,
+)
+from deploycore.errors import AdapterDeployError, HealthCheckFailed
+
+PHASES = ("transfer", "precheck", "activate", "verify")
+
+
+def _step(run: EndpointRun, phase: str, release: Release) -> ModelOutcome:
+    out = ModelOutcome(release.model, release.version_id, status="success")
+    if phase == "transfer":
+        run.transfer(release, out)
+    elif phase == "precheck":
+        if not run.precheck(release, out):
+            return out
+    elif phase == "activate":
+        run.activate(release, out)
+    else:
+        result = run.health(release.model, None, via_service=run.via_service)
+        out.health["post_activation"] = result
+        out.phases.append("verify")
+        if not result["all_passed"]:
+            out.status, out.exit_code = "failed", HealthCheckFailed.exit_code
+            out.error = result.get("error") or "verify failed: " + "; ".join(
+                f"{r['input']!r}: {r['reason']}" for r in result["results"] if not r["passed"]
+            )
+    return out
+
+
+def _phase_endpoint(
+    params: Params, name: str, phase: str, chosen: list[Release], control_dir: Path
+) -> EndpointOutcome:
+    started = time.monotonic()
+    outcome = EndpointOutcome(name)
+    run = EndpointRun(params, name, control_dir, progress=False)
+    try:
+        run.open()
+        for release in chosen:
+            try:
+                outcome.models.append(_step(run, phase, release))
+            except AdapterDeployError as err:
+                failed = ModelOutcome(release.model, release.version_id)
+                _guard(outcome, failed, err)
+                outcome.models.append(failed)
+    except AdapterDeployError as err:
+        _guard(outcome, None, err)
+    finally:
+        run.close()
+        outcome.duration_s = round(time.monotonic() - started, 3)
+    return outcome
+
+
+def run_phase(
+    params: Params, phase: str, endpoints: list[str], chosen: list[Release]
+) -> list[EndpointOutcome]:
+    for name in endpoints:
+        params.endpoint(name)
+    return run_parallel(
+        params, endpoints, lambda name, ctl: _phase_endpoint(params, name, phase, chosen, ctl)
+    )

@@ -1,0 +1,152 @@
+"""Faults and bad input during a deploy: a clear error, a documented exit code, nothing changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fixtures_fleet import Fleet
+from fixtures_repo import ROOT
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def test_dry_run_touches_nothing(fleet: Fleet) -> None:
+    proc = fleet.deploy("--cycle", "1", "--all-adapters", "--models", "gemma_4b",
+                        "--endpoints", "ep1", "--dry-run")  # fmt: skip
+    # --all-adapters wins over --models: whisper has no cycle-1 version -> clear error first
+    assert proc.returncode == 2 and "whisper has no version in cycle 1" in proc.stderr
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2",
+                        "--dry-run")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "[ep1] gemma_4b" in proc.stdout and "[ep2] gemma_4b" in proc.stdout
+    assert not fleet.endpoints["ep1"].exists() and not fleet.endpoints["ep2"].exists()
+    assert fleet.log() == []
+
+
+def test_bad_input_exits_2_before_anything_moves(fleet: Fleet) -> None:
+    cases = [
+        (("--cycle", "1", "--models", "gemma_4b", "--endpoints", "nowhere"), "unknown endpoint"),
+        (("--cycle", "1", "--models", "llama", "--endpoints", "ep1"), "unknown model 'llama'"),
+        (("--cycle", "9", "--models", "gemma_4b", "--endpoints", "ep1"), "no version in cycle 9"),
+        (("--cycle", "1", "--models", "gemma_4b"), "no endpoint given"),
+        (("--models", "gemma_4b", "--endpoints", "ep1"), "nothing to deploy"),
+    ]
+    for args, message in cases:
+        proc = fleet.deploy(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr
+    assert not fleet.endpoints["ep1"].exists()
+    assert fleet.log() == []
+
+
+def test_unreachable_host_and_unknown_host_key(fleet: Fleet, sshd, tmp_path: Path) -> None:
+    closed = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); "
+                             "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    fleet.set_endpoint("ep1", ssh_config=None, host="127.0.0.1", port=int(closed),
+                       identity_file=str(sshd.identity))  # fmt: skip
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 3, proc.stderr
+    assert "refused the ssh connection" in proc.stdout + proc.stderr
+
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    config = tmp_path / "ssh_config"
+    config.write_text(sshd.ssh_config.read_text().replace(str(sshd.known_hosts), str(empty)))
+    fleet.set_endpoint("ep2", ssh_config=str(config))
+    started = time.monotonic()
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep2")
+    assert proc.returncode == 3, proc.stderr
+    assert "host key of adapter-test is unknown or has changed" in proc.stdout + proc.stderr
+    assert time.monotonic() - started < 30  # no prompt, no hang
+    assert not (fleet.endpoints["ep2"] / "gemma_4b").exists()
+    assert [e["status"] for e in fleet.log()] == ["failed", "failed"]
+
+
+def test_rsync_missing_on_endpoint(fleet: Fleet) -> None:
+    fleet.set_endpoint("ep1", rsync_path="/nonexistent/rsync")
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 3
+    assert "rsync is missing on the endpoint" in proc.stdout + proc.stderr
+    assert fleet.slots("ep1") == (None, None)
+
+
+def test_disk_full_on_endpoint(fleet: Fleet) -> None:
+    fleet.set_endpoint("ep1", min_free_bytes=1 << 60)
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 3
+    assert "endpoint disk is full" in proc.stdout + proc.stderr
+    assert fleet.slots("ep1") == (None, None)
+
+
+def test_checksum_mismatch_is_refused_and_quarantined(fleet: Fleet) -> None:
+    vid = fleet.versions["cycle1"]
+    local = fleet.store.adapters / "gemma_4b" / vid / "adapter_model.safetensors"
+    data = bytearray(local.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: what a flipped bit in transit looks like
+    local.chmod(0o644)
+    local.write_bytes(bytes(data))
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 3, proc.stderr
+    assert "sha256 differs from the manifest" in proc.stdout + proc.stderr
+    assert fleet.slots("ep1") == (None, None)
+    assert not (fleet.endpoints["ep1"] / "gemma_4b" / "releases" / vid).exists()
+    assert len(list((fleet.endpoints["ep1"] / "quarantine").iterdir())) == 1
+
+
+def test_cut_transfer_resumes(fleet: Fleet) -> None:
+    """A transfer cut midway leaves a partial file; the next run sends only the rest."""
+    vid = fleet.versions["cycle1"]
+    local = fleet.store.adapters / "gemma_4b" / vid / "adapter_model.safetensors"
+    partial = fleet.endpoints["ep1"] / "incoming" / "gemma_4b" / vid / ".rsync-partial"
+    partial.mkdir(parents=True)
+    whole = local.read_bytes()
+    (partial / local.name).write_bytes(whole[: len(whole) * 3 // 4])
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    sent = json.loads(proc.stdout)["endpoints"][0]["models"][0]["bytes_sent"]
+    assert 0 < sent < len(whole) // 2
+    assert fleet.slots("ep1")[0] == vid
+
+
+def test_two_deploys_at_once_one_exits_7(fleet: Fleet) -> None:
+    env_params = {"PARAMS": str(fleet.params)}
+    import os
+
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "deploy_adapters.py"), "--cycle", "1",
+         "--models", "gemma_4b", "--endpoints", "ep1"],
+        env={**os.environ, **env_params}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    lock = fleet.endpoints["ep1"] / ".deploy.lock"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (lock.exists() and lock.read_text()):
+        time.sleep(0.05)
+    second = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode == 7, second.stderr
+    assert "is locked by deploy by" in second.stdout + second.stderr
+
+
+def test_dead_service_on_reload_rolls_back(fleet: Fleet, tmp_path: Path) -> None:
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    assert (
+        fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    )
+    pidfile = tmp_path / "service.pid"
+    pidfile.write_text("999999\n")  # no such process: the service is down
+    fleet.set_endpoint("ep1", reload_method="sigusr1", pidfile=str(pidfile))
+    proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 5, proc.stderr
+    assert "is not running" in proc.stdout + proc.stderr
+    assert fleet.slots("ep1")[0] == v1
+    bad = json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "bad.json").read_text())
+    assert v2 in bad
