@@ -4,6 +4,11 @@
     mlx                                           mlx  (MLXGemmaEngine)
     cuda, cpu                                     hf   (transformers + PEFT)
     auto                                          mlx on macOS, hf elsewhere
+    whisper                                       whisper (transformers + PEFT Whisper)
+
+A transcription model (params.yaml `task: transcription`) always gets the Whisper engine
+(`make_engine(..., task="transcription")`): there is no MLX Whisper engine, so the platform
+does not change it.
 
 `EngineSettings` holds what a service needs to find its adapters: the endpoint's adapter_dir
 and, per model, the path it serves (default `<adapter_dir>/<model>/active`, the release
@@ -20,8 +25,9 @@ from deploycore.errors import UsageError
 
 from engines.base import Engine, base_model_of
 
-ENGINE_KINDS = ("hf", "mlx")
-_PLATFORM_KINDS = {"mlx": "mlx", "cuda": "hf", "cpu": "hf", "hf": "hf"}
+ENGINE_KINDS = ("hf", "mlx", "whisper")
+TASKS = ("translation", "transcription")
+_PLATFORM_KINDS = {"mlx": "mlx", "cuda": "hf", "cpu": "hf", "hf": "hf", "whisper": "whisper"}
 
 
 def engine_kind_for(platform_or_kind: str) -> str:
@@ -33,7 +39,7 @@ def engine_kind_for(platform_or_kind: str) -> str:
     except KeyError:
         raise UsageError(
             f"unknown engine/platform {platform_or_kind!r}",
-            fix="use auto, hf or mlx (platforms: mlx, cuda, cpu)",
+            fix="use auto, hf, mlx or whisper (platforms: mlx, cuda, cpu)",
         ) from None
 
 
@@ -42,13 +48,21 @@ def make_engine(
     adapter_path: str | Path | None = None,
     base_model: str | Path | None = None,
     device: str | None = None,
+    task: str = "translation",
 ) -> Engine:
     """Build an engine serving `adapter_path` (or the base model alone when it is None).
 
     `base_model` defaults to the adapter's adapter_config.json base_model_name_or_path.
+    `task="transcription"` (or kind "whisper") gives the Whisper engine whatever the platform.
     Raises AdapterError when the adapter or base cannot be loaded.
     """
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}", fix="use translation or transcription")
     kind = engine_kind_for(kind)
+    if task == "transcription" or kind == "whisper":
+        from engines.whisper_engine import WhisperEngine
+
+        return WhisperEngine(adapter_path, base_model=base_model, device=device)
     if kind == "mlx":
         from engines.mlx_engine import MLXGemmaEngine
 
@@ -74,10 +88,12 @@ class EngineSettings:
         """The path a model's adapter is served from; `active` is the deployer's pointer."""
         return self.adapter_paths.get(model, Path(self.adapter_dir) / model / "active")
 
-    def engine_for(self, model: str, base_model: str | Path | None = None) -> Engine:
+    def engine_for(
+        self, model: str, base_model: str | Path | None = None, task: str = "translation"
+    ) -> Engine:
         """An engine for `model`, serving its active adapter, or the base when none exists."""
         path = self.adapter_path(model)
         if not path.exists():
             # Seed §6.4: with no adapter deployed the base model is the fallback.
-            return make_engine(self.platform, adapter_path=None, base_model=base_model)
-        return make_engine(self.platform, adapter_path=path, base_model=base_model)
+            return make_engine(self.platform, adapter_path=None, base_model=base_model, task=task)
+        return make_engine(self.platform, adapter_path=path, base_model=base_model, task=task)

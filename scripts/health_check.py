@@ -3,11 +3,15 @@
 Usage:
     python scripts/health_check.py --model gemma_4b --adapter-dir DIR
         [--base-model PATH] [--engine auto|hf|mlx] [--sentences FILE]
-        [--latency-limit S] [--json]
+        [--latency-limit S] [--task translation|transcription] [--json]
 
 --adapter-dir takes a PEFT adapter dir, a converted MLX adapter dir (--engine mlx) or a
 merged model dir (--engine hf). Without --base-model the adapter's adapter_config.json names
 the base. With --params, the model's sentence file and the latency limit come from it.
+--task transcription checks a Whisper adapter on reference clips: --sentences (or the
+model's `sentences` in params.yaml) then names a clip file, a JSON list of
+{"audio": "clip1.wav", "any_of": [...], "all_of": [...]}. The task defaults to the model's
+`task` in params.yaml when --params is given, else translation.
 Exit 0 when every sentence passes, 4 when any fails (also when the release does not load).
 --json prints the whole result on stdout and nothing else; logs go to stderr.
 """
@@ -25,6 +29,7 @@ from deploycore.health import (  # noqa: E402
     DEFAULT_LATENCY_LIMIT_S,
     HealthResult,
     check_release,
+    load_clips,
     load_sentences,
 )
 from deploycore.runner import make_parser, run  # noqa: E402
@@ -41,15 +46,25 @@ def build_parser():
         choices=["auto", "hf", "mlx"],
         help="inference engine (default: params health_check.engine or auto)",
     )
-    parser.add_argument("--sentences", type=Path, help="JSON sentence file (default: seed 5)")
+    parser.add_argument(
+        "--sentences",
+        type=Path,
+        help="JSON sentence file (default: seed 5); for transcription the clip file",
+    )
+    parser.add_argument(
+        "--task",
+        choices=["translation", "transcription"],
+        help="what the model does (default: params models.<model>.task, else translation)",
+    )
     parser.add_argument("--latency-limit", type=float, help="seconds per sentence (default 5)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
-def _settings(args) -> tuple[str, object, float]:
-    """Engine kind, sentences and latency limit: flags first, then --params, then defaults."""
+def _settings(args) -> tuple[str, object, float, str]:
+    """Engine kind, sentences, latency limit and task: flags, then --params, then defaults."""
     engine, sentences, limit = args.engine, args.sentences, args.latency_limit
+    task = getattr(args, "task", None)
     if args.params:
         from deploycore.config import load_params
 
@@ -59,8 +74,12 @@ def _settings(args) -> tuple[str, object, float]:
         limit = limit if limit is not None else params.health_check.latency_limit_s
         if sentences is None and model.sentences:
             sentences = params.resolve(model.sentences)
-    loaded = load_sentences(sentences) if sentences else None
-    return engine or "auto", loaded, limit if limit is not None else DEFAULT_LATENCY_LIMIT_S
+        task = task or model.task
+    task = task or "translation"
+    load = load_clips if task == "transcription" else load_sentences
+    loaded = load(sentences) if sentences else None
+    limit = limit if limit is not None else DEFAULT_LATENCY_LIMIT_S
+    return engine or "auto", loaded, limit, task
 
 
 def report(result: HealthResult, model: str) -> None:
@@ -74,8 +93,8 @@ def report(result: HealthResult, model: str) -> None:
 
 
 def main(args) -> int:
-    engine, sentences, limit = _settings(args)
-    result = check_release(args.adapter_dir, args.base_model, engine, sentences, limit)
+    engine, sentences, limit, task = _settings(args)
+    result = check_release(args.adapter_dir, args.base_model, engine, sentences, limit, task=task)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:

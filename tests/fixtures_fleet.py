@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -60,18 +61,38 @@ def version(store: Store, params: Path, src: Path, cycle: int, model: str = "gem
     return json.loads(proc.stdout)["version_id"]
 
 
-@pytest.fixture
-def fleet(store: Store, kit, sshd, tmp_path: Path) -> Fleet:
-    """Two endpoints (ep1, ep2) over ssh; cycle1=good, cycle2=good2, cycle3=regressed."""
-    endpoints = {name: tmp_path / name / "adapters" for name in ("ep1", "ep2")}
+@pytest.fixture(scope="session")
+def fleet_template(kit, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A store with cycle1=good, cycle2=good2, cycle3=regressed, versioned once per session."""
+    from fixtures_repo import make_store
+
+    store = make_store(tmp_path_factory.mktemp("fleet-template"))
     data = yaml.safe_load(store.params.read_text())
     data["models"]["gemma_4b"]["base_model"] = str(kit.base)
+    store.params.write_text(yaml.safe_dump(data))
+    versions = {}
+    for cycle, adapter in ((1, kit.good), (2, kit.good2), (3, kit.regressed)):
+        versions[f"cycle{cycle}"] = version(store, store.params, adapter, cycle)
+    return store.repo.parent, versions
+
+
+@pytest.fixture
+def fleet(fleet_template, sshd, tmp_path: Path) -> Fleet:
+    """A private copy of the template store plus two endpoints (ep1, ep2) over ssh."""
+    template, versions = fleet_template
+    shutil.copytree(template / "project", tmp_path / "project", symlinks=True)
+    shutil.copytree(template / "dvc-remote", tmp_path / "dvc-remote", symlinks=True)
+    store = Store(tmp_path / "project", tmp_path / "dvc-remote", tmp_path / "project" / "params.yaml")
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(store.remote)],
+        cwd=store.repo, check=True, capture_output=True,
+    )  # fmt: skip
+    endpoints = {name: tmp_path / name / "adapters" for name in ("ep1", "ep2")}
+    data = yaml.safe_load(store.params.read_text())
+    data["store"]["adapters_dir"] = str(store.adapters)
     data["endpoints"] = {name: sshd.endpoint(path) for name, path in endpoints.items()}
     store.params.write_text(yaml.safe_dump(data))
-    fleet = Fleet(store, store.params, endpoints)
-    for cycle, adapter in ((1, kit.good), (2, kit.good2), (3, kit.regressed)):
-        fleet.versions[f"cycle{cycle}"] = version(store, store.params, adapter, cycle)
-    return fleet
+    return Fleet(store, store.params, endpoints, dict(versions))
 
 
 __all__ = ["Fleet", "fleet", "ROOT", "sys"]

@@ -7,6 +7,13 @@ Fixture `kit` -> `engines.testkit.KitPaths` with paths:
     kit.regressed    fails exactly sentence 3
     kit.gracia_only  sentence 4 has "gracia" but no "fe" (fails the ALL-of rule)
 Set KIT_DIR to reuse a kit across sessions (it is rebuilt only when incomplete).
+
+Fixture `whisper_kit` -> `engines.testkit_whisper.WhisperKitPaths`:
+    whisper_kit.base        tiny Whisper + processor (fails every clip)
+    whisper_kit.good        PEFT adapter transcribing every generated clip: passes
+    whisper_kit.broken      trained on the wrong phrases: fails every clip
+    whisper_kit.clips_json  the clip file (clips/clips.json beside clip1.wav ...)
+Set WHISPER_KIT_DIR to reuse it across sessions.
 """
 
 from __future__ import annotations
@@ -17,9 +24,16 @@ from pathlib import Path
 import pytest
 
 from engines.testkit import KitPaths, build_kit
+from engines.testkit_whisper import WhisperKitPaths, build_whisper_kit
 
 
 @pytest.fixture(scope="session")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> KitPaths:
     root = os.environ.get("KIT_DIR")
     return build_kit(Path(root) if root else tmp_path_factory.mktemp("kit"))
+
+
+@pytest.fixture(scope="session")
+def whisper_kit(tmp_path_factory: pytest.TempPathFactory) -> WhisperKitPaths:
+    root = os.environ.get("WHISPER_KIT_DIR")
+    return build_whisper_kit(Path(root) if root else tmp_path_factory.mktemp("whisper_kit"))

@@ -116,6 +116,11 @@ def dvc(cwd: Path, *args: str) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
+    return make_store(tmp_path)
+
+
+def make_store(tmp_path: Path) -> Store:
+    """git init + dvc init + a local-directory DVC remote, with a params file."""
     repo, remote = tmp_path / "project", tmp_path / "dvc-remote"
     repo.mkdir()
     remote.mkdir()

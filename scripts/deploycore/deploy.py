@@ -290,7 +290,8 @@ def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: Adapte
     target.exit_code = err.exit_code
     if model_out is not None:
         model_out.status = "failed" if model_out.status == "pending" else model_out.status
-    log.error("[%s] %s", outcome.endpoint, err.one_line())
+    text = err.one_line()
+    log.error("%s", text if text.startswith(outcome.endpoint) else f"[{outcome.endpoint}] {text}")
 
 
 def deploy_endpoint(

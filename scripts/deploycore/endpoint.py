@@ -88,6 +88,11 @@ class EndpointSide:
 
         slots = self.slots(model)
         path = slots.release(check_version_id(version_id)) if version_id else slots.active
+        if version_id and not path.is_dir():
+            raise UsageError(
+                f"{model} {version_id} was not transferred to this endpoint",
+                "run the transfer phase first (make transfer)",
+            )
         chosen = load_sentences(sentences) if sentences else None
         if service_url is None:
             return check_release(

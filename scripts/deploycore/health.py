@@ -7,6 +7,12 @@ the latency limit. A model may bring its own sentence file: a JSON list of
 
 `check_release()` is what the deployer calls in-process; `run_health_check()` checks an engine
 that is already serving. A release that cannot even be loaded is a failed check with a reason.
+
+Transcription models (params.yaml `task: transcription`, e.g. Whisper) are checked on short
+reference clips instead: a clip file is a JSON list of
+`{"audio": "clip1.wav", "any_of": [...], "all_of": [...]}` (audio paths relative to the clip
+file), judged by the same rules; `check_release(..., task="transcription")` and
+`run_transcription_check()` run it, with the same result shape (`input` is the clip's name).
 """
 
 from __future__ import annotations
@@ -205,12 +211,21 @@ def check_release(
     engine_kind: str = "auto",
     sentences: tuple[HealthSentence, ...] | None = None,
     latency_limit: float = DEFAULT_LATENCY_LIMIT_S,
+    task: str = "translation",
 ) -> HealthResult:
     """Load the release at `adapter_dir` in a fresh engine and health-check it.
 
     Never raises for a bad release: a missing, empty or corrupt adapter comes back as a failed
     result whose `error` says why (the deployer logs it and aborts).
+
+    With `task="transcription"` the release is a Whisper adapter and `sentences` holds its
+    reference clips: a tuple of `HealthClip` or the path of a clip file (there is no default
+    clip set; without one the check fails).
     """
+    if task == "transcription":
+        return _check_transcription(adapter_dir, base_model, engine_kind, sentences, latency_limit)
+    if task != "translation":
+        raise UsageError(f"unknown task {task!r}", fix="use translation or transcription")
     from engines.factory import make_engine
 
     try:
@@ -229,3 +244,120 @@ def check_release(
 
 def _load_failure(reason: str) -> HealthResult:
     return HealthResult(False, _now(), None, None, error=reason)
+
+
+# --- transcription (Whisper) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HealthClip:
+    """A reference clip and the substrings its transcription must contain."""
+
+    audio: Path
+    any_of: tuple[str, ...] = ()
+    all_of: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return Path(self.audio).name
+
+    def expected(self) -> str:
+        return HealthSentence(self.name, self.any_of, self.all_of).expected()
+
+
+def load_clips(path: str | Path) -> tuple[HealthClip, ...]:
+    """Read a clip file (JSON list), reporting every bad entry (and missing audio) at once."""
+    path = Path(path)
+    fix = "give a JSON list of {audio, any_of, all_of} (audio relative to the file)"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"clip file {path} is unreadable ({err})", fix=fix) from err
+    if not isinstance(raw, list) or not raw:
+        raise UsageError(f"clip file {path} is not a non-empty JSON list", fix=fix)
+    clips, problems = [], []
+    for i, item in enumerate(raw, 1):
+        try:
+            if not isinstance(item, dict) or not isinstance(item.get("audio"), str):
+                raise TypeError("needs a string 'audio'")
+            rule = _sentence(
+                {"input": item["audio"], **{k: v for k, v in item.items() if k != "audio"}}
+            )
+            audio = path.parent / item["audio"]
+            if not audio.is_file():
+                raise ValueError(f"audio file {audio} is missing")
+            clips.append(HealthClip(audio, rule.any_of, rule.all_of))
+        except (TypeError, ValueError) as err:
+            problems.append(f"entry {i}: {err}")
+    if problems:
+        raise UsageError(f"clip file {path} is invalid: " + "; ".join(problems), fix=fix)
+    return tuple(clips)
+
+
+def run_transcription_check(
+    engine: Any,
+    clips: tuple[HealthClip, ...],
+    latency_limit: float = DEFAULT_LATENCY_LIMIT_S,
+) -> HealthResult:
+    """Transcribe every clip with `engine` (a WhisperEngine) and judge each answer."""
+    if not clips:
+        raise UsageError("no reference clips given", fix="give a clip file")
+    engine.transcribe(clips[0].audio)  # untimed warm-up, as for translation
+    results = []
+    for clip in clips:
+        answer = engine.transcribe(clip.audio)
+        rule = HealthSentence(clip.name, clip.any_of, clip.all_of)
+        reason = judge(rule, answer.text, answer.latency_s, latency_limit)
+        results.append(
+            SentenceResult(
+                clip.name,
+                answer.text,
+                round(answer.latency_s, 4),
+                not reason,
+                reason,
+                clip.expected(),
+            )
+        )
+    latencies = [r.latency_s for r in results]
+    loaded = getattr(engine, "loaded", None)
+    return HealthResult(
+        all_passed=all(r.passed for r in results),
+        timestamp=_now(),
+        latency_p50=round(statistics.median(latencies), 4),
+        latency_p95=_percentile(latencies, 0.95),
+        results=results,
+        release=loaded.to_dict() if loaded is not None else None,
+    )
+
+
+def _check_transcription(
+    adapter_dir: str | Path,
+    base_model: str | Path | None,
+    engine_kind: str,
+    clips: Any,
+    latency_limit: float,
+) -> HealthResult:
+    """check_release for a Whisper release: never raises for a bad release or clip set."""
+    from engines.factory import make_engine
+
+    try:
+        if clips is None:
+            raise UsageError(
+                "no reference clips for a transcription check",
+                fix="name a clip file (models.<m>.sentences in params.yaml or --sentences)",
+            )
+        if isinstance(clips, str | Path):
+            clips = load_clips(clips)
+        engine = make_engine(
+            engine_kind, adapter_path=adapter_dir, base_model=base_model, task="transcription"
+        )
+    except AdapterDeployError as err:
+        return _load_failure(err.one_line())
+    except Exception as err:  # fail closed
+        log.debug("loading %s failed", adapter_dir, exc_info=True)
+        return _load_failure(f"{type(err).__name__}: {err}")
+    try:
+        return run_transcription_check(engine, tuple(clips), latency_limit)
+    except Exception as err:  # an engine that crashes while transcribing fails the check
+        log.debug("health check of %s crashed", adapter_dir, exc_info=True)
+        return _load_failure(f"inference failed: {type(err).__name__}: {err}")

@@ -1,0 +1,121 @@
+"""The operator's commands around a deploy: make deploy/rollback/status, phases, bootstrap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from fixtures_fleet import Fleet
+from fixtures_repo import ROOT, run_script
+
+from deploycore.config import load_params
+from deploycore.remote import Connection, Session
+
+
+def make(fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "-s", *args, f"PARAMS={fleet.params}"], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def test_make_deploy_status_and_bare_rollback(fleet: Fleet) -> None:
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    for cycle in ("1", "2"):
+        proc = make(fleet, "deploy", f"CYCLE={cycle}", "ENDPOINT=ep1 ep2", "MODELS=gemma_4b")
+        assert proc.returncode == 0, proc.stderr
+    assert fleet.slots("ep1") == fleet.slots("ep2") == (v2, v1)
+    link = fleet.endpoints["ep1"].parent / "fine_tuned_gemma_mi_A"
+    assert os.path.realpath(link) == str(fleet.endpoints["ep1"] / "gemma_4b" / "releases" / v2)
+
+    proc = make(fleet, "status", "JSON=1")
+    assert proc.returncode == 0, proc.stderr
+    status = {e["endpoint"]: e for e in json.loads(proc.stdout)["endpoints"]}
+    assert status["ep1"]["models"]["gemma_4b"]["active_version"] == v2
+    assert status["ep2"]["models"]["gemma_4b"]["previous_version"] == v1
+    table = make(fleet, "status").stdout
+    assert "ep1" in table and v2 in table
+
+    proc = make(fleet, "rollback")
+    assert proc.returncode == 0, proc.stderr
+    assert "undoing deploy" in proc.stdout and "gemma_4b on ep1, ep2" in proc.stdout
+    assert fleet.slots("ep1")[0] == fleet.slots("ep2")[0] == v1
+    assert fleet.log()[-1]["action"] == "rollback"
+
+    # v2 was rolled back from: a rollback's own choice skips it now
+    proc = make(fleet, "rollback", "ENDPOINT=ep1", "MODELS=gemma_4b")
+    assert "Error 6" in proc.stderr, proc.stdout + proc.stderr  # the script exited 6
+    assert "no release to roll back to" in proc.stdout + proc.stderr
+    # ... but TO= names it explicitly, and an explicit deploy runs every check again
+    proc = make(fleet, "rollback", "ENDPOINT=ep1", "MODELS=gemma_4b", f"TO={v2}")
+    assert proc.returncode == 0, proc.stderr
+    assert fleet.slots("ep1")[0] == v2
+
+
+def test_nothing_to_roll_back(fleet: Fleet) -> None:
+    proc = make(fleet, "rollback")
+    assert proc.returncode == 2  # make's own code; the script's is 6
+    assert "no successful deploy" in proc.stderr
+    direct = fleet.deploy("--rollback")
+    assert direct.returncode == 6
+
+
+def test_phases_one_by_one_are_safe_to_rerun(fleet: Fleet) -> None:
+    v1 = fleet.versions["cycle1"]
+    args = ("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
+    for phase in ("transfer", "transfer", "precheck", "activate", "activate", "verify"):
+        proc = run_script("phase.py", phase, *args, params=fleet.params)
+        assert proc.returncode == 0, (phase, proc.stderr)
+    assert fleet.slots("ep1") == (v1, None)
+    again = json.loads(run_script("phase.py", "transfer", *args, params=fleet.params).stdout)
+    assert again["endpoints"][0]["models"][0]["bytes_sent"] == 0
+    proc = run_script("phase.py", "precheck", "--cycle", "3", "--models", "gemma_4b",
+                      "--endpoints", "ep1", params=fleet.params)  # fmt: skip
+    assert proc.returncode == 2 and "was not transferred" in proc.stdout + proc.stderr
+
+
+def test_releases_are_pruned_to_keep_but_never_active_or_previous(fleet: Fleet) -> None:
+    data = fleet.params.read_text().replace("keep: 3", "keep: 2")
+    fleet.params.write_text(data + "release: {keep: 2}\n" if "release:" not in data else data)
+    for cycle in ("1", "2", "1"):
+        proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 0, proc.stderr
+    releases = fleet.endpoints["ep1"] / "gemma_4b" / "releases"
+    assert sorted(p.name for p in releases.iterdir()) == sorted(
+        [fleet.versions["cycle1"], fleet.versions["cycle2"]]
+    )
+
+
+def test_bootstrap_copies_the_project(fleet: Fleet, tmp_path: Path) -> None:
+    target = tmp_path / "endpoint-checkout"
+    fleet.set_endpoint("ep1", project_dir=str(target))
+    proc = run_script("bootstrap.py", "--endpoints", "ep1", "--no-install", params=fleet.params)
+    assert proc.returncode == 0, proc.stderr
+    assert (target / "scripts" / "endpoint.py").is_file() and (target / "engines").is_dir()
+    assert not (target / ".git").exists() and not (target / "adapters").exists()
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 0, proc.stderr  # the endpoint side now runs from that checkout
+
+
+def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
+    params = load_params(fleet.params)
+    with tempfile.TemporaryDirectory() as control:
+        conn = Connection("ep1", params.endpoint("ep1"), Path(control))
+        first = Session(conn, str(fleet.endpoints["ep1"]))
+        os.kill(first.proc.pid, signal.SIGKILL)  # the ssh client dies mid-deploy
+        first.proc.wait()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                second = Session(Connection("ep1", params.endpoint("ep1"), Path(control)),
+                                 str(fleet.endpoints["ep1"]))  # fmt: skip
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "lock never released"
+                time.sleep(0.2)
+        assert second.request("hello")["pid"] > 0
+        second.close()
