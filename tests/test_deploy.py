@@ -50,3 +50,23 @@ def test_regressed_aborts_then_cycle2_then_rollback_then_redeploy(fleet: Fleet) 
     result = json.loads(proc.stdout)
     assert result["endpoints"][0]["models"][0]["status"] == "unchanged"
     assert result["endpoints"][0]["models"][0]["bytes_sent"] == 0
+
+
+def test_whisper_adapters_deploy_with_a_transcription_check(fleet: Fleet, whisper_kit) -> None:
+    import yaml
+    from fixtures_fleet import version
+
+    data = yaml.safe_load(fleet.params.read_text())
+    data["models"]["whisper"].update(
+        base_model=str(whisper_kit.base), sentences=str(whisper_kit.clips_json)
+    )
+    fleet.params.write_text(yaml.safe_dump(data))
+    good = version(fleet.store, fleet.params, whisper_kit.good, 1, "whisper")
+    version(fleet.store, fleet.params, whisper_kit.broken, 2, "whisper")
+    proc = fleet.deploy("--cycle", "1", "--models", "whisper", "--endpoints", "ep1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    pre = json.loads(proc.stdout)["endpoints"][0]["models"][0]["health"]["pre_activation"]
+    assert pre["all_passed"] and pre["results"][0]["input"].endswith(".wav")
+    proc = fleet.deploy("--cycle", "2", "--models", "whisper", "--endpoints", "ep1")
+    assert proc.returncode == 4
+    assert fleet.slots("ep1", "whisper") == (good, None)

@@ -161,6 +161,8 @@ class EndpointRun:
             engine=engine_kind(self.params, self.ep),
             latency_limit=self.params.health_check.latency_limit_s,
             service_url=self.ep.service_url if via_service else None,
+            task=self.params.models[model].task,
+            sentences=self.params.models[model].sentences,
         )
 
     @property

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from deploycore import releases
+from deploycore import PROJECT_ROOT, releases
 from deploycore.config import check_name, check_version_id
 from deploycore.errors import AdapterDeployError, ReloadFailed, RemoteError, UsageError
 from deploycore.fsutil import atomic_write_json, file_lock
@@ -82,8 +82,13 @@ class EndpointSide:
         latency_limit: float = 5.0,
         sentences: str | None = None,
         service_url: str | None = None,
+        task: str = "translation",
     ) -> dict[str, Any]:
-        """Health-check a staged release, or the active one (through the service if given)."""
+        """Health-check a staged release, or the active one (through the service if given).
+
+        `sentences` names the model's own sentence (or, for transcription, clip) file on
+        this endpoint; a relative path resolves against this checkout of the project.
+        """
         from deploycore.health import check_release, load_sentences, run_health_check
 
         slots = self.slots(model)
@@ -93,7 +98,12 @@ class EndpointSide:
                 f"{model} {version_id} was not transferred to this endpoint",
                 "run the transfer phase first (make transfer)",
             )
-        chosen = load_sentences(sentences) if sentences else None
+        where = (PROJECT_ROOT / sentences) if sentences else None
+        if task == "transcription":
+            return check_release(
+                path.resolve(), base_model, engine, where, latency_limit, task=task
+            ).to_dict()
+        chosen = load_sentences(where) if where else None
         if service_url is None:
             return check_release(
                 path.resolve(), base_model, engine, chosen, latency_limit
