@@ -1,0 +1,520 @@
+"""The inference service: hot reload on SIGUSR1 without pausing translations (seed §5, §7.3).
+
+Usage:
+    python -m engines.serve --params params.yaml --endpoint mac-dev
+    python -m engines.serve --adapter-dir DIR [--models gemma_4b ...] \\
+        [--base-model gemma_4b=/models/base ...] [--platform cpu|cuda|mlx|auto] \\
+        [--port 8765] [--pidfile FILE] [--diagnostics FILE] [--reload-mode auto|standby|inplace]
+
+It serves every model with an `active` link under the adapter dir (`--models` / the endpoint's
+`models:` narrows that), on 127.0.0.1 only:
+    POST /translate {"model", "text"} -> {"text", "version_id", "latency_s"}
+    GET  /status    -> per model: version_id, sha256, loaded_at, last_reload, fallback, ...
+    GET  /health    -> 200 once every served model is loaded, 503 before
+The pid goes to the pidfile once the service is ready and is removed on a clean exit.
+
+Signals: SIGUSR1 schedules a reload of every model (several signals coalesce into one pass);
+SIGTERM/SIGINT stop it cleanly. The handlers only set a flag: all work runs on the
+controller (main) thread, and every engine call that serves requests runs on ONE engine
+executor thread, because MLX is not thread-safe.
+
+Reload modes: `standby` builds the new release in a second engine on the controller thread,
+warms it up, then swaps it in on the executor between two requests, so a request waits at most
+for the swap (the cost: base weights twice in memory during a reload). `inplace` runs
+`engine.reload()` on the executor: no second copy, but requests wait for the whole adapter
+swap. `auto` = standby for hf, inplace for mlx (MLX evaluation never leaves one thread).
+
+At start-up a model whose `active` does not load falls back to `previous`, then to its base
+model, reported loudly (`fallback: true` in /status). A failed reload keeps the old release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from deploycore.errors import UsageError
+from deploycore.fsutil import append_jsonl, atomic_write_bytes
+from deploycore.runner import make_parser, run
+
+from engines.base import Engine, LoadedRelease, describe_release
+from engines.factory import engine_kind_for, make_engine
+
+log = logging.getLogger("engines.serve")
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_PORT = 8765
+MAX_BODY = 64 * 1024  # a translation request is a sentence, not a document
+REQUEST_TIMEOUT_S = 120.0
+WARMUP_TEXT = "Amen."
+CONTROL_POLL_S = 0.02
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class ServiceConfig:
+    adapter_dir: Path
+    models: list[str] | None = None  # None: every model dir with an `active` link
+    base_models: dict[str, str] = field(default_factory=dict)
+    platform: str = "auto"
+    port: int = DEFAULT_PORT
+    pidfile: Path | None = None
+    diagnostics: Path | None = None
+    reload_mode: str = "auto"
+
+    @property
+    def engine_kind(self) -> str:
+        return engine_kind_for(self.platform)
+
+    @property
+    def standby(self) -> bool:
+        mode = self.reload_mode
+        return mode == "standby" or (mode == "auto" and self.engine_kind == "hf")
+
+
+@dataclass
+class ModelSlot:
+    """One served model: its engine, what that engine serves, and how the last reload went."""
+
+    name: str
+    engine: Engine | None = None
+    release: LoadedRelease | None = None
+    source: str | None = None  # "active", "previous" or "base"
+    loaded_at: str | None = None
+    last_reload: dict[str, Any] | None = None
+    error: str | None = None  # why nothing at all could be loaded
+
+    def serve(self, engine: Engine, source: str) -> None:
+        self.engine, self.release, self.source = engine, engine.loaded, source
+        self.loaded_at, self.error = _now(), None
+
+    def status(self) -> dict[str, Any]:
+        release = self.release.to_dict() if self.release else {}
+        return {
+            "ready": self.engine is not None,
+            "version_id": release.get("version_id"),
+            "sha256": release.get("sha256"),
+            "path": release.get("path"),
+            "kind": release.get("kind"),
+            "source": self.source,
+            "fallback": self.source == "base",
+            "loaded_at": self.loaded_at,
+            "last_reload": self.last_reload,
+            "error": self.error,
+        }
+
+
+class Service:
+    """Model slots plus the controller loop; the HTTP handler and signals talk to this."""
+
+    def __init__(self, config: ServiceConfig, control: Control) -> None:
+        self.config = config
+        self.control = control  # flags set by the signal handlers
+        self.slots: dict[str, ModelSlot] = {}
+        self.ready = False
+        self.session_id = datetime.now().strftime("%Y%m%d_%H%M%S")
+        self.started_at = _now()
+        # One thread runs every serving engine call: MLX must not be driven from two threads.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.lock = threading.Lock()  # guards slot fields read by /status
+
+    # --- models and loading -------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        if self.config.models is not None:
+            return list(self.config.models)
+        root = self.config.adapter_dir
+        return sorted(p.parent.name for p in root.glob("*/active") if p.is_symlink())
+
+    def link(self, model: str, name: str = "active") -> Path:
+        return self.config.adapter_dir / model / name
+
+    def _build(self, target: Path | None, model: str) -> Engine:
+        """A new engine for `target` (None: base model only), warmed up before it serves."""
+        base = self.config.base_models.get(model)
+        engine = make_engine(self.config.platform, adapter_path=target, base_model=base)
+        engine.translate(WARMUP_TEXT)  # first call pays one-time costs; not on a user's request
+        return engine
+
+    def _on_engine_thread(self, fn: Any) -> Any:
+        return self.executor.submit(fn).result()
+
+    def _construct(self, target: Path | None, model: str) -> Engine:
+        # MLX engines are built on the engine thread (MLX stays on one thread). torch is safe
+        # across threads, and an HF engine built on the engine thread translated ~10x slower
+        # there (measured, bench/bench_reload.py), so HF engines are built here.
+        if self.config.standby or self.config.engine_kind == "hf":
+            return self._build(target, model)
+        return self._on_engine_thread(lambda: self._build(target, model))
+
+    def load_initial(self, model: str) -> None:
+        """Serve active, else previous, else the base model (seed §6.4), loudly."""
+        slot, errors = ModelSlot(model), []
+        for source in ("active", "previous"):
+            link = self.link(model, source)
+            if not link.exists():
+                if link.is_symlink():
+                    errors.append(f"{source} points at a missing release")
+                continue
+            try:
+                target = link.resolve(strict=True)  # once: config and weights from one release
+                slot.serve(self._construct(target, model), source)
+                break
+            except Exception as err:  # any load failure moves on to the next candidate
+                errors.append(f"{source} ({link.resolve().name}): {_reason(err)}")
+        else:
+            try:
+                slot.serve(self._construct(None, model), "base")
+                log.error("FALLBACK: %s serves its BASE model: %s", model, "; ".join(errors))
+            except Exception as err:
+                slot.error = "; ".join([*errors, f"base: {_reason(err)}"])
+                log.error("%s cannot be served: %s", model, slot.error)
+        if errors and slot.source == "previous":
+            log.error("FALLBACK: %s serves its previous release: %s", model, errors[0])
+        if errors:
+            slot.last_reload = {"result": "error", "error": "; ".join(errors), "at": _now()}
+        with self.lock:
+            self.slots[model] = slot
+        if slot.release:
+            log.info("%s: serving %s (%s)", model, slot.release.version_id, slot.source)
+
+    def load_all(self) -> None:
+        for model in self.model_names():
+            if self.link(model, "active").is_symlink() or self.link(model, "active").exists():
+                self.load_initial(model)
+            else:
+                log.info("%s has no active release; not served", model)
+
+    # --- reload -------------------------------------------------------------------------
+    def reload_all(self) -> None:
+        log.info("SIGUSR1: reloading adapters")
+        for model in self.model_names():
+            if model not in self.slots:
+                if self.link(model).exists():
+                    self.load_initial(model)  # first deploy of a model to this service
+                    self._diagnose_reload(model, None, self.slots[model].last_reload)
+                continue
+            self.reload(self.slots[model])
+
+    def reload(self, slot: ModelSlot) -> None:
+        """Swap in what `active` points at now; on failure the old release keeps serving."""
+        started, previous = time.perf_counter(), slot.release
+        record: dict[str, Any] = {"result": "error", "version_id": None, "sha256": None}
+        try:
+            target = self.link(slot.name).resolve(strict=True)
+            record["version_id"] = target.name
+            wanted = describe_release(target)
+            record["sha256"] = wanted.sha256
+            current = (previous.path, previous.sha256) if previous else None
+            if current == (wanted.path, wanted.sha256) and slot.source == "active":
+                record["result"] = "noop"
+            else:
+                self._swap_in(slot, target)
+                record["result"] = "ok"
+        except Exception as err:  # a bad release must never take the service down
+            record["error"] = _reason(err)
+            log.error("reload of %s failed, %s keeps serving: %s", slot.name, _vid(slot), err)
+        record["at"] = _now()
+        record["duration_s"] = round(time.perf_counter() - started, 4)
+        with self.lock:
+            slot.last_reload = record
+        log.info("%s: reload %s -> %s", slot.name, record["result"], _vid(slot))
+        self._diagnose_reload(slot.name, previous, record)
+
+    def _swap_in(self, slot: ModelSlot, target: Path) -> None:
+        if self.config.standby or slot.engine is None:
+            engine = self._construct(target, slot.name)
+        else:
+            engine = slot.engine
+            # Inplace: the executor is busy with this for the whole adapter swap.
+            self._on_engine_thread(lambda: engine.reload(target))
+
+        def swap() -> None:  # runs between two requests on the engine thread
+            with self.lock:
+                slot.serve(engine, "active")
+
+        self._on_engine_thread(swap)
+
+    # --- serving ------------------------------------------------------------------------
+    def translate(self, model: str, text: str) -> dict[str, Any]:
+        slot = self.slots.get(model)
+        if slot is None or slot.engine is None:
+            raise KeyError(model)
+
+        def job() -> dict[str, Any]:  # engine and release read together: what answered
+            engine, release = slot.engine, slot.release
+            answer = engine.translate(text)
+            version = release.version_id if release else None
+            return {"text": answer.text, "version_id": version, "latency_s": answer.latency_s}
+
+        return self.executor.submit(job).result(timeout=REQUEST_TIMEOUT_S)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            problems = [f"{n}: {s.error}" for n, s in self.slots.items() if s.engine is None]
+            versions = {n: _vid(s) for n, s in self.slots.items()}
+        ok = self.ready and not problems
+        return ok, {"ready": ok, "models": versions, "problems": problems}
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            models = {n: s.status() for n, s in self.slots.items()}
+        return {
+            "session_id": self.session_id,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "ready": self.ready,
+            "engine": self.config.engine_kind,
+            "reload_mode": "standby" if self.config.standby else "inplace",
+            "models": models,
+            "not_served": [m for m in self.model_names() if m not in models],
+        }
+
+    # --- life cycle ---------------------------------------------------------------------
+    def become_ready(self) -> None:
+        self.ready = True
+        if self.config.pidfile:
+            atomic_write_bytes(self.config.pidfile, f"{os.getpid()}\n".encode())
+        adapters = {m: None for m in self.model_names()}
+        adapters.update({n: _vid(s) for n, s in self.slots.items()})
+        self._diagnose({"event": "session", "started_at": self.started_at, "adapters": adapters})
+        log.info("ready on http://%s:%d: %s", LOOPBACK, self.config.port, adapters)
+
+    def run_controller(self) -> None:
+        """Act on signals until a stop; signals that arrive together make one reload pass."""
+        while not self.control.stop:
+            if self.control.reload:
+                # Cleared before the pass: a signal during the pass asks for one more.
+                self.control.reload = False
+                self.reload_all()
+            else:
+                # A short sleep, not a blocking wait: the kernel may deliver the signal to
+                # another thread, and Python only runs handlers when the main thread wakes.
+                time.sleep(CONTROL_POLL_S)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        pidfile = self.config.pidfile
+        if pidfile and pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
+        self._diagnose({"event": "stop"})
+
+    def _diagnose_reload(self, model: str, old: LoadedRelease | None, record: Any) -> None:
+        record = dict(record or {})
+        self._diagnose({"event": "reload", "model": model, "from": _vid_of(old), **record})
+
+    def _diagnose(self, record: dict[str, Any]) -> None:
+        if self.config.diagnostics:
+            entry = {"session_id": self.session_id, "at": _now(), **record}
+            append_jsonl(self.config.diagnostics, entry)
+
+
+def _vid_of(release: LoadedRelease | None) -> str | None:
+    return release.version_id if release else None
+
+
+def _vid(slot: ModelSlot) -> str | None:
+    return _vid_of(slot.release)
+
+
+def _reason(err: BaseException) -> str:
+    one_line = getattr(err, "one_line", None)
+    return one_line() if callable(one_line) else f"{type(err).__name__}: {err}"
+
+
+# --- HTTP -------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    """JSON over loopback HTTP; the service object hangs off the server."""
+
+    server_version = "adapter-deploy-serve/1"
+
+    @property
+    def service(self) -> Service:
+        return self.server.service  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http: " + format, *args)  # keep stderr for the service's own events
+
+    def _reply(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        path = urlsplit(self.path).path
+        if path == "/health":
+            ok, body = self.service.health()
+            self._reply(200 if ok else 503, body)
+        elif path == "/status":
+            self._reply(200, self.service.status())
+        else:
+            self._reply(404, {"error": f"no such path {path}; use /translate, /status, /health"})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        if urlsplit(self.path).path != "/translate":
+            self._reply(404, {"error": "POST only to /translate"})
+            return
+        request, error = self._read_request()
+        if error:
+            self._reply(*error)
+            return
+        self._translate(request["model"], request["text"])
+
+    def _read_request(self) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return {}, (413, {"error": f"request over {MAX_BODY} bytes"})
+        try:
+            request = json.loads(self.rfile.read(length) or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return {}, (400, {"error": f"body is not JSON ({err})"})
+        if not isinstance(request, dict) or not all(
+            isinstance(request.get(k), str) for k in ("model", "text")
+        ):
+            return {}, (400, {"error": 'send {"model": str, "text": str}'})
+        return request, None
+
+    def _translate(self, model: str, text: str) -> None:
+        if not self.service.ready:
+            self._reply(503, {"error": "service is starting"})
+            return
+        try:
+            self._reply(200, self.service.translate(model, text))
+        except KeyError:
+            served = sorted(self.service.slots)
+            self._reply(404, {"error": f"model {model!r} is not served (served: {served})"})
+        except FutureTimeout:
+            self._reply(504, {"error": f"no answer within {REQUEST_TIMEOUT_S} s"})
+        except Exception as err:  # an engine failure answers 500, the service keeps going
+            log.exception("translate failed")
+            self._reply(500, {"error": _reason(err)})
+
+
+def start_http(service: Service) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((LOOPBACK, service.config.port), Handler)
+    server.daemon_threads = True
+    server.service = service  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+# --- configuration and main -------------------------------------------------------------
+@dataclass
+class Control:
+    """What the signal handlers ask for; plain flags, since a handler must not take locks."""
+
+    reload: bool = False
+    stop: bool = False
+
+
+def install_signal_handlers(control: Control) -> None:
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(control, "reload", True))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(control, "stop", True))
+
+
+def _parse_base_models(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        model, sep, path = item.partition("=")
+        if not sep or not model or not path:
+            raise UsageError(f"bad --base-model {item!r}", fix="write MODEL=PATH")
+        out[model] = path
+    return out
+
+
+def _port_of(url: str) -> int:
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost"):
+        raise UsageError(f"service_url {url} is not loopback", fix="use http://127.0.0.1:PORT")
+    return parts.port or 80
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """Flags win over the endpoint's params.yaml entry."""
+    config = ServiceConfig(adapter_dir=Path("."))
+    if args.endpoint:
+        from deploycore.config import load_params
+
+        params = load_params(args.params)
+        ep = params.endpoint(args.endpoint)
+        config.adapter_dir = params.resolve(ep.adapter_dir)
+        config.models = ep.models or [
+            m for m, mp in params.models.items() if mp.task == "translation"
+        ]
+        config.base_models = {m: mp.base_model for m, mp in params.models.items()}
+        config.base_models.update({m: str(params.resolve(p)) for m, p in ep.base_models.items()})
+        config.platform = ep.platform
+        config.port = _port_of(ep.service_url) if ep.service_url else DEFAULT_PORT
+        config.pidfile = params.resolve(ep.pidfile) if ep.pidfile else None
+    elif not args.adapter_dir:
+        raise UsageError("no endpoint and no adapter dir", fix="pass --endpoint or --adapter-dir")
+    if args.adapter_dir:
+        config.adapter_dir = Path(args.adapter_dir)
+    if args.models:
+        config.models = args.models
+    config.base_models.update(_parse_base_models(args.base_model))
+    for name in ("platform", "port", "pidfile", "diagnostics", "reload_mode"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, Path(value) if name in ("pidfile", "diagnostics") else value)
+    config.engine_kind  # noqa: B018 - validates the platform before any loading
+    return config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", help="endpoint in params.yaml to serve")
+    parser.add_argument("--adapter-dir", help="endpoint adapter dir (<model>/active links)")
+    parser.add_argument("--models", nargs="+", help="models to serve (default: all with active)")
+    parser.add_argument("--base-model", action="append", default=[], metavar="MODEL=PATH")
+    parser.add_argument("--platform", choices=["auto", "mlx", "cuda", "cpu", "hf"])
+    parser.add_argument("--port", type=int, help=f"loopback port (default {DEFAULT_PORT})")
+    parser.add_argument("--pidfile", help="written once ready, removed on clean exit")
+    parser.add_argument("--diagnostics", help="session metadata JSONL (seed §7.3)")
+    parser.add_argument("--reload-mode", choices=["auto", "standby", "inplace"])
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    control = Control()
+    # First of all: a SIGUSR1 sent while the models load must queue a reload, not kill us.
+    install_signal_handlers(control)
+    service = Service(config_from_args(args), control)
+    try:
+        server = start_http(service)  # /health answers 503 while the models load
+    except OSError as err:
+        raise UsageError(
+            f"cannot listen on {LOOPBACK}:{service.config.port} ({err})", fix="pick a free --port"
+        ) from err
+    try:
+        service.load_all()
+        service.become_ready()
+        service.run_controller()
+    finally:
+        server.shutdown()
+        service.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, build_parser())
