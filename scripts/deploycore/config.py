@@ -53,6 +53,7 @@ class ModelParams(_Strict):
 
 class HealthCheckParams(_Strict):
     latency_limit_s: float = 5.0
+    reload_timeout_s: float = Field(120.0, gt=0, description="wait this long for a reload ack")
     engine: Literal["auto", "hf", "mlx"] = "auto"
 
 

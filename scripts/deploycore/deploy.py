@@ -163,6 +163,7 @@ class EndpointRun:
             service_url=self.ep.service_url if via_service else None,
             task=self.params.models[model].task,
             sentences=self.params.models[model].sentences,
+            reload_timeout=self.params.health_check.reload_timeout_s,
         )
 
     @property

@@ -83,6 +83,7 @@ class EndpointSide:
         sentences: str | None = None,
         service_url: str | None = None,
         task: str = "translation",
+        reload_timeout: float = 120.0,
     ) -> dict[str, Any]:
         """Health-check a staged release, or the active one (through the service if given).
 
@@ -110,7 +111,8 @@ class EndpointSide:
             ).to_dict()
         from deploycore.service_client import ServiceEngine, wait_for_version
 
-        wait_for_version(service_url, model, path.resolve().name, timeout_s=120)
+        # Acknowledged reload: the service must report the release `active` points at now.
+        wait_for_version(service_url, model, path.resolve().name, timeout_s=reload_timeout)
         return run_health_check(ServiceEngine(service_url, model), chosen, latency_limit).to_dict()
 
     def op_activate(

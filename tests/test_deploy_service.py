@@ -1,0 +1,120 @@
+"""Deploys to an endpoint with a running inference service: acknowledged hot reload,
+a service that never acknowledges (automatic rollback), and the restart reload method."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures_fleet import Fleet
+from fixtures_repo import ROOT, run_script
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {}
+    except OSError:
+        return 0, {}
+
+
+def _translate(url: str, text: str) -> dict:
+    body = json.dumps({"model": "gemma_4b", "text": text}).encode()
+    req = urllib.request.Request(f"{url}/translate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_healthy(url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while _get(f"{url}/health")[0] != 200:
+        assert time.monotonic() < deadline, "service never became healthy"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def served(fleet: Fleet, tmp_path: Path):
+    """ep1 with cycle 1 active and the real service running on it (reload_method sigusr1)."""
+    assert fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    url = f"http://127.0.0.1:{_free_port()}"
+    pidfile = tmp_path / "serve.pid"
+    fleet.set_endpoint("ep1", reload_method="sigusr1", service_url=url, pidfile=str(pidfile),
+                       models=["gemma_4b"], base_models={})  # fmt: skip
+    data = fleet.params.read_text().replace("reload_timeout_s: 120.0", "")
+    fleet.params.write_text(data)
+    started = run_script("service.py", "start", "--endpoint", "ep1", params=fleet.params)
+    assert started.returncode == 0, started.stderr
+    _wait_healthy(url)
+    yield url, pidfile
+    for path in (pidfile,):
+        try:
+            os.kill(int(path.read_text()), signal.SIGTERM)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["pkill", "-f", f"--params {fleet.params}"], capture_output=True)
+
+
+def test_sigusr1_deploy_is_acknowledged_and_verified_through_the_service(fleet, served) -> None:
+    url, pidfile = served
+    v2 = fleet.versions["cycle2"]
+    pid = int(pidfile.read_text())
+    proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    post = json.loads(proc.stdout)["endpoints"][0]["models"][0]["health"]["post_activation"]
+    assert post["all_passed"] and post["release"]["version_id"] == v2
+    assert int(pidfile.read_text()) == pid  # hot reload: same process
+    assert _get(f"{url}/status")[1]["models"]["gemma_4b"]["version_id"] == v2
+    assert "Jacobo" in _translate(url, "The apostle James wrote about faith and works.")["text"]
+    status = json.loads(run_script("status.py", "--json", params=fleet.params).stdout)
+    ep1 = next(e for e in status["endpoints"] if e["endpoint"] == "ep1")
+    assert ep1["service"]["models"]["gemma_4b"]["version_id"] == v2
+
+
+def test_service_that_never_acknowledges_makes_the_deploy_roll_back(fleet, served, tmp_path):
+    url, _ = served
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                             "signal.signal(signal.SIGUSR1, signal.SIG_IGN); time.sleep(120)"])  # fmt: skip
+    try:
+        deaf_pidfile = tmp_path / "deaf.pid"
+        deaf_pidfile.write_text(f"{deaf.pid}\n")
+        fleet.set_endpoint("ep1", pidfile=str(deaf_pidfile))
+        data = fleet.params.read_text() + "health_check: {reload_timeout_s: 3}\n"
+        fleet.params.write_text(data)
+        proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 5, proc.stdout + proc.stderr
+        assert f"expected {v2}" in proc.stdout + proc.stderr or v2 in proc.stdout
+        assert fleet.slots("ep1")[0] == v1
+        assert _get(f"{url}/status")[1]["models"]["gemma_4b"]["version_id"] == v1
+        assert fleet.log()[-1]["status"] == "rolled_back"
+    finally:
+        deaf.kill()
+
+
+def test_restart_reload_method_waits_for_readiness(fleet, served) -> None:
+    url, pidfile = served
+    v2 = fleet.versions["cycle2"]
+    old_pid = int(pidfile.read_text())
+    command = [sys.executable, str(ROOT / "scripts" / "service.py"), "restart",
+               "--endpoint", "ep1", "--params", str(fleet.params)]  # fmt: skip
+    fleet.set_endpoint("ep1", reload_method="restart", restart_command=command)
+    proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert int(pidfile.read_text()) != old_pid  # a real restart: a new process
+    assert _get(f"{url}/status")[1]["models"]["gemma_4b"]["version_id"] == v2
