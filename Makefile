@@ -72,8 +72,14 @@ health-check: install ## MODEL=gemma_4b SRC=adapter_dir [BASE=..] [ENGINE=hf|mlx
 bootstrap: install ## ENDPOINT=..: copy this project to the endpoint's project_dir and install
 	@set -f; $(PY) scripts/bootstrap.py --endpoints $$ENDPOINT
 
+demo: install ## the whole story on a tiny local model and a local endpoint (under demo/)
+	@$(PY) scripts/demo.py
+
+demo-clean: ## stop the demo service and remove demo/
+	@test -x $(PY) && $(PY) scripts/demo.py --clean || rm -rf demo
+
 bench: install ## run the benchmarks and print their figures
 	$(PY) bench/bench_hash.py
 
 .PHONY: help install test lint version versions bench deploy rollback status transfer precheck \
-  activate verify health-check bootstrap
+  activate verify health-check bootstrap demo demo-clean

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from deploycore import PROJECT_ROOT, releases
+from deploycore import PROJECT_ROOT, failpoints, releases
 from deploycore.config import check_name, check_version_id
 from deploycore.errors import AdapterDeployError, ReloadFailed, RemoteError, UsageError
 from deploycore.fsutil import atomic_write_json, file_lock
@@ -99,6 +99,8 @@ class EndpointSide:
                 f"{model} {version_id} was not transferred to this endpoint",
                 "run the transfer phase first (make transfer)",
             )
+        if version_id is None and failpoints.trigger(self.adapter_dir, "verify") == "fail":
+            return _forced_failure("failpoint verify: post-activation check forced to fail")
         where = (PROJECT_ROOT / sentences) if sentences else None
         if task == "transcription":
             return check_release(
@@ -119,11 +121,14 @@ class EndpointSide:
         self, model: str, version_id: str, reload: dict, links: dict[str, str]
     ) -> dict[str, Any]:
         slots = self.slots(model)
+        failpoints.trigger(self.adapter_dir, "activate.before_flip")
         old, new = releases.activate(slots, check_version_id(version_id))
+        failpoints.trigger(self.adapter_dir, "activate.after_flip")
         for link, linked_model in links.items():
             if linked_model == model:
                 releases.compat_link(self.adapter_dir, link, model)
         reloaded = signal_reload(**reload)
+        failpoints.trigger(self.adapter_dir, "activate.after_reload")
         self._record(model, active=new, previous=slots.previous_id(), last_reload=reloaded)
         return {"old": old, "new": new, "reload": reloaded}
 
@@ -131,7 +136,9 @@ class EndpointSide:
         self, model: str, active: str | None, previous: str | None, reload: dict
     ) -> dict[str, Any]:
         slots = self.slots(model)
+        failpoints.trigger(self.adapter_dir, "restore.before_links")
         releases.set_links(slots, active and check_version_id(active), previous)
+        failpoints.trigger(self.adapter_dir, "restore.after_links")
         reloaded = signal_reload(**reload)
         self._record(model, active=active, previous=slots.previous_id(), last_reload=reloaded)
         return {"active": active, "previous": slots.previous_id(), "reload": reloaded}
@@ -175,6 +182,10 @@ class EndpointSide:
             entry[renamed.get(key, key)] = value
         status["updated"] = _now()
         atomic_write_json(self.adapter_dir / STATUS, status)
+
+
+def _forced_failure(reason: str) -> dict[str, Any]:
+    return {"all_passed": False, "timestamp": _now(), "results": [], "error": reason}
 
 
 def _service_view(url: str) -> dict[str, Any]:
