@@ -50,6 +50,9 @@ SELECT = set -f; if [ -n "$$MODELS" ]; then sel=(--models $$MODELS); else sel=(-
 WHAT = $${CYCLE:+--cycle "$$CYCLE"} $${VERSION:+--version "$$VERSION"}
 FLAGS = $${DRY_RUN:+--dry-run} $${JSON:+--json}
 
+history: install ## [MODEL=...]: versions, metrics per cycle and where each was deployed
+	@$(PY) scripts/history.py $${MODEL:+--model "$$MODEL"} $${JSON:+--json}
+
 deploy: install ## CYCLE=1 ENDPOINT="a b" [MODELS="m1 m2"] [DRY_RUN=1]: full deploy
 	@$(SELECT); $(PY) scripts/deploy_adapters.py $(WHAT) $${ENDPOINT:+--endpoints $$ENDPOINT} \
 	  "$${sel[@]}" $(FLAGS)
@@ -82,4 +85,4 @@ bench: install ## run the benchmarks and print their figures
 	$(PY) bench/bench_hash.py
 
 .PHONY: help install test lint version versions bench deploy rollback status transfer precheck \
-  activate verify health-check bootstrap demo demo-clean
+  activate verify health-check bootstrap demo demo-clean history

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 import _bootstrap  # noqa: F401
+from deploycore.alerts import send_alerts
 from deploycore.config import load_params
 from deploycore.deploy import choose_releases, deploy, dry_run_plan, new_run_id, run_parallel
 from deploycore.errors import NothingToRollBack, UsageError
@@ -51,6 +52,7 @@ def do_deploy(args: argparse.Namespace, params) -> int:
     run_id = new_run_id()
     outcomes = deploy(params, args.endpoints, chosen, progress=sys.stderr.isatty())
     record(params, "deploy", outcomes, run_id, args.cycle)
+    send_alerts(params, "deploy", outcomes)
     return print_outcomes(f"deploy {run_id}", outcomes, args.json)
 
 
@@ -78,6 +80,7 @@ def do_rollback(args: argparse.Namespace, params) -> int:
         lambda name, control: rollback_endpoint(params, name, models, args.to, control),
     )
     record(params, "rollback", outcomes, new_run_id())
+    send_alerts(params, "rollback", outcomes)
     return print_outcomes("rollback", outcomes, args.json)
 
 

@@ -150,3 +150,47 @@ def test_dead_service_on_reload_rolls_back(fleet: Fleet, tmp_path: Path) -> None
     assert fleet.slots("ep1")[0] == v1
     bad = json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "bad.json").read_text())
     assert v2 in bad
+
+
+def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(fleet: Fleet, tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "alert.json"
+    import yaml
+
+    data = yaml.safe_load(fleet.params.read_text())
+    data["alert_url"] = f"http://127.0.0.1:{server.server_port}/alert"
+    data["alert_command"] = [sys.executable, "-c",
+                             f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())"]  # fmt: skip
+    fleet.params.write_text(yaml.safe_dump(data))
+    try:
+        proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 4
+        alert = json.loads(out.read_text())
+        assert alert["status"] == "aborted" and alert["phase"] == "pre-check"
+        assert alert["version"] == fleet.versions["cycle3"]
+        assert any("Jacobo" in f["reason"] or "santiago" in f["reason"].lower()
+                   for f in alert["failing_sentences"])  # fmt: skip
+        assert received == [alert]
+        # a broken hook is logged and the outcome stays the same
+        data["alert_command"] = ["/nonexistent/alert"]
+        data["alert_url"] = "http://127.0.0.1:9/unreachable"
+        fleet.params.write_text(yaml.safe_dump(data))
+        proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 4 and "alert_command failed" in proc.stderr
+    finally:
+        server.shutdown()

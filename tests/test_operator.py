@@ -119,3 +119,15 @@ def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
                 time.sleep(0.2)
         assert second.request("hello")["pid"] > 0
         second.close()
+
+
+def test_history_shows_metrics_trend_and_deployments(fleet: Fleet) -> None:
+    assert fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    assert fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 4
+    data = json.loads(run_script("history.py", "--json", params=fleet.params).stdout)
+    rows = {v["cycle"]: v for v in data["gemma_4b"]}
+    assert rows[1]["deployments"] == ["deploy@ep1:success"]
+    assert rows[3]["deployments"] == ["deploy@ep1:aborted"]
+    table = make(fleet, "history", "MODEL=gemma_4b").stdout
+    assert fleet.versions["cycle1"] in table and "deploy@ep1:aborted" in table
+    assert "final_loss" in table
