@@ -82,7 +82,7 @@ demo-clean: ## stop the demo service and remove demo/
 	@test -x $(PY) && $(PY) scripts/demo.py --clean || rm -rf demo
 
 bench: install ## run the benchmarks and print their figures
-	$(PY) bench/bench_hash.py
+	$(PY) bench/run_all.py
 
 .PHONY: help install test lint version versions bench deploy rollback status transfer precheck \
   activate verify health-check bootstrap demo demo-clean history
