@@ -47,14 +47,32 @@ def _load_causal_lm(path: str, device: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars would clutter the service's stderr
+    quantized = _quantization_kwargs(path, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto", use_safetensors=True, **quantized
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises OSError/ValueError/... for a bad dir
         raise AdapterError(
             f"cannot load model {path} ({err})", fix="pass --base-model with a local model dir"
         ) from err
+    if quantized:  # bitsandbytes placed it on the device already; .to() is refused
+        return model.eval(), tokenizer
     return model.to(device).eval(), tokenizer
+
+
+def _quantization_kwargs(path: str, device: str) -> dict[str, Any]:
+    """Load-time quantization a converted release asks for (quantization.json), CUDA only."""
+    from engines.convert_merge import bnb_config, read_quantization
+
+    spec = read_quantization(path) if Path(path).is_dir() else None
+    if spec is None:
+        return {}
+    if not device.startswith("cuda"):
+        log.info("%s asks for bitsandbytes 4-bit; no CUDA here, loading it unquantized", path)
+        return {}
+    return {"quantization_config": bnb_config(spec), "device_map": device}
 
 
 class HFEngine:
