@@ -75,6 +75,12 @@ health-check: install ## MODEL=gemma_4b SRC=adapter_dir [BASE=..] [ENGINE=hf|mlx
 bootstrap: install ## ENDPOINT=..: copy this project to the endpoint's project_dir and install
 	@set -f; $(PY) scripts/bootstrap.py --endpoints $$ENDPOINT
 
+keygen: install ## create the ed25519 signing key (path: store.signing_key in params.yaml)
+	@$(PY) scripts/keygen.py
+
+trust: install ## ENDPOINT=..: install the public signing key on endpoints
+	@set -f; $(PY) scripts/trust.py $${ENDPOINT:+--endpoints $$ENDPOINT}
+
 demo: install ## the whole story on a tiny local model and a local endpoint (under demo/)
 	@$(PY) scripts/demo.py
 
@@ -85,4 +91,4 @@ bench: install ## run the benchmarks and print their figures
 	$(PY) bench/run_all.py
 
 .PHONY: help install test lint version versions bench deploy rollback status transfer precheck \
-  activate verify health-check bootstrap demo demo-clean history
+  activate verify health-check bootstrap demo demo-clean history keygen trust

@@ -7,6 +7,7 @@ adapter_dirs reached through it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +78,18 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError("sshd did not start listening")
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def running_sshd(directory: Path) -> Iterator[SSHServer]:
+    """Start a private sshd on a free 127.0.0.1 port with its keys and config in `directory`.
+
+    Generates ed25519 host and client keys, a pinned known_hosts and an ssh_config with the
+    alias `adapter-test`; yields once it listens and stops it (SIGTERM) on exit. No pytest
+    here, so benchmarks reuse it.
+    """
     if not os.path.exists(SSHD):
-        pytest.fail("sshd missing: apt-get install openssh-server (see .ci/run)")
-    d = tmp_path_factory.mktemp("sshd")
+        raise RuntimeError("sshd missing: apt-get install openssh-server (see .ci/run)")
+    d = directory
+    d.mkdir(parents=True, exist_ok=True)
     _keygen(d / "host_ed25519")
     _keygen(d / "id_ed25519")
     shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
@@ -112,4 +121,16 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
         yield SSHServer(port, d, d / "ssh_config", d / "known_hosts", d / "id_ed25519")
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    if not os.path.exists(SSHD):
+        pytest.fail("sshd missing: apt-get install openssh-server (see .ci/run)")
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server

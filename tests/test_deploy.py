@@ -70,3 +70,16 @@ def test_whisper_adapters_deploy_with_a_transcription_check(fleet: Fleet, whispe
     proc = fleet.deploy("--cycle", "2", "--models", "whisper", "--endpoints", "ep1")
     assert proc.returncode == 4
     assert fleet.slots("ep1", "whisper") == (good, None)
+
+
+def test_cuda_endpoint_with_merged_format_gets_the_converted_release(fleet: Fleet) -> None:
+    fleet.set_endpoint("ep2", platform="cuda", format="merged")
+    v1 = fleet.versions["cycle1"]
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    merged = fleet.endpoints["ep2"] / "gemma_4b" / "releases" / v1
+    names = {p.name for p in merged.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names
+    assert not names & {"adapter_config.json", "adapter_model.safetensors"}
+    adapter = fleet.endpoints["ep1"] / "gemma_4b" / "releases" / v1
+    assert (adapter / "adapter_model.safetensors").is_file()

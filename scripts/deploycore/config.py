@@ -8,7 +8,6 @@ paths inside it resolve against the project root.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,29 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deploycore import PROJECT_ROOT
 from deploycore.errors import ConfigError, UsageError
+from deploycore.names import NAME_RE, VERSION_RE, check_name, check_version_id
 
-NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
-VERSION_RE = re.compile(r"^cycle[0-9]+_[0-9]{8}_[0-9a-f]{8}$")
-
-
-def check_name(kind: str, value: str) -> str:
-    """Names end up in paths and remote commands: allow only a safe alphabet."""
-    if not NAME_RE.match(value) or value in {".", ".."}:
-        raise UsageError(
-            f"invalid {kind} name {value!r}",
-            "use letters, digits, '_' or '-' (at most 64; start and end with a letter or digit)",
-        )
-    return value
-
-
-def check_version_id(value: str) -> str:
-    if not VERSION_RE.match(value):
-        raise UsageError(
-            f"invalid version id {value!r}",
-            "a version id looks like cycle1_20260315_a4b2c8d1 (see `make versions`)",
-        )
-    return value
-
+__all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version_id", "load_params", "Params"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -95,7 +74,8 @@ class EndpointParams(_Strict):
 
 class StoreParams(_Strict):
     adapters_dir: str = "adapters"
-    signing_key: str | None = None
+    signing_key: str | None = None  # ed25519 private key (make keygen); never committed
+    signature_expiry_days: int = Field(365, description="signed metadata expires after this")
 
 
 class Params(_Strict):

@@ -47,6 +47,7 @@ class Release:
     cycle: int
     files: dict[str, dict[str, Any]]
     local_dir: Path
+    signed: dict[str, Any] | None = None
 
     @property
     def size(self) -> int:
@@ -97,7 +98,9 @@ def choose_releases(
         else:
             raise UsageError("no cycle given", "pass CYCLE=<n> (or --cycle N)")
         local = params.adapters_dir / model / entry["version_id"]
-        release = Release(model, entry["version_id"], entry["cycle"], entry["files"], local)
+        release = Release(
+            model, entry["version_id"], entry["cycle"], entry["files"], local, entry.get("signed")
+        )
         missing = [n for n in release.files if not (local / n).is_file()]
         if missing:
             raise UsageError(
@@ -106,6 +109,23 @@ def choose_releases(
             )
         chosen.append(release)
     return chosen
+
+
+def release_format(ep: EndpointParams, model: str) -> str:
+    """What this endpoint serves for `model`: the adapter itself or a conversion of it."""
+    return ep.formats.get(model) or ep.format or "adapter"
+
+
+def for_endpoint(params: Params, ep: EndpointParams, release: Release) -> Release:
+    """The release as this endpoint takes it: converted (cached by content) where needed."""
+    fmt = release_format(ep, release.model)
+    if fmt == "adapter":
+        return release
+    from deploycore.conversions import convert_release
+
+    converted = convert_release(params, release.model, release.version_id, fmt)
+    return Release(release.model, release.version_id, release.cycle, converted.files,
+                   Path(converted.path))  # fmt: skip
 
 
 def engine_kind(params: Params, ep: EndpointParams) -> str:
@@ -182,13 +202,19 @@ class EndpointRun:
             size=release.size,
             reserve=self.ep.min_free_bytes,
         )
-        if not prep["present"]:
-            files = [release.local_dir / n for n in release.files]
-            self.say(release.model, "transfer", f"{release.size} bytes")
-            out.bytes_sent = self.conn.push(files, prep["incoming"], self.progress)
+        if prep["present"]:  # verified just now by prepare: hash it only once
+            self.say(release.model, "transfer", "already present and verified (0 B)")
+            out.phases.append("transfer")
+            return
+        files = [release.local_dir / n for n in release.files]
+        self.say(release.model, "transfer", f"{release.size} bytes")
+        out.bytes_sent = self.conn.push(files, prep["incoming"], self.progress)
+        # Every deploy here is the operator's explicit choice of version, so an older one
+        # is an explicitly requested rollback, not a rollback attack.
         staged = self.session.request(
-            "stage", model=release.model, version_id=release.version_id, files=release.files
-        )
+            "stage", model=release.model, version_id=release.version_id, files=release.files,
+            signed=release.signed, explicit=True,
+        )  # fmt: skip
         self.say(release.model, "transfer", f"{staged['result']}, verified ({out.bytes_sent} B)")
         out.phases.append("transfer")
 
@@ -312,7 +338,7 @@ def deploy_endpoint(
             model_out = None
             try:
                 slots = hello["models"][release.model]
-                model_out = run.deploy_model(release, slots)
+                model_out = run.deploy_model(for_endpoint(params, run.ep, release), slots)
             except AdapterDeployError as err:
                 model_out = model_out or ModelOutcome(release.model, release.version_id)
                 _guard(outcome, model_out, err)
@@ -357,8 +383,10 @@ def dry_run_plan(params: Params, endpoints: list[str], chosen: list[Release]) ->
         ep = params.endpoint(name)
         where = "locally" if ep.transport == "local" else f"over ssh to {ep.host}"
         for r in chosen:
+            fmt = release_format(ep, r.model)
+            size = f"{r.size} bytes" if fmt == "adapter" else f"its {fmt} conversion"
             lines.append(
-                f"[{name}] {r.model} {r.version_id}: transfer {r.size} bytes {where} into "
+                f"[{name}] {r.model} {r.version_id}: transfer {size} {where} into "
                 f"{ep.adapter_dir}/{r.model}/releases/, verify sha256, pre-check "
                 f"({engine_kind(params, ep)} on {base_model_for(params, ep, r.model)}), "
                 f"activate, reload ({ep.reload_method}), verify"

@@ -21,9 +21,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from deploycore import PROJECT_ROOT, failpoints, releases
-from deploycore.config import check_name, check_version_id
-from deploycore.errors import AdapterDeployError, ReloadFailed, RemoteError, UsageError
+from deploycore.errors import (
+    AdapterDeployError,
+    ReloadFailed,
+    RemoteError,
+    SignatureRefused,
+    UsageError,
+)
 from deploycore.fsutil import atomic_write_json, file_lock
+from deploycore.names import check_name, check_version_id
 from deploycore.releases import ModelSlots
 
 log = logging.getLogger(__name__)
@@ -70,8 +76,39 @@ class EndpointSide:
             )
         return {"present": False, "incoming": str(releases.prepare_incoming(slots, version_id))}
 
-    def op_stage(self, model: str, version_id: str, files: dict) -> dict[str, Any]:
-        return {"result": releases.stage(self.slots(model), check_version_id(version_id), files)}
+    def op_stage(
+        self,
+        model: str,
+        version_id: str,
+        files: dict,
+        signed: dict | None = None,
+        explicit: bool = False,
+    ) -> dict[str, Any]:
+        """Verify (signature first, when this endpoint trusts a key) and stage a transfer."""
+        slots = self.slots(model)
+        check_version_id(version_id)
+        trusted = _trusted_keys(self.adapter_dir)
+        if not trusted:
+            result = releases.stage(slots, version_id, files)
+            self._record(model, signature="unsigned: this endpoint trusts no signing key")
+            return {"result": result, "signed": False}
+        from deploycore import signing, trust
+
+        try:
+            metadata = signing.verify(signed, trusted, model, version_id)
+            trust.check_not_older(slots, metadata, explicit)
+        except SignatureRefused:
+            releases.discard_incoming(slots, version_id)
+            raise
+        # The signed file list, not the request's, decides what may become a release.
+        result = releases.stage(slots, version_id, metadata["files"])
+        trust.record_accepted(slots, metadata)
+        return {"result": result, "signed": True}
+
+    def op_trust(self, public_pem: str) -> dict[str, Any]:
+        from deploycore import trust
+
+        return {"key_id": trust.install_key(self.adapter_dir, public_pem.encode())}
 
     def op_health(
         self,
@@ -182,6 +219,15 @@ class EndpointSide:
             entry[renamed.get(key, key)] = value
         status["updated"] = _now()
         atomic_write_json(self.adapter_dir / STATUS, status)
+
+
+def _trusted_keys(adapter_dir: Path) -> dict[str, bytes]:
+    """Trusted public keys; cryptography is imported only where keys are installed."""
+    if not (adapter_dir / "trusted_keys").is_dir():
+        return {}
+    from deploycore.trust import trusted_keys
+
+    return trusted_keys(adapter_dir)
 
 
 def _forced_failure(reason: str) -> dict[str, Any]:

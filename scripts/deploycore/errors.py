@@ -45,6 +45,10 @@ class AdapterError(UsageError):
     """An adapter directory is not something we will version or load."""
 
 
+class SignatureRefused(UsageError):
+    """Signed metadata an endpoint must not accept: the release is refused."""
+
+
 class RemoteError(AdapterDeployError):
     exit_code = 3
 

@@ -119,6 +119,13 @@ def _quarantine(slots: ModelSlots, source: Path, version_id: str) -> Path:
     return dest
 
 
+def discard_incoming(slots: ModelSlots, version_id: str) -> None:
+    """A refused transfer goes to quarantine, never into releases/."""
+    incoming = slots.incoming(version_id)
+    if incoming.is_dir():
+        _quarantine(slots, incoming, version_id)
+
+
 def prepare_incoming(slots: ModelSlots, version_id: str) -> Path:
     """Create the private landing dir for a transfer (kept across runs, so rsync resumes)."""
     incoming = slots.incoming(version_id)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deploycore import registry
+from deploycore import registry, signing
 from deploycore.adapter import CONFIG, METRICS, WEIGHTS, check_adapter, read_metrics
 from deploycore.config import Params, check_name
 from deploycore.errors import UsageError
@@ -159,6 +159,7 @@ def version_adapter(
         "training_metrics": metrics,
         "files": files,
     }
+    entry["signed"] = _signature(params, model, entry)
     with updating_manifest(adapters_dir, f"version {model} {version_id}") as manifest:
         manifest["versions"].setdefault(model, []).append(entry)
         manifest["endpoints"] = _endpoint_summary(params)
@@ -170,6 +171,20 @@ def version_adapter(
     message = f"cycle {cycle}: {model} {version_id}"
     tags = [_cycle_tag(repo, cycle, message, retag), _gto_tag(repo, model, cycle, version_id)]
     return VersionResult(model, version_id, dest, created=True, tags=tags)
+
+
+def _signature(params: Params, model: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """Signed metadata for the version, or None (unsigned, with a warning) without a key."""
+    if not params.store.signing_key:
+        log.warning("no signing key (store.signing_key): %s is unsigned", entry["version_id"])
+        return None
+    path = params.resolve(params.store.signing_key)
+    if not path.is_file():
+        raise UsageError(
+            f"signing key {path} not found", "create it with make keygen, or unset signing_key"
+        )
+    metadata = signing.version_metadata(entry, model, params.store.signature_expiry_days)
+    return signing.sign(signing.load_private(path), metadata)
 
 
 def _endpoint_summary(params: Params) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,143 @@
+"""Signed releases: keys, signatures, and what a trusting endpoint refuses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_fleet import Fleet, version
+from fixtures_repo import run_script
+
+from deploycore.config import load_params
+from deploycore.remote import Connection, Session
+from deploycore.signing import (
+    SignatureRefused,
+    generate,
+    load_private,
+    public_pem,
+    sign,
+    verify,
+    version_metadata,
+)
+
+ENTRY = {
+    "version_id": "cycle2_20260401_f1e2d3c4",
+    "cycle": 2,
+    "created": "2026-04-01T10:00:00Z",
+    "base_model": "kit/tiny-gemma",
+    "files": {"adapter_model.safetensors": {"sha256": "ab" * 32, "size": 10}},
+}
+
+
+def _keys(tmp_path: Path):
+    generate(tmp_path / "a.pem")
+    generate(tmp_path / "b.pem")
+    a, b = load_private(tmp_path / "a.pem"), load_private(tmp_path / "b.pem")
+    from deploycore.signing import key_id
+
+    return a, b, {key_id(public_pem(a)): public_pem(a)}
+
+
+def test_signature_matrix(tmp_path: Path) -> None:
+    a, b, trusted = _keys(tmp_path)
+    meta = version_metadata(ENTRY, "gemma_4b", 30)
+    vid = ENTRY["version_id"]
+    now = datetime(2026, 4, 2, tzinfo=UTC)
+    assert verify(sign(a, meta), trusted, "gemma_4b", vid, now) == meta
+    tampered = copy.deepcopy(sign(a, meta))
+    tampered["metadata"]["files"]["adapter_model.safetensors"]["size"] = 11
+    mixed = copy.deepcopy(sign(a, meta))
+    mixed["metadata"]["files"]["extra.safetensors"] = {"sha256": "cd" * 32, "size": 1}
+    cases = [
+        (None, now, "is unsigned"),
+        (sign(b, meta), now, "untrusted key"),
+        (tampered, now, "tampered"),
+        (mixed, now, "tampered"),
+        (sign(a, meta), now + timedelta(days=31), "expired"),
+        (sign(a, {**meta, "version_id": "cycle1_20260301_00000000"}), now, "not gemma_4b"),
+    ]
+    for signed, when, why in cases:
+        with pytest.raises(SignatureRefused, match=why):
+            verify(signed, trusted, "gemma_4b", vid, when)
+
+
+def test_keygen_never_overwrites(tmp_path: Path) -> None:
+    generate(tmp_path / "k.pem")
+    assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(Exception, match="exists"):
+        generate(tmp_path / "k.pem")
+
+
+def _use_key(fleet: Fleet, key: Path, **extra) -> None:
+    data = yaml.safe_load(fleet.params.read_text())
+    data["store"].update(signing_key=str(key), **extra)
+    fleet.params.write_text(yaml.safe_dump(data))
+
+
+def test_trusting_endpoint_takes_signed_and_refuses_the_rest(fleet: Fleet, kit, tmp_path):
+    key = tmp_path / "keys" / "signing.pem"
+    _use_key(fleet, key)
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    signed_v = version(fleet.store, fleet.params, kit.good2, 5)
+    entry = next(v for v in fleet.store.manifest()["versions"]["gemma_4b"] if v["cycle"] == 5)
+    assert entry["signed"]["metadata"]["files"] == entry["files"]
+
+    proc = run_script("trust.py", "--endpoints", "ep1", params=fleet.params)
+    assert proc.returncode == 0, proc.stderr
+    ok = fleet.deploy("--cycle", "5", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert ok.returncode == 0, ok.stderr
+    assert fleet.slots("ep1")[0] == signed_v
+
+    unsigned = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert unsigned.returncode == 2 and "is unsigned" in unsigned.stdout + unsigned.stderr
+
+    other = tmp_path / "other" / "key.pem"
+    _use_key(fleet, other)
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    version(fleet.store, fleet.params, kit.good, 6)
+    foreign = fleet.deploy("--cycle", "6", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert foreign.returncode == 2 and "untrusted key" in foreign.stdout + foreign.stderr
+
+    _use_key(fleet, key, signature_expiry_days=-1)
+    version(fleet.store, fleet.params, kit.good, 7)
+    expired = fleet.deploy("--cycle", "7", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert expired.returncode == 2 and "expired" in expired.stdout + expired.stderr
+    assert fleet.slots("ep1")[0] == signed_v  # nothing refused ever became active
+    releases = fleet.endpoints["ep1"] / "gemma_4b" / "releases"
+    assert sorted(p.name for p in releases.iterdir()) == [signed_v]
+
+
+def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) -> None:
+    key = tmp_path / "signing.pem"
+    _use_key(fleet, key)
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    old = version(fleet.store, fleet.params, kit.good, 5)
+    version(fleet.store, fleet.params, kit.good2, 6)
+    assert run_script("trust.py", "--endpoints", "ep1", params=fleet.params).returncode == 0
+    assert fleet.deploy("--cycle", "6", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    # push cycle 5's files into incoming by hand (as a replaying attacker would), then ask to
+    # stage it without the operator's explicit request
+    entry = next(v for v in fleet.store.manifest()["versions"]["gemma_4b"] if v["version_id"] == old)
+    params = load_params(fleet.params)
+    with tempfile.TemporaryDirectory() as control:
+        conn = Connection("ep1", params.endpoint("ep1"), Path(control))
+        session = Session(conn, str(fleet.endpoints["ep1"]))
+        prep = session.request("prepare", model="gemma_4b", version_id=old,
+                               files=entry["files"], size=1)  # fmt: skip
+        conn.push([fleet.store.adapters / "gemma_4b" / old / n for n in entry["files"]],
+                  prep["incoming"], progress=False)  # fmt: skip
+        with pytest.raises(SignatureRefused, match="rollback attack"):
+            session.request("stage", model="gemma_4b", version_id=old, files=entry["files"],
+                            signed=entry["signed"], explicit=False)  # fmt: skip
+        session.close()
+    # the operator's explicit deploy of the older cycle is a requested rollback: allowed
+    proc = fleet.deploy("--cycle", "5", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "accepted.json").read_text())[
+        "cycle"
+    ] == 6
