@@ -13,8 +13,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_hash.py", "bench_deploy.py", "bench_engines.py", "bench_reload.py",
-         "bench_convert.py"]  # fmt: skip
+ORDER = [
+    "bench_hash.py",
+    "bench_deploy.py",
+    "bench_engines.py",
+    "bench_reload.py",
+    "bench_convert.py",
+]
 
 
 def run(script: Path) -> tuple[list[list[str]], int]:

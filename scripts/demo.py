@@ -48,7 +48,9 @@ def step(title: str) -> None:
 
 def sh(env: dict, *argv: str, show_err: bool = True) -> int:
     """Run one project command as an operator would, echoing it and its output."""
-    words = [os.path.relpath(a, PROJECT_ROOT) if a.startswith(str(PROJECT_ROOT)) else a for a in argv[1:]]
+    words = [
+        os.path.relpath(a, PROJECT_ROOT) if a.startswith(str(PROJECT_ROOT)) else a for a in argv[1:]
+    ]
     shown = "python " + " ".join(a if " " not in a else repr(a) for a in words)
     print(f"$ {shown}", flush=True)
     proc = subprocess.run(list(argv), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
@@ -74,10 +76,13 @@ def build_store(root: Path, env: dict) -> Path:
     repo = root / "project"
     repo.mkdir(parents=True)
     (root / "dvc-remote").mkdir()
-    for cmd in (["git", "init", "-q", "-b", "main"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "remote", "add", "-d", "local",
-                 str(root / "dvc-remote")],
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "store"]):  # fmt: skip
+    for cmd in (
+        ["git", "init", "-q", "-b", "main"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root / "dvc-remote")],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "store"],
+    ):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     return repo
 
@@ -163,29 +168,86 @@ def story(root: Path) -> int:
 
     step("2. Version cycle 1 and deploy it: healthy")
     sh(env, py, script("version.py"), "--model", "gemma_4b", "--cycle", "1", "--src", str(kit.good))
-    sh(env, py, script("deploy_adapters.py"), "--cycle", "1", "--models", "gemma_4b",
-       "--endpoints", "local")  # fmt: skip
+    sh(
+        env,
+        py,
+        script("deploy_adapters.py"),
+        "--cycle",
+        "1",
+        "--models",
+        "gemma_4b",
+        "--endpoints",
+        "local",
+    )
     print("service answers:", ask(url, JAMES))
 
     step("3. A regressed cycle 2: the pre-check fails, nothing changes")
-    sh(env, py, script("version.py"), "--model", "gemma_4b", "--cycle", "2",
-       "--src", str(kit.regressed))  # fmt: skip
-    sh(env, py, script("deploy_adapters.py"), "--cycle", "2", "--models", "gemma_4b",
-       "--endpoints", "local")  # fmt: skip
+    sh(
+        env,
+        py,
+        script("version.py"),
+        "--model",
+        "gemma_4b",
+        "--cycle",
+        "2",
+        "--src",
+        str(kit.regressed),
+    )
+    sh(
+        env,
+        py,
+        script("deploy_adapters.py"),
+        "--cycle",
+        "2",
+        "--models",
+        "gemma_4b",
+        "--endpoints",
+        "local",
+    )
     print("service still answers:", ask(url, JAMES))
 
     step("4. A good cycle 3: hot reload, acknowledged by the service, verified")
-    sh(env, py, script("version.py"), "--model", "gemma_4b", "--cycle", "3", "--src", str(kit.good2))
-    sh(env, py, script("deploy_adapters.py"), "--cycle", "3", "--models", "gemma_4b",
-       "--endpoints", "local")  # fmt: skip
+    sh(
+        env,
+        py,
+        script("version.py"),
+        "--model",
+        "gemma_4b",
+        "--cycle",
+        "3",
+        "--src",
+        str(kit.good2),
+    )
+    sh(
+        env,
+        py,
+        script("deploy_adapters.py"),
+        "--cycle",
+        "3",
+        "--models",
+        "gemma_4b",
+        "--endpoints",
+        "local",
+    )
     print("service answers:", ask(url, JAMES))
 
-    step("5. Cycle 4 fails AFTER activation (a failpoint forces the verify to fail): "
-         "automatic rollback")  # fmt: skip
+    step(
+        "5. Cycle 4 fails AFTER activation (a failpoint forces the verify to fail): "
+        "automatic rollback"
+    )
     sh(env, py, script("version.py"), "--model", "gemma_4b", "--cycle", "4", "--src", str(kit.good))
     arm(root / "endpoint" / "adapters", "verify", "fail")
-    sh(env, py, script("deploy_adapters.py"), "--cycle", "4", "--models", "gemma_4b",
-       "--endpoints", "local")  # fmt: skip
+    sh(
+        env,
+        py,
+        script("deploy_adapters.py"),
+        "--cycle",
+        "4",
+        "--models",
+        "gemma_4b",
+        "--endpoints",
+        "local",
+    )
     print("service answers:", ask(url, JAMES))
 
     step("6. Manual rollback (make rollback): back to the release before cycle 3")
@@ -198,8 +260,10 @@ def story(root: Path) -> int:
     log = root / "project" / "adapters" / "deploy_log.jsonl"
     for line in log.read_text().splitlines()[-4:]:
         e = json.loads(line)
-        print(f"{e['timestamp']} {e['action']:8} cycle={e['cycle']} {e['endpoint']} "
-              f"{e['versions']} -> {e['status']} ({e['duration_s']} s)")  # fmt: skip
+        print(
+            f"{e['timestamp']} {e['action']:8} cycle={e['cycle']} {e['endpoint']} "
+            f"{e['versions']} -> {e['status']} ({e['duration_s']} s)"
+        )
     print(f"\nThe demo service keeps running on {url} (log: {root}/endpoint/service.log).")
     print("Try: PARAMS=demo/params.yaml make status    Stop and remove it: make demo-clean")
     return 0

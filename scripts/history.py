@@ -66,12 +66,16 @@ def main(args: argparse.Namespace) -> int:
         rows, before = [], {}
         for v in versions:
             metrics = v.get("training_metrics", {})
-            rows.append([
-                v["version_id"], v["cycle"], v["created"][:10],
-                _trend(metrics.get("final_loss"), before.get("final_loss")),
-                _trend(metrics.get("eval_wer"), before.get("eval_wer")),
-                ", ".join(v["deployments"]) or "-",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    v["version_id"],
+                    v["cycle"],
+                    v["created"][:10],
+                    _trend(metrics.get("final_loss"), before.get("final_loss")),
+                    _trend(metrics.get("eval_wer"), before.get("eval_wer")),
+                    ", ".join(v["deployments"]) or "-",
+                ]
+            )
             before = metrics
         if rows:
             print(render(model, COLUMNS, rows), end="")

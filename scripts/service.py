@@ -57,11 +57,21 @@ def start(params_file: Path, endpoint: str, log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engines.serve", "--params", str(params_file),
-             "--endpoint", endpoint],
-            cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            [
+                sys.executable,
+                "-m",
+                "engines.serve",
+                "--params",
+                str(params_file),
+                "--endpoint",
+                endpoint,
+            ],
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
             start_new_session=True,
-        )  # fmt: skip
+        )
     return proc.pid
 
 

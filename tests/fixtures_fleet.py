@@ -82,11 +82,15 @@ def fleet(fleet_template, sshd, tmp_path: Path) -> Fleet:
     template, versions = fleet_template
     shutil.copytree(template / "project", tmp_path / "project", symlinks=True)
     shutil.copytree(template / "dvc-remote", tmp_path / "dvc-remote", symlinks=True)
-    store = Store(tmp_path / "project", tmp_path / "dvc-remote", tmp_path / "project" / "params.yaml")
+    store = Store(
+        tmp_path / "project", tmp_path / "dvc-remote", tmp_path / "project" / "params.yaml"
+    )
     subprocess.run(
         [sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(store.remote)],
-        cwd=store.repo, check=True, capture_output=True,
-    )  # fmt: skip
+        cwd=store.repo,
+        check=True,
+        capture_output=True,
+    )
     endpoints = {name: tmp_path / name / "adapters" for name in ("ep1", "ep2")}
     data = yaml.safe_load(store.params.read_text())
     data["store"]["adapters_dir"] = str(store.adapters)

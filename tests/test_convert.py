@@ -57,9 +57,16 @@ def versioned(kit, tmp_path_factory) -> Versioned:
     data = {"store": {"adapters_dir": str(store.adapters)}, "models": models}
     store.params.write_text(yaml.safe_dump(data, sort_keys=False))
     proc = run_script(
-        "version.py", "--model", "gemma_4b", "--cycle", "1", "--src", str(kit.good), "--json",
+        "version.py",
+        "--model",
+        "gemma_4b",
+        "--cycle",
+        "1",
+        "--src",
+        str(kit.good),
+        "--json",
         params=store.params,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     return Versioned(store, json.loads(proc.stdout)["version_id"])
 
@@ -178,9 +185,15 @@ def test_bad_input_exits_2(versioned, args: list[str], message: str) -> None:
 
 def test_unknown_model_exits_2(versioned) -> None:
     proc = run_script(
-        "convert.py", "--model", "nope", "--cycle", "1", "--format", "merged",
+        "convert.py",
+        "--model",
+        "nope",
+        "--cycle",
+        "1",
+        "--format",
+        "merged",
         params=versioned.store.params,
-    )  # fmt: skip
+    )
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
 
 

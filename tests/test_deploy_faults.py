@@ -17,12 +17,14 @@ def _tree(path: Path) -> list[str]:
 
 
 def test_dry_run_touches_nothing(fleet: Fleet) -> None:
-    proc = fleet.deploy("--cycle", "1", "--all-adapters", "--models", "gemma_4b",
-                        "--endpoints", "ep1", "--dry-run")  # fmt: skip
+    proc = fleet.deploy(
+        "--cycle", "1", "--all-adapters", "--models", "gemma_4b", "--endpoints", "ep1", "--dry-run"
+    )
     # --all-adapters wins over --models: whisper has no cycle-1 version -> clear error first
     assert proc.returncode == 2 and "whisper has no version in cycle 1" in proc.stderr
-    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2",
-                        "--dry-run")  # fmt: skip
+    proc = fleet.deploy(
+        "--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2", "--dry-run"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "[ep1] gemma_4b" in proc.stdout and "[ep2] gemma_4b" in proc.stdout
     assert not fleet.endpoints["ep1"].exists() and not fleet.endpoints["ep2"].exists()
@@ -46,11 +48,18 @@ def test_bad_input_exits_2_before_anything_moves(fleet: Fleet) -> None:
 
 
 def test_unreachable_host_and_unknown_host_key(fleet: Fleet, sshd, tmp_path: Path) -> None:
-    closed = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); "
-                             "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    fleet.set_endpoint("ep1", ssh_config=None, host="127.0.0.1", port=int(closed),
-                       identity_file=str(sshd.identity))  # fmt: skip
+    closed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    fleet.set_endpoint(
+        "ep1", ssh_config=None, host="127.0.0.1", port=int(closed), identity_file=str(sshd.identity)
+    )
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 3, proc.stderr
     assert "refused the ssh connection" in proc.stdout + proc.stderr
@@ -120,11 +129,21 @@ def test_two_deploys_at_once_one_exits_7(fleet: Fleet) -> None:
     import os
 
     first = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "deploy_adapters.py"), "--cycle", "1",
-         "--models", "gemma_4b", "--endpoints", "ep1"],
-        env={**os.environ, **env_params}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "deploy_adapters.py"),
+            "--cycle",
+            "1",
+            "--models",
+            "gemma_4b",
+            "--endpoints",
+            "ep1",
+        ],
+        env={**os.environ, **env_params},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     lock = fleet.endpoints["ep1"] / ".deploy.lock"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (lock.exists() and lock.read_text()):
@@ -174,8 +193,11 @@ def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(fleet: Flee
 
     data = yaml.safe_load(fleet.params.read_text())
     data["alert_url"] = f"http://127.0.0.1:{server.server_port}/alert"
-    data["alert_command"] = [sys.executable, "-c",
-                             f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())"]  # fmt: skip
+    data["alert_command"] = [
+        sys.executable,
+        "-c",
+        f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())",
+    ]
     fleet.params.write_text(yaml.safe_dump(data))
     try:
         proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
@@ -183,8 +205,10 @@ def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(fleet: Flee
         alert = json.loads(out.read_text())
         assert alert["status"] == "aborted" and alert["phase"] == "pre-check"
         assert alert["version"] == fleet.versions["cycle3"]
-        assert any("Jacobo" in f["reason"] or "santiago" in f["reason"].lower()
-                   for f in alert["failing_sentences"])  # fmt: skip
+        assert any(
+            "Jacobo" in f["reason"] or "santiago" in f["reason"].lower()
+            for f in alert["failing_sentences"]
+        )
         assert received == [alert]
         # a broken hook is logged and the outcome stays the same
         data["alert_command"] = ["/nonexistent/alert"]

@@ -51,11 +51,19 @@ def _wait_healthy(url: str, timeout: float = 90) -> None:
 @pytest.fixture
 def served(fleet: Fleet, tmp_path: Path):
     """ep1 with cycle 1 active and the real service running on it (reload_method sigusr1)."""
-    assert fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    assert (
+        fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    )
     url = f"http://127.0.0.1:{_free_port()}"
     pidfile = tmp_path / "serve.pid"
-    fleet.set_endpoint("ep1", reload_method="sigusr1", service_url=url, pidfile=str(pidfile),
-                       models=["gemma_4b"], base_models={})  # fmt: skip
+    fleet.set_endpoint(
+        "ep1",
+        reload_method="sigusr1",
+        service_url=url,
+        pidfile=str(pidfile),
+        models=["gemma_4b"],
+        base_models={},
+    )
     data = fleet.params.read_text().replace("reload_timeout_s: 120.0", "")
     fleet.params.write_text(data)
     started = run_script("service.py", "start", "--endpoint", "ep1", params=fleet.params)
@@ -89,8 +97,13 @@ def test_sigusr1_deploy_is_acknowledged_and_verified_through_the_service(fleet, 
 def test_service_that_never_acknowledges_makes_the_deploy_roll_back(fleet, served, tmp_path):
     url, _ = served
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
-    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; "
-                             "signal.signal(signal.SIGUSR1, signal.SIG_IGN); time.sleep(120)"])  # fmt: skip
+    deaf = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN); time.sleep(120)",
+        ]
+    )
     try:
         deaf_pidfile = tmp_path / "deaf.pid"
         deaf_pidfile.write_text(f"{deaf.pid}\n")
@@ -111,8 +124,15 @@ def test_restart_reload_method_waits_for_readiness(fleet, served) -> None:
     url, pidfile = served
     v2 = fleet.versions["cycle2"]
     old_pid = int(pidfile.read_text())
-    command = [sys.executable, str(ROOT / "scripts" / "service.py"), "restart",
-               "--endpoint", "ep1", "--params", str(fleet.params)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "service.py"),
+        "restart",
+        "--endpoint",
+        "ep1",
+        "--params",
+        str(fleet.params),
+    ]
     fleet.set_endpoint("ep1", reload_method="restart", restart_command=command)
     proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 0, proc.stdout + proc.stderr

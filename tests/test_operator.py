@@ -10,11 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fixtures_fleet import Fleet
-from fixtures_repo import ROOT, run_script
-
 from deploycore.config import load_params
 from deploycore.remote import Connection, Session
+from fixtures_fleet import Fleet
+from fixtures_repo import ROOT, run_script
 
 
 def make(fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
@@ -73,8 +72,17 @@ def test_phases_one_by_one_are_safe_to_rerun(fleet: Fleet) -> None:
     assert fleet.slots("ep1") == (v1, None)
     again = json.loads(run_script("phase.py", "transfer", *args, params=fleet.params).stdout)
     assert again["endpoints"][0]["models"][0]["bytes_sent"] == 0
-    proc = run_script("phase.py", "precheck", "--cycle", "3", "--models", "gemma_4b",
-                      "--endpoints", "ep1", params=fleet.params)  # fmt: skip
+    proc = run_script(
+        "phase.py",
+        "precheck",
+        "--cycle",
+        "3",
+        "--models",
+        "gemma_4b",
+        "--endpoints",
+        "ep1",
+        params=fleet.params,
+    )
     assert proc.returncode == 2 and "was not transferred" in proc.stdout + proc.stderr
 
 
@@ -111,8 +119,10 @@ def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
         deadline = time.monotonic() + 20
         while True:
             try:
-                second = Session(Connection("ep1", params.endpoint("ep1"), Path(control)),
-                                 str(fleet.endpoints["ep1"]))  # fmt: skip
+                second = Session(
+                    Connection("ep1", params.endpoint("ep1"), Path(control)),
+                    str(fleet.endpoints["ep1"]),
+                )
                 break
             except Exception:
                 assert time.monotonic() < deadline, "lock never released"
@@ -122,8 +132,12 @@ def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
 
 
 def test_history_shows_metrics_trend_and_deployments(fleet: Fleet) -> None:
-    assert fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
-    assert fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 4
+    assert (
+        fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    )
+    assert (
+        fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 4
+    )
     data = json.loads(run_script("history.py", "--json", params=fleet.params).stdout)
     rows = {v["cycle"]: v for v in data["gemma_4b"]}
     assert rows[1]["deployments"] == ["deploy@ep1:success"]

@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_fleet import Fleet, version
-from fixtures_repo import run_script
-
 from deploycore.config import load_params
 from deploycore.remote import Connection, Session
 from deploycore.signing import (
@@ -24,6 +21,8 @@ from deploycore.signing import (
     verify,
     version_metadata,
 )
+from fixtures_fleet import Fleet, version
+from fixtures_repo import run_script
 
 ENTRY = {
     "version_id": "cycle2_20260401_f1e2d3c4",
@@ -119,25 +118,40 @@ def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) ->
     old = version(fleet.store, fleet.params, kit.good, 5)
     version(fleet.store, fleet.params, kit.good2, 6)
     assert run_script("trust.py", "--endpoints", "ep1", params=fleet.params).returncode == 0
-    assert fleet.deploy("--cycle", "6", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    assert (
+        fleet.deploy("--cycle", "6", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
+    )
     # push cycle 5's files into incoming by hand (as a replaying attacker would), then ask to
     # stage it without the operator's explicit request
-    entry = next(v for v in fleet.store.manifest()["versions"]["gemma_4b"] if v["version_id"] == old)
+    entry = next(
+        v for v in fleet.store.manifest()["versions"]["gemma_4b"] if v["version_id"] == old
+    )
     params = load_params(fleet.params)
     with tempfile.TemporaryDirectory() as control:
         conn = Connection("ep1", params.endpoint("ep1"), Path(control))
         session = Session(conn, str(fleet.endpoints["ep1"]))
-        prep = session.request("prepare", model="gemma_4b", version_id=old,
-                               files=entry["files"], size=1)  # fmt: skip
-        conn.push([fleet.store.adapters / "gemma_4b" / old / n for n in entry["files"]],
-                  prep["incoming"], progress=False)  # fmt: skip
+        prep = session.request(
+            "prepare", model="gemma_4b", version_id=old, files=entry["files"], size=1
+        )
+        conn.push(
+            [fleet.store.adapters / "gemma_4b" / old / n for n in entry["files"]],
+            prep["incoming"],
+            progress=False,
+        )
         with pytest.raises(SignatureRefused, match="rollback attack"):
-            session.request("stage", model="gemma_4b", version_id=old, files=entry["files"],
-                            signed=entry["signed"], explicit=False)  # fmt: skip
+            session.request(
+                "stage",
+                model="gemma_4b",
+                version_id=old,
+                files=entry["files"],
+                signed=entry["signed"],
+                explicit=False,
+            )
         session.close()
     # the operator's explicit deploy of the older cycle is a requested rollback: allowed
     proc = fleet.deploy("--cycle", "5", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "accepted.json").read_text())[
-        "cycle"
-    ] == 6
+    assert (
+        json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "accepted.json").read_text())["cycle"]
+        == 6
+    )

@@ -34,15 +34,29 @@ def summaries(action: str, outcomes: list[EndpointOutcome]) -> list[dict[str, An
                 for r in result.get("results", [])
                 if not r["passed"]
             ]
-            alerts.append({
-                "action": action, "endpoint": outcome.endpoint, "model": m.model,
-                "status": m.status, "phase": PHASE[m.status], "version": m.version_id,
-                "serving": m.previous if m.status != "failed" else None,
-                "error": m.error, "failing_sentences": failing,
-            })  # fmt: skip
+            alerts.append(
+                {
+                    "action": action,
+                    "endpoint": outcome.endpoint,
+                    "model": m.model,
+                    "status": m.status,
+                    "phase": PHASE[m.status],
+                    "version": m.version_id,
+                    "serving": m.previous if m.status != "failed" else None,
+                    "error": m.error,
+                    "failing_sentences": failing,
+                }
+            )
         if outcome.error and not outcome.models:
-            alerts.append({"action": action, "endpoint": outcome.endpoint, "status": "failed",
-                           "phase": "connect", "error": outcome.error})  # fmt: skip
+            alerts.append(
+                {
+                    "action": action,
+                    "endpoint": outcome.endpoint,
+                    "status": "failed",
+                    "phase": "connect",
+                    "error": outcome.error,
+                }
+            )
     return alerts
 
 

@@ -20,6 +20,7 @@ from deploycore.names import NAME_RE, VERSION_RE, check_name, check_version_id
 
 __all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version_id", "load_params", "Params"]
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -124,8 +124,9 @@ def for_endpoint(params: Params, ep: EndpointParams, release: Release) -> Releas
     from deploycore.conversions import convert_release
 
     converted = convert_release(params, release.model, release.version_id, fmt)
-    return Release(release.model, release.version_id, release.cycle, converted.files,
-                   Path(converted.path))  # fmt: skip
+    return Release(
+        release.model, release.version_id, release.cycle, converted.files, Path(converted.path)
+    )
 
 
 def engine_kind(params: Params, ep: EndpointParams) -> str:
@@ -212,9 +213,13 @@ class EndpointRun:
         # Every deploy here is the operator's explicit choice of version, so an older one
         # is an explicitly requested rollback, not a rollback attack.
         staged = self.session.request(
-            "stage", model=release.model, version_id=release.version_id, files=release.files,
-            signed=release.signed, explicit=True,
-        )  # fmt: skip
+            "stage",
+            model=release.model,
+            version_id=release.version_id,
+            files=release.files,
+            signed=release.signed,
+            explicit=True,
+        )
         self.say(release.model, "transfer", f"{staged['result']}, verified ({out.bytes_sent} B)")
         out.phases.append("transfer")
 
@@ -273,9 +278,12 @@ class EndpointRun:
         self.session.request("mark_bad", model=model, version_id=bad, reason="failed verify")
         try:
             self.session.request(
-                "restore", model=model, active=active, previous=previous,
+                "restore",
+                model=model,
+                active=active,
+                previous=previous,
                 reload=reload_spec(self.ep),
-            )  # fmt: skip
+            )
         except ReloadFailed as err:
             log.error("[%s] %s links restored, but reload failed: %s", self.name, model, err)
             return

@@ -58,8 +58,15 @@ def status_rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
             health = info.get("health_status") or (
                 "bad: " + ",".join(info["bad"]) if info.get("bad") else ""
             )
-            rows.append([
-                st["endpoint"], model, info.get("active_version"), info.get("previous_version"),
-                _loaded(st, model), reload.get("at") if isinstance(reload, dict) else reload, health,
-            ])  # fmt: skip
+            rows.append(
+                [
+                    st["endpoint"],
+                    model,
+                    info.get("active_version"),
+                    info.get("previous_version"),
+                    _loaded(st, model),
+                    reload.get("at") if isinstance(reload, dict) else reload,
+                    health,
+                ]
+            )
     return rows

@@ -42,9 +42,10 @@ def generate(private_path: Path) -> tuple[Path, str]:
     key = Ed25519PrivateKey.generate()
     private_path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    )  # fmt: skip
+    )
     private_path.touch(mode=0o600)
     private_path.write_bytes(pem)
     public = public_pem(key)

@@ -1,7 +1,7 @@
 """The endpoint's trust state: trusted public keys and the newest accepted version per model.
 
-    <adapter_dir>/trusted_keys/<key_id>.pub    installed by `make trust`
-    <adapter_dir>/<model>/accepted.json        newest signed version accepted (rollback guard)
+<adapter_dir>/trusted_keys/<key_id>.pub    installed by `make trust`
+<adapter_dir>/<model>/accepted.json        newest signed version accepted (rollback guard)
 """
 
 from __future__ import annotations
