@@ -19,7 +19,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 from deploycore.alerts import send_alerts
-from deploycore.config import load_params
+from deploycore.config import check_version_id, load_params
 from deploycore.deploy import choose_releases, deploy, dry_run_plan, new_run_id, run_parallel
 from deploycore.errors import NothingToRollBack, UsageError
 from deploycore.records import last_run, record
@@ -58,6 +58,8 @@ def do_deploy(args: argparse.Namespace, params) -> int:
 
 def do_rollback(args: argparse.Namespace, params) -> int:
     endpoints, models = args.endpoints, args.models
+    if args.to:
+        check_version_id(args.to)
     if not endpoints:
         last = [e for e in last_run(params.adapters_dir) if e["status"] == "success"]
         if not last:

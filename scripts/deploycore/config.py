@@ -8,6 +8,7 @@ paths inside it resolve against the project root.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,9 @@ from deploycore.errors import ConfigError, UsageError
 from deploycore.names import NAME_RE, VERSION_RE, check_name, check_version_id
 
 __all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version_id", "load_params", "Params"]
+
+
+HOST_RE = re.compile(r"^[A-Za-z0-9_\[][A-Za-z0-9_.:@%\[\]-]{0,252}$")
 
 
 class _Strict(BaseModel):
@@ -64,6 +68,14 @@ class EndpointParams(_Strict):
     compat_links: dict[str, str] = {}
     format: Literal["adapter", "merged", "bitsandbytes", "gguf"] | None = None
     formats: dict[str, Literal["adapter", "merged", "bitsandbytes", "gguf"]] = {}
+
+    @field_validator("host", "user")
+    @classmethod
+    def _no_option_injection(cls, value: str | None) -> str | None:
+        # ssh reads a host or user starting with "-" as an option (-oProxyCommand=...).
+        if value is not None and not HOST_RE.match(value):
+            raise ValueError("must be a plain host/user name (letters, digits, . _ - @ : [ ])")
+        return value
 
     @field_validator("service_url")
     @classmethod

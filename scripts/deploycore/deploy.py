@@ -265,6 +265,7 @@ class EndpointRun:
         if result["all_passed"]:
             out.phases.append("verify")
             out.status = "success"
+            self.mark_verified(release.model, release.version_id)
             self.say(release.model, "verify", "passed")
             return
         self._fail(out, "rolled_back", "post-activation health check failed", result)
@@ -291,7 +292,14 @@ class EndpointRun:
             self.say(model, "rollback", "no earlier release: active removed, base model serves")
             return
         check = self.health(model, None, via_service=self.via_service)
+        if check["all_passed"]:
+            self.mark_verified(model, active)
         self.say(model, "rollback", f"back on {active}, healthy={check['all_passed']}")
+
+    def mark_verified(self, model: str, version_id: str) -> None:
+        """Remember on the endpoint that what `active` points at passed VERIFY."""
+        assert self.session
+        self.session.request("record", model=model, verified=version_id)
 
     def _fail(self, out: ModelOutcome, status: str, why: str, result: dict[str, Any]) -> None:
         out.status = status
@@ -307,8 +315,15 @@ class EndpointRun:
         out = ModelOutcome(release.model, release.version_id)
         before = {"active": slots.get("active"), "previous": slots.get("previous")}
         if before["active"] == release.version_id and release.version_id not in slots["bad"]:
-            out.status, out.previous = "unchanged", before["previous"]
-            self.say(release.model, "unchanged", f"{release.version_id} already active")
+            if slots.get("verified") == release.version_id:
+                out.status, out.previous = "unchanged", before["previous"]
+                self.say(release.model, "unchanged", f"{release.version_id} already active")
+                return out
+            # Active but never verified: an earlier deploy was cut after ACTIVATE. Verify it
+            # now, or roll back to what served before it.
+            self.say(release.model, "reconcile", "active but unverified; verifying now")
+            out.previous = before["previous"]
+            self.verify(release, out, {"active": before["previous"], "previous": None})
             return out
         self.transfer(release, out)
         if not self.precheck(release, out):

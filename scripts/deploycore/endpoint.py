@@ -53,11 +53,15 @@ class EndpointSide:
     def op_hello(self, models: list[str] | None = None) -> dict[str, Any]:
         usage = shutil.disk_usage(self.adapter_dir)
         names = models or [p.name for p in self.adapter_dir.iterdir() if (p / "releases").is_dir()]
+        status = read_status(self.adapter_dir).get("models", {})
         return {
             "pid": os.getpid(),
             "rsync": shutil.which("rsync") is not None,
             "free_bytes": usage.free,
-            "models": {m: self.slots(m).describe() for m in names},
+            "models": {
+                m: {**self.slots(m).describe(), "verified": status.get(m, {}).get("verified")}
+                for m in names
+            },
         }
 
     def op_prepare(

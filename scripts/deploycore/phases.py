@@ -37,7 +37,9 @@ def _step(run: EndpointRun, phase: str, release: Release) -> ModelOutcome:
         result = run.health(release.model, None, via_service=run.via_service)
         out.health["post_activation"] = result
         out.phases.append("verify")
-        if not result["all_passed"]:
+        if result["all_passed"]:
+            run.mark_verified(release.model, release.version_id)
+        else:
             out.status, out.exit_code = "failed", HealthCheckFailed.exit_code
             out.error = result.get("error") or "verify failed: " + "; ".join(
                 f"{r['input']!r}: {r['reason']}" for r in result["results"] if not r["passed"]

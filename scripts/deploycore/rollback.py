@@ -12,7 +12,12 @@ from pathlib import Path
 
 from deploycore.config import Params
 from deploycore.deploy import EndpointOutcome, EndpointRun, ModelOutcome, _guard, reload_spec
-from deploycore.errors import AdapterDeployError, HealthCheckFailed, ReloadFailed
+from deploycore.errors import (
+    AdapterDeployError,
+    HealthCheckFailed,
+    NothingToRollBack,
+    ReloadFailed,
+)
 
 
 def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcome:
@@ -35,6 +40,7 @@ def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcom
     if result["all_passed"]:
         out.status = "success"
         out.phases.append("verify")
+        run.mark_verified(model, target)
     else:
         out.status = "failed"
         out.error = f"{target} failed its health check after rollback"
@@ -51,6 +57,8 @@ def rollback_endpoint(
     try:
         hello = run.open().request("hello", models=models)
         chosen = models or sorted(m for m, s in hello["models"].items() if s["active"])
+        if not chosen:
+            raise NothingToRollBack(f"{name} has nothing deployed", "deploy a version first")
         for model in chosen:
             try:
                 outcome.models.append(_rollback_model(run, model, to))
