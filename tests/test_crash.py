@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploycore.failpoints import arm
 from fixtures_fleet import Fleet
 from fixtures_repo import ROOT
-
-from deploycore.failpoints import arm
 
 POINTS = ["activate.before_flip", "activate.after_flip", "activate.after_reload"]
 
