@@ -129,6 +129,7 @@ def deploy_one(
         run.conn.push = steps.timed("push (rsync)", run.conn.push)  # type: ignore[method-assign]
     outcomes = []
     try:
+        run.push_all(chosen, params.adapters_dir)  # what deploy_endpoint does: one rsync
         for release in chosen:
             out = ModelOutcome(release.model, release.version_id)
             run.transfer(release, out)

@@ -159,6 +159,7 @@ class EndpointRun:
         self.conn = Connection(name, self.ep, control_dir)
         self.progress = progress
         self.session: Session | None = None
+        self.pushed: dict[str, int] = {}  # model -> bytes sent by push_all (-1: was present)
 
     def say(self, model: str, phase: str, detail: str = "") -> None:
         log.info("[%s] %s %s%s", self.name, model, phase, f": {detail}" if detail else "")
@@ -193,9 +194,9 @@ class EndpointRun:
 
     # --- the deploy steps -------------------------------------------------------------
 
-    def transfer(self, release: Release, out: ModelOutcome) -> None:
+    def _prepare(self, release: Release) -> dict[str, Any]:
         assert self.session
-        prep = self.session.request(
+        return self.session.request(
             "prepare",
             model=release.model,
             version_id=release.version_id,
@@ -203,13 +204,49 @@ class EndpointRun:
             size=release.size,
             reserve=self.ep.min_free_bytes,
         )
-        if prep["present"]:  # verified just now by prepare: hash it only once
+
+    def push_all(self, chosen: list[Release], store: Path) -> None:
+        """TRANSFER's network part for every store release at once: one rsync per endpoint.
+
+        Releases laid out as <store>/<model>/<id>/ land in incoming/<model>/<id>/ through one
+        `rsync --relative`; others (conversions) travel one by one in transfer().
+        """
+        batch: list[Release] = []
+        files: list[str] = []
+        incoming_root = None
+        for release in chosen:
+            rel = f"{release.model}/{release.version_id}"
+            if release.local_dir != store / rel:
+                continue
+            prep = self._prepare(release)
+            if prep["present"]:
+                self.pushed[release.model] = -1  # verified by prepare: nothing to send
+                continue
+            incoming_root = prep["incoming"][: -len(rel)]
+            batch.append(release)
+            # a string: pathlib would drop the "/./" that marks where --relative starts
+            files += [f"{store}/./{rel}/{name}" for name in release.files]
+        if not batch:
+            return
+        total = sum(r.size for r in batch)
+        self.say(",".join(r.model for r in batch), "transfer", f"{total} bytes")
+        sent = self.conn.push(files, str(incoming_root), self.progress, relative=True)
+        for release in batch:  # rsync reports one figure; attribute it by size
+            self.pushed[release.model] = round(sent * release.size / max(total, 1))
+
+    def transfer(self, release: Release, out: ModelOutcome) -> None:
+        assert self.session
+        pushed = self.pushed.pop(release.model, None)
+        if pushed == -1 or (pushed is None and (prep := self._prepare(release))["present"]):
             self.say(release.model, "transfer", "already present and verified (0 B)")
             out.phases.append("transfer")
             return
-        files = [release.local_dir / n for n in release.files]
-        self.say(release.model, "transfer", f"{release.size} bytes")
-        out.bytes_sent = self.conn.push(files, prep["incoming"], self.progress)
+        if pushed is not None:
+            out.bytes_sent = pushed
+        else:
+            files = [release.local_dir / n for n in release.files]
+            self.say(release.model, "transfer", f"{release.size} bytes")
+            out.bytes_sent = self.conn.push(files, prep["incoming"], self.progress)
         # Every deploy here is the operator's explicit choice of version, so an older one
         # is an explicitly requested rollback, not a rollback attack.
         staged = self.session.request(
@@ -336,6 +373,10 @@ class EndpointRun:
         return out
 
 
+def _needs_transfer(release: Release, slots: dict[str, Any]) -> bool:
+    return not (slots.get("active") == release.version_id == slots.get("verified"))
+
+
 def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: AdapterDeployError):
     target = model_out if model_out is not None else outcome
     target.error = err.one_line()
@@ -357,11 +398,16 @@ def deploy_endpoint(
         hello = session.request("hello", models=[r.model for r in chosen])
         if not hello["rsync"] and not run.conn.local:
             raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
-        for release in chosen:
+        prepared = [for_endpoint(params, run.ep, r) for r in chosen]
+        run.push_all(
+            [r for r in prepared if _needs_transfer(r, hello["models"][r.model])],
+            params.adapters_dir,
+        )
+        for release in prepared:
             model_out = None
             try:
                 slots = hello["models"][release.model]
-                model_out = run.deploy_model(for_endpoint(params, run.ep, release), slots)
+                model_out = run.deploy_model(release, slots)
             except AdapterDeployError as err:
                 model_out = model_out or ModelOutcome(release.model, release.version_id)
                 _guard(outcome, model_out, err)

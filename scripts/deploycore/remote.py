@@ -112,11 +112,18 @@ class Connection:
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
         return RemoteError(f"{self.name}: endpoint command failed: {last}", "rerun with -v")
 
-    def push(self, files: list[Path], dest_dir: str, progress: bool) -> int:
-        """rsync the files into dest_dir on the endpoint; returns bytes sent."""
+    def push(
+        self, files: list[Path] | list[str], dest_dir: str, progress: bool, relative: bool = False
+    ) -> int:
+        """rsync the files into dest_dir on the endpoint; returns bytes sent.
+
+        With `relative`, each file is given as `<root>/./<path>` and lands at
+        dest_dir/<path>: several releases travel in one rsync (one start-up, one channel).
+        """
         if shutil.which("rsync") is None:
             raise RemoteError("rsync is missing on this machine", "install rsync")
         argv = ["rsync", "-a", "--partial-dir=.rsync-partial", "--stats"]
+        argv += ["--relative"] if relative else []
         argv += ["--info=progress2"] if progress else []
         argv += [f"--rsync-path={self.ep.rsync_path}"] if self.ep.rsync_path else []
         if self.local:
