@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from deploycore.errors import AdapterError
+from deploycore.errors import AdapterError, ReloadFailed
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 MLX_WEIGHTS = "adapters.safetensors"
@@ -191,3 +193,38 @@ def generation_budget(n_input_tokens: int) -> int:
     input token plus a floor keeps an answer from being cut before its expected words.
     """
     return min(16 + 3 * n_input_tokens, 2048)
+
+
+class SwappingEngine:
+    """Reload for transformers engines: a no-op for the loaded release, else `_load` it.
+
+    Subclasses set `self._lock` and `self._loaded` and implement `_load(release)`, which must
+    replace what is serving only once the new release has loaded.
+    """
+
+    _lock: threading.RLock
+    _loaded: LoadedRelease | None
+
+    def _load(self, release: LoadedRelease) -> None:
+        raise NotImplementedError
+
+    def reload(self, adapter_path: str | Path) -> bool:
+        """Swap in the release at `adapter_path`; False when it is already loaded."""
+        with self._lock:
+            try:
+                release = describe_release(adapter_path)
+                if self._loaded and (release.path, release.sha256) == (
+                    self._loaded.path,
+                    self._loaded.sha256,
+                ):
+                    return False
+                self._load(release)
+            except AdapterError as err:
+                raise ReloadFailed(
+                    f"reload of {adapter_path} failed: {err.one_line()}",
+                    fix="the previous release is still serving",
+                ) from err
+            logging.getLogger(type(self).__module__).info(
+                "reloaded %s (%s)", release.version_id, release.sha256[:8]
+            )
+            return True

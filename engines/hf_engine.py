@@ -16,11 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from deploycore.errors import AdapterError, ReloadFailed
+from deploycore.errors import AdapterError
 
 from engines.base import (
     PEFT_WEIGHTS,
     LoadedRelease,
+    SwappingEngine,
     Translation,
     base_model_of,
     describe_release,
@@ -75,7 +76,7 @@ def _quantization_kwargs(path: str, device: str) -> dict[str, Any]:
     return {"quantization_config": bnb_config(spec), "device_map": device}
 
 
-class HFEngine:
+class HFEngine(SwappingEngine):
     """Translate with transformers (+ PEFT); swap adapters without reloading the base."""
 
     def __init__(
@@ -117,25 +118,6 @@ class HFEngine:
             new = out[0, ids["input_ids"].shape[1] :]
             answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
             return Translation(answer, time.perf_counter() - start)
-
-    def reload(self, adapter_path: str | Path) -> bool:
-        """Swap in the release at `adapter_path`; False when it is already loaded."""
-        with self._lock:
-            try:
-                release = describe_release(adapter_path)
-                if self._loaded and (release.path, release.sha256) == (
-                    self._loaded.path,
-                    self._loaded.sha256,
-                ):
-                    return False
-                self._load(release)
-            except AdapterError as err:
-                raise ReloadFailed(
-                    f"reload of {adapter_path} failed: {err.one_line()}",
-                    fix="the previous release is still serving",
-                ) from err
-            log.info("reloaded %s (%s)", release.version_id, release.sha256[:8])
-            return True
 
     def _load(self, release: LoadedRelease) -> None:
         """Load `release`; only on success does it replace what is serving."""

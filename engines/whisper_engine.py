@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from deploycore.errors import AdapterError, ReloadFailed, UsageError
+from deploycore.errors import AdapterError, UsageError
 
 from engines.base import (
     PEFT_WEIGHTS,
     LoadedRelease,
+    SwappingEngine,
     Translation,
     base_model_of,
     describe_release,
@@ -99,7 +100,7 @@ def _load_whisper(path: str, device: str):
     return model.to(device).eval(), processor
 
 
-class WhisperEngine:
+class WhisperEngine(SwappingEngine):
     """Transcribe with transformers Whisper (+ PEFT); swap adapters without reloading the base."""
 
     def __init__(
@@ -161,25 +162,6 @@ class WhisperEngine:
         config = getattr(self.model, "config", None)
         limit = getattr(config, "max_target_positions", 448) - 4  # the forced prompt tokens
         return max(1, min(MIN_NEW_TOKENS + TOKENS_PER_SECOND * math.ceil(seconds), limit))
-
-    def reload(self, adapter_path: str | Path) -> bool:
-        """Swap in the release at `adapter_path`; False when it is already loaded."""
-        with self._lock:
-            try:
-                release = describe_release(adapter_path)
-                if self._loaded and (release.path, release.sha256) == (
-                    self._loaded.path,
-                    self._loaded.sha256,
-                ):
-                    return False
-                self._load(release)
-            except AdapterError as err:
-                raise ReloadFailed(
-                    f"reload of {adapter_path} failed: {err.one_line()}",
-                    fix="the previous release is still serving",
-                ) from err
-            log.info("reloaded %s (%s)", release.version_id, release.sha256[:8])
-            return True
 
     def _load(self, release: LoadedRelease) -> None:
         """Load `release`; only on success does it replace what is serving."""

@@ -9,10 +9,12 @@ its last verified release.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -387,36 +389,52 @@ def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: Adapte
     log.error("%s", text if text.startswith(outcome.endpoint) else f"[{outcome.endpoint}] {text}")
 
 
-def deploy_endpoint(
-    params: Params, name: str, chosen: list[Release], control_dir: Path, progress: bool
-) -> EndpointOutcome:
+@contextlib.contextmanager
+def endpoint_run(
+    params: Params, name: str, control_dir: Path, progress: bool = False
+) -> Iterator[tuple[EndpointRun, EndpointOutcome]]:
+    """One endpoint's run: an endpoint-wide failure is recorded in its outcome, never raised,
+    so one endpoint's trouble never stops the others."""
     started = time.monotonic()
     outcome = EndpointOutcome(name)
     run = EndpointRun(params, name, control_dir, progress)
     try:
-        session = run.open()
-        hello = session.request("hello", models=[r.model for r in chosen])
-        if not hello["rsync"] and not run.conn.local:
-            raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
-        prepared = [for_endpoint(params, run.ep, r) for r in chosen]
-        run.push_all(
-            [r for r in prepared if _needs_transfer(r, hello["models"][r.model])],
-            params.adapters_dir,
-        )
-        for release in prepared:
-            model_out = None
-            try:
-                slots = hello["models"][release.model]
-                model_out = run.deploy_model(release, slots)
-            except AdapterDeployError as err:
-                model_out = model_out or ModelOutcome(release.model, release.version_id)
-                _guard(outcome, model_out, err)
-            outcome.models.append(model_out)
+        yield run, outcome
     except AdapterDeployError as err:
         _guard(outcome, None, err)
     finally:
         run.close()
         outcome.duration_s = round(time.monotonic() - started, 3)
+
+
+def per_model(
+    outcome: EndpointOutcome, model: str, version_id: str | None, step: Callable[[], ModelOutcome]
+) -> None:
+    """Run one model's step; its failure is that model's outcome, the others go on."""
+    try:
+        outcome.models.append(step())
+    except AdapterDeployError as err:
+        failed = ModelOutcome(model, version_id)
+        _guard(outcome, failed, err)
+        outcome.models.append(failed)
+
+
+def deploy_endpoint(
+    params: Params, name: str, chosen: list[Release], control_dir: Path, progress: bool
+) -> EndpointOutcome:
+    with endpoint_run(params, name, control_dir, progress) as (run, outcome):
+        hello = run.open().request("hello", models=[r.model for r in chosen])
+        if not hello["rsync"] and not run.conn.local:
+            raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
+        prepared = [for_endpoint(params, run.ep, r) for r in chosen]
+        slots = hello["models"]
+        run.push_all(
+            [r for r in prepared if _needs_transfer(r, slots[r.model])], params.adapters_dir
+        )
+        for r in prepared:
+            per_model(
+                outcome, r.model, r.version_id, lambda r=r: run.deploy_model(r, slots[r.model])
+            )
     return outcome
 
 

@@ -7,7 +7,6 @@ does not roll back (a full deploy does; `make rollback` does it by hand).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from deploycore.config import Params
@@ -16,10 +15,11 @@ from deploycore.deploy import (
     EndpointRun,
     ModelOutcome,
     Release,
-    _guard,
+    endpoint_run,
+    per_model,
     run_parallel,
 )
-from deploycore.errors import AdapterDeployError, HealthCheckFailed
+from deploycore.errors import HealthCheckFailed
 
 PHASES = ("transfer", "precheck", "activate", "verify")
 
@@ -50,23 +50,10 @@ def _step(run: EndpointRun, phase: str, release: Release) -> ModelOutcome:
 def _phase_endpoint(
     params: Params, name: str, phase: str, chosen: list[Release], control_dir: Path
 ) -> EndpointOutcome:
-    started = time.monotonic()
-    outcome = EndpointOutcome(name)
-    run = EndpointRun(params, name, control_dir, progress=False)
-    try:
+    with endpoint_run(params, name, control_dir) as (run, outcome):
         run.open()
-        for release in chosen:
-            try:
-                outcome.models.append(_step(run, phase, release))
-            except AdapterDeployError as err:
-                failed = ModelOutcome(release.model, release.version_id)
-                _guard(outcome, failed, err)
-                outcome.models.append(failed)
-    except AdapterDeployError as err:
-        _guard(outcome, None, err)
-    finally:
-        run.close()
-        outcome.duration_s = round(time.monotonic() - started, 3)
+        for r in chosen:
+            per_model(outcome, r.model, r.version_id, lambda r=r: _step(run, phase, r))
     return outcome
 
 

@@ -7,13 +7,18 @@ every check again.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from deploycore.config import Params
-from deploycore.deploy import EndpointOutcome, EndpointRun, ModelOutcome, _guard, reload_spec
+from deploycore.deploy import (
+    EndpointOutcome,
+    EndpointRun,
+    ModelOutcome,
+    endpoint_run,
+    per_model,
+    reload_spec,
+)
 from deploycore.errors import (
-    AdapterDeployError,
     HealthCheckFailed,
     NothingToRollBack,
     ReloadFailed,
@@ -51,24 +56,11 @@ def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcom
 def rollback_endpoint(
     params: Params, name: str, models: list[str] | None, to: str | None, control_dir: Path
 ) -> EndpointOutcome:
-    started = time.monotonic()
-    outcome = EndpointOutcome(name)
-    run = EndpointRun(params, name, control_dir, progress=False)
-    try:
+    with endpoint_run(params, name, control_dir) as (run, outcome):
         hello = run.open().request("hello", models=models)
         chosen = models or sorted(m for m, s in hello["models"].items() if s["active"])
         if not chosen:
             raise NothingToRollBack(f"{name} has nothing deployed", "deploy a version first")
         for model in chosen:
-            try:
-                outcome.models.append(_rollback_model(run, model, to))
-            except AdapterDeployError as err:
-                failed = ModelOutcome(model, None)
-                _guard(outcome, failed, err)
-                outcome.models.append(failed)
-    except AdapterDeployError as err:
-        _guard(outcome, None, err)
-    finally:
-        run.close()
-        outcome.duration_s = round(time.monotonic() - started, 3)
+            per_model(outcome, model, None, lambda m=model: _rollback_model(run, m, to))
     return outcome
