@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 USER_VARS := PARAMS MODEL MODELS CYCLE VERSION SRC METRICS ENDPOINT TO DRY_RUN JSON FORMAT \
-  ENGINE BASE PYTEST_ARGS
+  ENGINE BASE FORCE PYTEST_ARGS
 # Take each value as typed: make would otherwise expand $(...) inside it.
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
@@ -48,7 +48,7 @@ versions: install ## [MODEL=...]: table of versions per model
 # single quoted arguments.
 SELECT = set -f; if [ -n "$$MODELS" ]; then sel=(--models $$MODELS); else sel=(--all-adapters); fi
 WHAT = $${CYCLE:+--cycle "$$CYCLE"} $${VERSION:+--version "$$VERSION"}
-FLAGS = $${DRY_RUN:+--dry-run} $${JSON:+--json}
+FLAGS = $${DRY_RUN:+--dry-run} $${JSON:+--json} $${FORCE:+--force}
 
 history: install ## [MODEL=...]: versions, metrics per cycle and where each was deployed
 	@$(PY) scripts/history.py $${MODEL:+--model "$$MODEL"} $${JSON:+--json}

@@ -16,8 +16,10 @@ cycle N. Endpoints run in parallel; the exit code is the worst outcome.
 
 import argparse
 import sys
+from datetime import UTC, datetime
 
 import _bootstrap  # noqa: F401
+from deploycore import quiet
 from deploycore.alerts import send_alerts
 from deploycore.config import check_version_id, load_params
 from deploycore.deploy import choose_releases, deploy, dry_run_plan, new_run_id, run_parallel
@@ -34,6 +36,21 @@ def _models(args: argparse.Namespace, params) -> list[str]:
     return args.models
 
 
+def check_quiet_hours(params, endpoints: list[str], force: bool) -> None:
+    """Refuse a restart outage inside an endpoint's service hours, before anything moves."""
+    now = datetime.now(UTC)
+    for name in endpoints:
+        ep = params.endpoint(name)
+        window = quiet.quiet_window(ep, now) if quiet.causes_outage(ep) else None
+        if window and not force:
+            allowed = quiet.next_allowed(ep, now).strftime("%a %Y-%m-%d %H:%M %Z")
+            raise UsageError(
+                f"{name} is in its quiet hours ({','.join(window.days)} "
+                f"{window.start}-{window.end}) and a restart would interrupt the service",
+                f"deploy after {allowed}, or pass --force (FORCE=1)",
+            )
+
+
 def do_deploy(args: argparse.Namespace, params) -> int:
     if args.cycle is None and args.version is None:
         raise UsageError("nothing to deploy", "pass --cycle N (make deploy CYCLE=N)")
@@ -45,6 +62,7 @@ def do_deploy(args: argparse.Namespace, params) -> int:
     chosen = choose_releases(params, models, args.cycle, args.version)
     for name in args.endpoints:
         params.endpoint(name)
+    check_quiet_hours(params, args.endpoints, args.force)
     if args.dry_run:
         print("dry run: nothing will be changed")
         print("\n".join(dry_run_plan(params, args.endpoints, chosen)))
@@ -67,8 +85,7 @@ def do_rollback(args: argparse.Namespace, params) -> int:
         endpoints = sorted({e["endpoint"] for e in last})
         models = models or sorted({m for e in last for m in e["models"]})
         print(f"undoing deploy {last[0]['run_id']}: {', '.join(models)} on {', '.join(endpoints)}")
-    for name in endpoints:
-        params.endpoint(name)
+    check_quiet_hours(params, endpoints, args.force)
     if args.dry_run:
         for name in endpoints:
             print(
@@ -102,6 +119,7 @@ def cli() -> argparse.ArgumentParser:
     parser.add_argument("--to", help="with --rollback: a kept version id instead of previous")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    parser.add_argument("--force", action="store_true", help="restart even in quiet hours")
     return parser
 
 

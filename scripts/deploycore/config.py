@@ -46,6 +46,14 @@ class ReleaseParams(_Strict):
     parallel: int = Field(4, ge=1, description="endpoints deployed at once")
 
 
+class QuietWindow(_Strict):
+    """A service window in which no restart outage may happen (e.g. Sunday 08:30-12:30)."""
+
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]]
+    start: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    end: str = Field(pattern=r"^([01][0-9]|2[0-4]):[0-5][0-9]$")
+
+
 class EndpointParams(_Strict):
     host: str = "localhost"
     user: str | None = None
@@ -68,6 +76,20 @@ class EndpointParams(_Strict):
     compat_links: dict[str, str] = {}
     format: Literal["adapter", "merged", "bitsandbytes", "gguf"] | None = None
     formats: dict[str, Literal["adapter", "merged", "bitsandbytes", "gguf"]] = {}
+    quiet_hours: list[QuietWindow] = []
+    timezone: str | None = None  # IANA name for quiet_hours; default this machine's
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        from zoneinfo import ZoneInfo
+
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (KeyError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
     @field_validator("host", "user")
     @classmethod
