@@ -154,6 +154,9 @@ def report(row: dict) -> None:
         f"restart/max-wait {ratio:5.1f}x  n={row['requests']} err={row['errors']}  "
         f"goal {'met' if goal else 'MISSED'}"
     )
+    tag = f"{row['engine']}_{row['mode']}"
+    print(f"BENCH reload_pause_ms_{tag} {row['pause'] * 1000:.1f} 50 <=")
+    print(f"BENCH reload_restart_over_max_wait_{tag} {ratio:.1f} 20 >=")
 
 
 def main() -> int:

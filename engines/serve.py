@@ -22,7 +22,7 @@ Reload modes: `standby` builds the new release in a second engine on the control
 warms it up, then swaps it in on the executor between two requests, so a request waits at most
 for the swap (the cost: base weights twice in memory during a reload). `inplace` runs
 `engine.reload()` on the executor: no second copy, but requests wait for the whole adapter
-swap. `auto` = standby for hf, inplace for mlx (MLX evaluation never leaves one thread).
+swap. `auto` = inplace (measured faster; MLX evaluation never leaves one thread).
 
 At start-up a model whose `active` does not load falls back to `previous`, then to its base
 model, reported loudly (`fallback: true` in /status). A failed reload keeps the old release.
@@ -85,7 +85,10 @@ class ServiceConfig:
     @property
     def standby(self) -> bool:
         mode = self.reload_mode
-        return mode == "standby" or (mode == "auto" and self.engine_kind == "hf")
+        # auto = inplace everywhere: swapping LoRA weights in the serving engine paused requests
+        # 16-29 ms at most (bench/bench_reload.py), while standby rebuilds a whole engine (base
+        # weights twice in memory) and paused them ~100 ms on 2 cores.
+        return mode == "standby"
 
 
 @dataclass
@@ -287,9 +290,10 @@ class Service:
 
     # --- life cycle ---------------------------------------------------------------------
     def become_ready(self) -> None:
-        self.ready = True
+        # pidfile first: whoever sees /health answer 200 can already signal this process
         if self.config.pidfile:
             atomic_write_bytes(self.config.pidfile, f"{os.getpid()}\n".encode())
+        self.ready = True
         adapters = {m: None for m in self.model_names()}
         adapters.update({n: _vid(s) for n, s in self.slots.items()})
         self._diagnose({"event": "session", "started_at": self.started_at, "adapters": adapters})
