@@ -50,6 +50,9 @@ SELECT = set -f; if [ -n "$$MODELS" ]; then sel=(--models $$MODELS); else sel=(-
 WHAT = $${CYCLE:+--cycle "$$CYCLE"} $${VERSION:+--version "$$VERSION"}
 FLAGS = $${DRY_RUN:+--dry-run} $${JSON:+--json} $${FORCE:+--force}
 
+convert: install ## MODEL=gemma_4b CYCLE=1 FORMAT=merged|bitsandbytes|gguf: convert, cached
+	@$(PY) scripts/convert.py --model "$$MODEL" $(WHAT) --format "$$FORMAT" $${JSON:+--json}
+
 history: install ## [MODEL=...]: versions, metrics per cycle and where each was deployed
 	@$(PY) scripts/history.py $${MODEL:+--model "$$MODEL"} $${JSON:+--json}
 
@@ -91,4 +94,4 @@ bench: install ## run the benchmarks and print their figures
 	$(PY) bench/run_all.py
 
 .PHONY: help install test lint version versions bench deploy rollback status transfer precheck \
-  activate verify health-check bootstrap demo demo-clean history keygen trust
+  activate verify health-check bootstrap demo demo-clean history keygen trust convert
