@@ -218,3 +218,18 @@ def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(fleet: Flee
         assert proc.returncode == 4 and "alert_command failed" in proc.stderr
     finally:
         server.shutdown()
+
+
+def test_refused_login_fails_fast_without_prompt(fleet: Fleet, sshd, tmp_path: Path) -> None:
+    """A key the server does not accept (a password-only account, say): no prompt, no retry."""
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True)  # fmt: skip
+    config = tmp_path / "ssh_config"
+    config.write_text(sshd.ssh_config.read_text().replace(str(sshd.identity), str(stranger)))
+    fleet.set_endpoint("ep1", ssh_config=str(config))
+    started = time.monotonic()
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 3
+    assert "ssh login to adapter-test was refused" in proc.stdout + proc.stderr
+    assert time.monotonic() - started < 30
