@@ -8,12 +8,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from deploycore.adapter import safetensors_problems
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import save
-
-from deploycore.adapter import safetensors_problems
 
 FUZZ = settings(
     max_examples=150,
