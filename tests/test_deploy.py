@@ -83,3 +83,21 @@ def test_cuda_endpoint_with_merged_format_gets_the_converted_release(fleet: Flee
     assert not names & {"adapter_config.json", "adapter_model.safetensors"}
     adapter = fleet.endpoints["ep1"] / "gemma_4b" / "releases" / v1
     assert (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_cuda_merged_endpoint_with_restart_reload_and_rollback(fleet: Fleet, tmp_path) -> None:
+    restarts = tmp_path / "restarts.log"
+    fleet.set_endpoint(
+        "ep2", platform="cuda", format="merged", reload_method="restart",
+        restart_command=["sh", "-c", f"echo restarted >> {restarts}"],
+    )  # fmt: skip
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    for cycle in ("1", "2"):
+        proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep2")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert fleet.slots("ep2") == (v2, v1)
+    assert (fleet.endpoints["ep2"] / "gemma_4b" / "active" / "config.json").is_file()
+    proc = fleet.deploy("--rollback", "--endpoints", "ep2", "--models", "gemma_4b")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert fleet.slots("ep2")[0] == v1
+    assert restarts.read_text().count("restarted") == 3  # two activations and the rollback

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from datetime import UTC, datetime
@@ -140,8 +141,6 @@ def _model_status(m: ModelOutcome, old: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_status(adapters: Path) -> dict[str, Any]:
-    import json
-
     try:
         return json.loads((adapters / STATUS).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
