@@ -22,8 +22,9 @@ import _bootstrap  # noqa: F401
 from deploycore import quiet
 from deploycore.alerts import send_alerts
 from deploycore.config import check_version_id, load_params
-from deploycore.deploy import choose_releases, deploy, dry_run_plan, new_run_id, run_parallel
+from deploycore.deploy import deploy, new_run_id, run_parallel
 from deploycore.errors import NothingToRollBack, UsageError
+from deploycore.plan import choose_releases, dry_run_plan
 from deploycore.records import last_run, record
 from deploycore.rollback import rollback_endpoint
 from deploycore.runner import make_parser, run

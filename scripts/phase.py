@@ -16,9 +16,9 @@ import argparse
 
 import _bootstrap  # noqa: F401
 from deploycore.config import load_params
-from deploycore.deploy import choose_releases
 from deploycore.errors import UsageError
 from deploycore.phases import PHASES, run_phase
+from deploycore.plan import choose_releases
 from deploycore.runner import make_parser, run
 from deploycore.summary import print_outcomes
 

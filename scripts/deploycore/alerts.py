@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 from deploycore.config import Params
-from deploycore.deploy import EndpointOutcome
+from deploycore.plan import EndpointOutcome
 
 log = logging.getLogger(__name__)
 ALERTING = {"aborted", "rolled_back", "failed"}

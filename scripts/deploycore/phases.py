@@ -11,15 +11,17 @@ from pathlib import Path
 
 from deploycore.config import Params
 from deploycore.deploy import (
-    EndpointOutcome,
     EndpointRun,
-    ModelOutcome,
-    Release,
     endpoint_run,
     per_model,
     run_parallel,
 )
 from deploycore.errors import HealthCheckFailed
+from deploycore.plan import (
+    EndpointOutcome,
+    ModelOutcome,
+    Release,
+)
 
 PHASES = ("transfer", "precheck", "activate", "verify")
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from deploycore import registry
 from deploycore.config import Params
-from deploycore.deploy import EndpointOutcome, ModelOutcome
 from deploycore.errors import AdapterDeployError
 from deploycore.fsutil import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from deploycore.manifest import updating_manifest
+from deploycore.plan import EndpointOutcome, ModelOutcome
 
 log = logging.getLogger(__name__)
 DEPLOY_LOG = "deploy_log.jsonl"

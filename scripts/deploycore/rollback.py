@@ -11,17 +11,19 @@ from pathlib import Path
 
 from deploycore.config import Params
 from deploycore.deploy import (
-    EndpointOutcome,
     EndpointRun,
-    ModelOutcome,
     endpoint_run,
     per_model,
-    reload_spec,
 )
 from deploycore.errors import (
     HealthCheckFailed,
     NothingToRollBack,
     ReloadFailed,
+)
+from deploycore.plan import (
+    EndpointOutcome,
+    ModelOutcome,
+    reload_spec,
 )
 
 

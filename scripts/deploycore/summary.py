@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deploycore.deploy import EndpointOutcome
+from deploycore.plan import EndpointOutcome
 from deploycore.table import render
 
 COLUMNS = ("endpoint", "model", "version", "status", "phases", "sent", "note")
