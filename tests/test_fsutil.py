@@ -52,3 +52,59 @@ def test_second_lock_holder_is_refused_with_the_holder_named(tmp_path: Path) -> 
         assert info.value.exit_code == 7
     with file_lock(lock, "deploy by bob", "endpoint mac-dev"):
         pass
+
+
+WRITER = """
+import sys, itertools
+sys.path.insert(0, {scripts!r})
+from pathlib import Path
+from deploycore.fsutil import atomic_write_json, append_jsonl
+path, mode = Path(sys.argv[1]), sys.argv[2]
+for i in itertools.count():
+    if mode == "status":
+        atomic_write_json(path, {{"n": i, "pad": "x" * 200_000}})
+    else:
+        append_jsonl(path, {{"writer": sys.argv[3], "n": i, "pad": "y" * 5000}})
+        if i == 199:
+            break
+"""
+
+
+def _writer(tmp_path: Path, *args: str) -> list[str]:
+    import sys
+
+    from fixtures_repo import ROOT
+
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(scripts=str(ROOT / "scripts")))
+    return [sys.executable, str(script), *args]
+
+
+def test_kill_9_while_writing_status_never_leaves_half_a_file(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    path = tmp_path / "status.json"
+    for delay in (0.15, 0.3, 0.45, 0.6, 0.75):
+        proc = subprocess.Popen(_writer(tmp_path, str(path), "status"))
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if path.exists():
+            data = json.loads(path.read_text())  # complete, whatever moment it died
+            assert len(data["pad"]) == 200_000
+
+
+def test_two_writers_never_interleave_log_lines(tmp_path: Path) -> None:
+    import subprocess
+
+    log = tmp_path / "deploy_log.jsonl"
+    procs = [subprocess.Popen(_writer(tmp_path, str(log), "log", w)) for w in ("a", "b")]
+    for p in procs:
+        assert p.wait(timeout=60) == 0
+    lines = log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is whole JSON
+    assert len(records) == 400
+    for w in ("a", "b"):
+        assert [r["n"] for r in records if r["writer"] == w] == list(range(200))
