@@ -46,8 +46,8 @@ def test_deployer_killed_after_activation_is_reconciled(fleet: Fleet) -> None:
 class CuttingRelay:
     """A loopback TCP relay to sshd that drops every connection after `budget` bytes."""
 
-    def __init__(self, target_port: int, budget: int | None) -> None:
-        self.target_port, self.budget = target_port, budget
+    def __init__(self, target_port: int, budget: int | None, stall: bool = False) -> None:
+        self.target_port, self.budget, self.stall = target_port, budget, stall
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -68,6 +68,8 @@ class CuttingRelay:
             while data := src.recv(4096):
                 if self.budget is not None and moved[0] + len(data) > self.budget:
                     dst.sendall(data[: max(0, self.budget - moved[0])])  # up to the cut
+                    while self.stall:  # a stalled link: open, silent
+                        time.sleep(0.1)
                     break
                 moved[0] += len(data)
                 dst.sendall(data)
@@ -106,4 +108,31 @@ def test_network_cut_mid_transfer_then_resume(fleet: Fleet, sshd, tmp_path: Path
         assert fleet.slots("ep1")[0] == v1
         assert json.loads(again.stdout)["endpoints"][0]["models"][0]["status"] == "success"
     finally:
+        relay.close()
+
+
+def test_stalled_link_gives_up_within_timeouts_and_leaves_no_processes(
+    fleet: Fleet, sshd, tmp_path: Path
+) -> None:
+    v1 = fleet.versions["cycle1"]
+    size = sum(p.stat().st_size for p in (fleet.store.adapters / "gemma_4b" / v1).iterdir())
+    relay = CuttingRelay(sshd.port, budget=size // 2, stall=True)
+    config = tmp_path / "stalled_ssh_config"
+    config.write_text(
+        sshd.ssh_config.read_text().replace(f"Port {sshd.port}", f"Port {relay.port}")
+        + f"  HostKeyAlias [127.0.0.1]:{sshd.port}\n"
+    )
+    fleet.set_endpoint("ep1", ssh_config=str(config))
+    try:
+        started = time.monotonic()
+        proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+        elapsed = time.monotonic() - started
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert elapsed < 60  # ServerAliveInterval 5 s x 3 (+ start-up), not forever
+        assert fleet.slots("ep1") == (None, None)
+        time.sleep(1)
+        left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
+        assert left.stdout.strip() == "", "orphaned ssh/rsync processes"
+    finally:
+        relay.stall = False
         relay.close()
