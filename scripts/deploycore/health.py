@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,21 +177,27 @@ def run_health_check(
 ) -> HealthResult:
     """Translate every sentence with `engine` and judge each answer."""
     sentences = sentences or DEFAULT_SENTENCES
+    cases = [(s.input, s.input, s) for s in sentences]
+    return _judge_all(engine, engine.translate, cases, latency_limit)
+
+
+def _judge_all(
+    engine: Any,
+    ask: Callable[[Any], Any],
+    cases: list[tuple[str, Any, HealthSentence]],
+    latency_limit: float,
+) -> HealthResult:
+    """Ask each case's query, judge the answer by its rule; one result for all."""
     # One untimed call first: the first generation pays one-time costs (kernel compilation,
     # caches) that a serving engine has already paid; the limit is about steady serving.
-    engine.translate(sentences[0].input)
+    ask(cases[0][1])
     results = []
-    for sentence in sentences:
-        answer = engine.translate(sentence.input)
-        reason = judge(sentence, answer.text, answer.latency_s, latency_limit)
+    for label, query, rule in cases:
+        answer = ask(query)
+        reason = judge(rule, answer.text, answer.latency_s, latency_limit)
         results.append(
             SentenceResult(
-                sentence.input,
-                answer.text,
-                round(answer.latency_s, 4),
-                not reason,
-                reason,
-                sentence.expected(),
+                label, answer.text, round(answer.latency_s, 4), not reason, reason, rule.expected()
             )
         )
     latencies = [r.latency_s for r in results]
@@ -302,32 +309,8 @@ def run_transcription_check(
     """Transcribe every clip with `engine` (a WhisperEngine) and judge each answer."""
     if not clips:
         raise UsageError("no reference clips given", fix="give a clip file")
-    engine.transcribe(clips[0].audio)  # untimed warm-up, as for translation
-    results = []
-    for clip in clips:
-        answer = engine.transcribe(clip.audio)
-        rule = HealthSentence(clip.name, clip.any_of, clip.all_of)
-        reason = judge(rule, answer.text, answer.latency_s, latency_limit)
-        results.append(
-            SentenceResult(
-                clip.name,
-                answer.text,
-                round(answer.latency_s, 4),
-                not reason,
-                reason,
-                clip.expected(),
-            )
-        )
-    latencies = [r.latency_s for r in results]
-    loaded = getattr(engine, "loaded", None)
-    return HealthResult(
-        all_passed=all(r.passed for r in results),
-        timestamp=_now(),
-        latency_p50=round(statistics.median(latencies), 4),
-        latency_p95=_percentile(latencies, 0.95),
-        results=results,
-        release=loaded.to_dict() if loaded is not None else None,
-    )
+    cases = [(c.name, c.audio, HealthSentence(c.name, c.any_of, c.all_of)) for c in clips]
+    return _judge_all(engine, engine.transcribe, cases, latency_limit)
 
 
 def _check_transcription(
