@@ -55,7 +55,7 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from engines.hf_engine import _check_landed
+    from engines.peft_swap import check_landed
 
     hf_logging.disable_progress_bar()  # progress bars would clutter the scripts' stderr
 
@@ -75,7 +75,7 @@ def merge_adapter(
             f"cannot load {adapter_dir} on {base} for merging ({err})",
             fix="check the base model (params.yaml models.<m>.base_model) matches the adapter",
         ) from err
-    _check_landed(model, adapter_dir, "merge")
+    check_landed(model, adapter_dir, "merge")
     merged = model.merge_and_unload().to(getattr(torch, dtype)).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)

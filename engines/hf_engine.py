@@ -19,16 +19,13 @@ from typing import Any
 from deploycore.errors import AdapterError
 
 from engines.base import (
-    PEFT_WEIGHTS,
     LoadedRelease,
-    SwappingEngine,
     Translation,
-    base_model_of,
     describe_release,
     generation_budget,
     prompt_text,
-    safetensors_names,
 )
+from engines.peft_swap import PeftSwapEngine
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +73,7 @@ def _quantization_kwargs(path: str, device: str) -> dict[str, Any]:
     return {"quantization_config": bnb_config(spec), "device_map": device}
 
 
-class HFEngine(SwappingEngine):
+class HFEngine(PeftSwapEngine):
     """Translate with transformers (+ PEFT); swap adapters without reloading the base."""
 
     def __init__(
@@ -119,79 +116,8 @@ class HFEngine(SwappingEngine):
             answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
             return Translation(answer, time.perf_counter() - start)
 
-    def _load(self, release: LoadedRelease) -> None:
-        """Load `release`; only on success does it replace what is serving."""
-        path = Path(release.path)
-        if release.kind == "mlx":
-            raise AdapterError(
-                f"{path} is a converted MLX adapter",
-                fix="use --engine mlx, or the PEFT original with --engine hf",
-            )
-        if release.kind == "merged":
-            self.model, self.tokenizer = _load_causal_lm(str(path), self.device)
-        elif self._loaded is not None and self._loaded.kind == "peft":
-            self._swap_adapter(path)
-        else:
-            self._load_peft(path)
-        self._loaded = release
+    def _load_base(self, name_or_path: str) -> tuple[Any, Any]:
+        return _load_causal_lm(name_or_path, self.device)
 
-    def _load_peft(self, path: Path) -> None:
-        from peft import PeftModel
-
-        safetensors_names(path / PEFT_WEIGHTS)
-        base = self.base_model or base_model_of(path, None)
-        model, tokenizer = _load_causal_lm(base, self.device)
-        name = self._next_slot()
-        try:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-        except Exception as err:  # PEFT raises ValueError/KeyError/SafetensorError/...
-            raise AdapterError(
-                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
-            ) from err
-        _check_landed(model, path, name)
-        self.model, self.tokenizer, self.base_model = model.eval(), tokenizer, base
-
-    def _swap_adapter(self, path: Path) -> None:
-        safetensors_names(path / PEFT_WEIGHTS)
-        old, name = self.model.active_adapter, self._next_slot()
-        try:
-            self.model.load_adapter(str(path), adapter_name=name)
-            _check_landed(self.model, path, name)
-        except Exception as err:
-            if name in self.model.peft_config:
-                self.model.delete_adapter(name)
-            if isinstance(err, AdapterError):
-                raise
-            raise AdapterError(
-                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
-            ) from err
-        self.model.set_adapter(name)
-        self.model.delete_adapter(old)
-        self.model.eval()
-
-    def _next_slot(self) -> str:
-        self._slot += 1
-        return f"r{self._slot}"
-
-
-def _check_landed(model: Any, path: Path, name: str) -> None:
-    """Every tensor in the adapter file must now be a parameter of adapter `name`.
-
-    PEFT only warns about keys it could not place; a wrongly keyed adapter would otherwise
-    serve the base model's answers under a new version id.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    state = model.state_dict()
-    missing = []
-    for key, tensor in load_file(str(path / PEFT_WEIGHTS)).items():
-        target = key.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}.")
-        landed = state.get(target)
-        if landed is None or not torch.equal(landed.to("cpu", tensor.dtype), tensor):
-            missing.append(key)
-    if missing:
-        raise AdapterError(
-            f"{len(missing)} adapter tensors did not land in the model (e.g. {missing[0]})",
-            fix="the adapter was trained for another base model or is wrongly keyed",
-        )
+    def _serve(self, model: Any, companion: Any) -> None:
+        self.model, self.tokenizer = model, companion

@@ -30,14 +30,11 @@ import numpy as np
 from deploycore.errors import AdapterError, UsageError
 
 from engines.base import (
-    PEFT_WEIGHTS,
     LoadedRelease,
-    SwappingEngine,
     Translation,
-    base_model_of,
     describe_release,
-    safetensors_names,
 )
+from engines.peft_swap import PeftSwapEngine
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +97,9 @@ def _load_whisper(path: str, device: str):
     return model.to(device).eval(), processor
 
 
-class WhisperEngine(SwappingEngine):
+class WhisperEngine(PeftSwapEngine):
+    mlx_refusal = ("; Whisper runs on transformers only", "use the trainer's PEFT adapter dir")
+
     """Transcribe with transformers Whisper (+ PEFT); swap adapters without reloading the base."""
 
     def __init__(
@@ -163,75 +162,8 @@ class WhisperEngine(SwappingEngine):
         limit = getattr(config, "max_target_positions", 448) - 4  # the forced prompt tokens
         return max(1, min(MIN_NEW_TOKENS + TOKENS_PER_SECOND * math.ceil(seconds), limit))
 
-    def _load(self, release: LoadedRelease) -> None:
-        """Load `release`; only on success does it replace what is serving."""
-        path = Path(release.path)
-        if release.kind == "mlx":
-            raise AdapterError(
-                f"{path} is a converted MLX adapter; Whisper runs on transformers only",
-                fix="use the trainer's PEFT adapter dir",
-            )
-        if release.kind == "merged":
-            self.model, self.processor = _load_whisper(str(path), self.device)
-        elif self._loaded is not None and self._loaded.kind == "peft":
-            self._swap_adapter(path)
-        else:
-            self._load_peft(path)
-        self._loaded = release
+    def _load_base(self, name_or_path: str) -> tuple[Any, Any]:
+        return _load_whisper(name_or_path, self.device)
 
-    def _load_peft(self, path: Path) -> None:
-        from peft import PeftModel
-
-        safetensors_names(path / PEFT_WEIGHTS)
-        base = self.base_model or base_model_of(path, None)
-        model, processor = _load_whisper(base, self.device)
-        name = self._next_slot()
-        try:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-        except Exception as err:  # PEFT raises ValueError/KeyError/SafetensorError/...
-            raise AdapterError(
-                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
-            ) from err
-        _check_landed(model, path, name)
-        self.model, self.processor, self.base_model = model.eval(), processor, base
-
-    def _swap_adapter(self, path: Path) -> None:
-        safetensors_names(path / PEFT_WEIGHTS)
-        old, name = self.model.active_adapter, self._next_slot()
-        try:
-            self.model.load_adapter(str(path), adapter_name=name)
-            _check_landed(self.model, path, name)
-        except Exception as err:
-            if name in self.model.peft_config:
-                self.model.delete_adapter(name)
-            if isinstance(err, AdapterError):
-                raise
-            raise AdapterError(
-                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
-            ) from err
-        self.model.set_adapter(name)
-        self.model.delete_adapter(old)
-        self.model.eval()
-
-    def _next_slot(self) -> str:
-        self._slot += 1
-        return f"r{self._slot}"
-
-
-def _check_landed(model: Any, path: Path, name: str) -> None:
-    """Every tensor in the adapter file must now be a parameter of adapter `name`."""
-    import torch
-    from safetensors.torch import load_file
-
-    state = model.state_dict()
-    missing = []
-    for key, tensor in load_file(str(path / PEFT_WEIGHTS)).items():
-        target = key.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}.")
-        landed = state.get(target)
-        if landed is None or not torch.equal(landed.to("cpu", tensor.dtype), tensor):
-            missing.append(key)
-    if missing:
-        raise AdapterError(
-            f"{len(missing)} adapter tensors did not land in the model (e.g. {missing[0]})",
-            fix="the adapter was trained for another Whisper base or is wrongly keyed",
-        )
+    def _serve(self, model: Any, companion: Any) -> None:
+        self.model, self.processor = model, companion
