@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,11 +258,12 @@ def train_adapter(
         result.loss.backward()
         optimizer.step()
     log.info("trained %s in %d steps (loss %.4f)", out.name, step, result.loss.item())
-    _save_adapter(model, out, {"steps": step, "final_loss": round(result.loss.item(), 6)})
+    save_adapter(model, out, {"steps": step, "final_loss": round(result.loss.item(), 6)})
     return out
 
 
-def _save_adapter(model, out: Path, metrics: dict) -> None:
+def save_adapter(model, out: Path, metrics: dict) -> None:
+    """A trained PEFT adapter as a trainer leaves it: config + safetensors + metrics."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's model card: not part of a release
@@ -272,16 +274,25 @@ def build_kit(root: Path) -> KitPaths:
     """Build (or reuse, when already complete) the base model and every ready-made adapter."""
     root = Path(root)
     paths = KitPaths(root, *(root / name for name in ("base", *ADAPTER_SETS)))
+
+    def build() -> None:
+        build_base(paths.base)
+        for name, pairs in ADAPTER_SETS.items():
+            train_adapter(paths.base, pairs, getattr(paths, name))
+
+    build_once(root, KIT_VERSION, build)
+    return paths
+
+
+def build_once(root: Path, version: int, build: Callable[[], None]) -> None:
+    """Run `build` into a fresh `root` unless it already holds a complete kit of `version`."""
     stamp = root / "kit.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("version") == KIT_VERSION:
-        return paths
+    if stamp.exists() and json.loads(stamp.read_text()).get("version") == version:
+        return
     if root.exists():
         shutil.rmtree(root)
-    build_base(paths.base)
-    for name, pairs in ADAPTER_SETS.items():
-        train_adapter(paths.base, pairs, getattr(paths, name))
-    stamp.write_text(json.dumps({"version": KIT_VERSION}) + "\n")
-    return paths
+    build()
+    stamp.write_text(json.dumps({"version": version}) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import wave
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from engines.testkit import build_once, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -325,10 +326,7 @@ def train_adapter(
     finally:
         torch.set_num_threads(threads)
     log.info("trained %s in %d steps", out.name, step)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's model card: not part of a release
-    (out / "training_metrics.json").write_text(json.dumps({"steps": step}, indent=2) + "\n")
+    save_adapter(model, out, {"steps": step})
     return out
 
 
@@ -336,16 +334,14 @@ def build_whisper_kit(root: Path) -> WhisperKitPaths:
     """Build (or reuse, when already complete) the base, the clips and both adapters."""
     root = Path(root)
     paths = WhisperKitPaths(root, root / "base", root / "good", root / "broken", root / "clips")
-    stamp = root / "kit.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("version") == KIT_VERSION:
-        return paths
-    if root.exists():
-        shutil.rmtree(root)
-    build_base(paths.base)
-    write_clips(paths.clips)
-    for name, targets in ADAPTER_SETS.items():
-        train_adapter(paths.base, targets, getattr(paths, name))
-    stamp.write_text(json.dumps({"version": KIT_VERSION}) + "\n")
+
+    def build() -> None:
+        build_base(paths.base)
+        write_clips(paths.clips)
+        for name, targets in ADAPTER_SETS.items():
+            train_adapter(paths.base, targets, getattr(paths, name))
+
+    build_once(root, KIT_VERSION, build)
     return paths
 
 
