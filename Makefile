@@ -30,7 +30,25 @@ $(VENV)/.install-stamp: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
-test: install ## run the test suite (pytest)
+# llama.cpp's tools for GGUF releases. llama-cpp-python builds llama.cpp from source (about
+# 5 minutes on 2 cores), so its wheel is built once and kept outside the checkout.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS := $${XDG_CACHE_HOME:-$$HOME/.cache}/adapter-deploy/wheels
+
+gguf-tools: $(VENV)/.gguf-stamp ## install llama-cpp-python + gguf (wheel built once, cached)
+
+$(VENV)/.gguf-stamp: $(VENV)/.install-stamp
+	@w="$(WHEELS)"; mkdir -p "$$w"; \
+	if ! ls "$$w"/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (~5 min; cached in $$w)"; \
+	  CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip wheel --quiet --no-deps \
+	    -w "$$w" "llama-cpp-python==$(LLAMA_CPP_VERSION)"; \
+	fi; \
+	$(PY) -m pip install --quiet --find-links "$$w" \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" "gguf>=0.17"
+	@touch $@
+
+test: install gguf-tools ## run the test suite (pytest)
 	$(PY) -m pytest $${PYTEST_ARGS:--q}
 
 lint: install ## ruff check + format check

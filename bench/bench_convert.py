@@ -7,7 +7,9 @@ Builds the kit into DIR (default .kit/, reused when complete), versions kit.good
 scratch store (manifest only; no git/DVC needed to convert) and times `convert_release`:
 each format from an empty cache (after one untimed warm-up that pays the imports), bitsandbytes
 again with the merged release already cached (it links those weights), and a repeat of the same
-inputs (cache hit). gguf is reported as skipped while llama.cpp's tools are missing.
+inputs (cache hit), and gguf per type (F16 by the gguf writer; Q8_0 and Q4_K_M by llama.cpp's
+quantizer; each from an empty cache, so the merge is included). gguf is reported as skipped
+while llama.cpp's tools are missing (`make gguf-tools`).
 Goals: merged and bitsandbytes <= 2 s each on the kit model, cache hit <= 0.25 s.
 """
 
@@ -29,7 +31,7 @@ from deploycore.config import Params  # noqa: E402
 from deploycore.conversions import CACHE_DIR, convert_release  # noqa: E402
 from deploycore.fsutil import atomic_write_json, sha256_file  # noqa: E402
 
-from engines.convert_merge import gguf_tools_available  # noqa: E402
+from engines.convert_gguf import GGUF_TYPES, tools_available  # noqa: E402
 from engines.testkit import build_kit  # noqa: E402
 
 GOAL_MERGED_S = 2.0
@@ -55,12 +57,14 @@ def scratch_store(adapters: Path, adapter: Path, base: Path) -> tuple[Params, st
     return params, version_id
 
 
-def timed_convert(params: Params, version_id: str, fmt: str, fresh: bool, hit: bool) -> float:
+def timed_convert(
+    params: Params, version_id: str, fmt: str, fresh: bool, hit: bool, gguf_type: str = "Q4_K_M"
+) -> float:
     """Seconds for one conversion; `fresh` empties the cache first, `hit` is what to expect."""
     if fresh:
         shutil.rmtree(params.adapters_dir / CACHE_DIR, ignore_errors=True)
     start = time.perf_counter()
-    result = convert_release(params, "gemma_4b", version_id, fmt)
+    result = convert_release(params, "gemma_4b", version_id, fmt, gguf_type=gguf_type)
     elapsed = time.perf_counter() - start
     assert result.cache_hit is hit, (fmt, result.cache_hit)
     return elapsed
@@ -86,16 +90,26 @@ def main() -> None:
         timed_convert(params, vid, "merged", True, False)
         bnb_linked = timed_convert(params, vid, "bitsandbytes", False, False)
         hit = median_of(n, lambda: timed_convert(params, vid, "merged", False, True))
+        gguf = {
+            t: median_of(n, lambda t=t: timed_convert(params, vid, "gguf", True, False, t))
+            for t in GGUF_TYPES
+            if tools_available(t)
+        }
     print(f"convert kit model (median of {n}):")
     print(f"  merged                          {merged * 1000:9.1f} ms")
     print(f"  bitsandbytes (from scratch)     {bnb * 1000:9.1f} ms")
     print(f"  bitsandbytes (merged cached)    {bnb_linked * 1000:9.1f} ms")
     print(f"  same inputs again (cache hit)   {hit * 1000:9.1f} ms")
-    gguf = "available but not built yet" if gguf_tools_available() else "skipped: tools missing"
-    print(f"  gguf                            {gguf}")
+    for gguf_type in GGUF_TYPES:
+        took = (
+            f"{gguf[gguf_type] * 1000:9.1f} ms" if gguf_type in gguf else "skipped: tools missing"
+        )
+        print(f"  gguf {gguf_type:<7}(from scratch)    {took}")
     print(f"BENCH convert_merged_s {merged:.3f} {GOAL_MERGED_S} <=")
     print(f"BENCH convert_bitsandbytes_s {bnb:.3f} {GOAL_MERGED_S} <=")
     print(f"BENCH convert_cache_hit_s {hit:.4f} {GOAL_HIT_S} <=")
+    for gguf_type, took in gguf.items():
+        print(f"BENCH convert_gguf_{gguf_type.lower()}_s {took:.3f} {GOAL_MERGED_S} <=")
 
 
 if __name__ == "__main__":

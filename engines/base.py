@@ -43,7 +43,7 @@ class LoadedRelease:
     version_id: str
     sha256: str
     path: str
-    kind: str  # "peft", "mlx" or "merged"
+    kind: str  # "peft", "mlx", "merged" or "gguf"
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -105,7 +105,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def adapter_kind(path: Path) -> str:
-    """Classify a dir as "peft", "mlx" (converted adapter) or "merged" (full model)."""
+    """Classify a dir as "peft", "mlx" (converted adapter), "merged" (full model) or "gguf"."""
     if not path.is_dir():
         raise AdapterError(f"adapter dir {path} does not exist", fix="check --adapter-dir")
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -118,9 +118,12 @@ def adapter_kind(path: Path) -> str:
         return "mlx" if (path / MLX_WEIGHTS).exists() else "peft"
     if (path / "config.json").exists():
         return "merged"
+    if any(path.glob("*.gguf")):
+        return "gguf"
     raise AdapterError(
-        f"{path} holds neither {ADAPTER_CONFIG} nor config.json",
-        fix="point at a PEFT adapter dir, a converted MLX adapter dir or a merged model dir",
+        f"{path} holds neither {ADAPTER_CONFIG}, config.json nor a .gguf file",
+        fix="point at a PEFT adapter dir, a converted MLX adapter dir, a merged model dir "
+        "or a GGUF release",
     )
 
 
@@ -130,6 +133,8 @@ def weights_file(path: Path, kind: str) -> Path:
         candidates = [path / PEFT_WEIGHTS]
     elif kind == "mlx":
         candidates = [path / MLX_WEIGHTS]
+    elif kind == "gguf":
+        candidates = sorted(path.glob("*.gguf"))
     else:
         candidates = sorted(path.glob("*.safetensors"))
     for candidate in candidates:

@@ -6,7 +6,7 @@
                   BitsAndBytesConfig. It is NOT a `quantization_config` in config.json (that
                   tells transformers the weights are already quantized); HFEngine applies it
                   only where CUDA is present and loads the fp16 weights unquantized elsewhere
-    gguf          needs llama.cpp's tools (llama-cpp-python + gguf); not built yet
+    gguf          engines/convert_gguf.py (one .gguf file, written from the merged weights)
 
 `merge_adapter()` refuses an adapter whose tensors do not all land in the base (the same check
 HFEngine runs), so a wrongly keyed adapter never becomes a "merged" copy of the base model.
@@ -36,7 +36,6 @@ BNB_4BIT_NF4: dict[str, Any] = {
     "bnb_4bit_compute_dtype": "float16",
     "bnb_4bit_use_double_quant": True,
 }
-GGUF_TOOLS_HINT = "gguf conversion needs llama.cpp's tools: pip install llama-cpp-python gguf"
 
 
 def merge_adapter(
@@ -120,17 +119,3 @@ def bnb_config(spec: dict[str, Any]):
     if isinstance(kwargs.get("bnb_4bit_compute_dtype"), str):
         kwargs["bnb_4bit_compute_dtype"] = getattr(torch, kwargs["bnb_4bit_compute_dtype"])
     return BitsAndBytesConfig(**kwargs)
-
-
-def gguf_tools_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "gguf"))
-
-
-def convert_to_gguf(merged_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M") -> Path:
-    """Merged model dir -> one .gguf file. Not built yet beyond the tools check."""
-    if not gguf_tools_available():
-        raise AdapterError(GGUF_TOOLS_HINT, fix="install them, or use format merged/bitsandbytes")
-    raise AdapterError(
-        "gguf conversion is not implemented yet",
-        fix="use format merged or bitsandbytes for this endpoint",
-    )

@@ -5,6 +5,7 @@
     cuda, cpu                                     hf   (transformers + PEFT)
     auto                                          mlx on macOS, hf elsewhere
     whisper                                       whisper (transformers + PEFT Whisper)
+    (any but mlx) a GGUF release                  llamacpp (LlamaCppEngine, llama-cpp-python)
 
 A transcription model (params.yaml `task: transcription`) always gets the Whisper engine
 (`make_engine(..., task="transcription")`): there is no MLX Whisper engine, so the platform
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from deploycore.errors import UsageError
 
-from engines.base import Engine, base_model_of
+from engines.base import Engine, adapter_kind, base_model_of
 
 ENGINE_KINDS = ("hf", "mlx", "whisper")
 TASKS = ("translation", "transcription")
@@ -71,6 +72,10 @@ def make_engine(
                 raise UsageError("no adapter and no base model given", fix="pass one of them")
             base_model = base_model_of(Path(adapter_path), None)
         return MLXGemmaEngine(base_model, adapter_path=adapter_path)
+    if adapter_path is not None and adapter_kind(Path(adapter_path)) == "gguf":
+        from engines.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(adapter_path)
     from engines.hf_engine import HFEngine
 
     return HFEngine(adapter_path, base_model=base_model, device=device)

@@ -136,18 +136,25 @@ def build_tokenizer(texts: list[str]):
     return fast
 
 
-def _model_config():
+# The standard kit's widths, and a "wide" variant whose every tensor row is a multiple of 256:
+# llama.cpp's K-quants (GGUF Q4_K_M) need that, and the standard kit is narrower.
+WIDTHS = {
+    "standard": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16},
+    "wide": {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64},
+}
+
+
+def _model_config(widths: str = "standard"):
     from transformers import Gemma3TextConfig
 
+    size = WIDTHS[widths]
     return Gemma3TextConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
+        **size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
+        query_pre_attn_scalar=size["head_dim"],
         sliding_window=512,
         sliding_window_pattern=2,
         max_position_embeddings=2048,
@@ -170,14 +177,14 @@ def _patch_config_for_mlx(out: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def build_base(out: Path, seed: int = 0) -> Path:
+def build_base(out: Path, seed: int = 0, widths: str = "standard") -> Path:
     """Save the tiny base model + tokenizer to `out`; the same bytes on every run."""
     from transformers import Gemma3ForCausalLM, GenerationConfig
 
     all_texts = SEED_INPUTS + [p["output"] for pairs in ADAPTER_SETS.values() for p in pairs]
     tokenizer = build_tokenizer(sorted(set(all_texts)))
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(_model_config())
+    model = Gemma3ForCausalLM(_model_config(widths))
     # Wider embeddings than the default 0.02: Gemma's sqrt(hidden) scaling plus tiny rows
     # would leave the untrained model's logits nearly flat and LoRA slow to move them.
     torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.2)
@@ -282,6 +289,19 @@ def build_kit(root: Path) -> KitPaths:
 
     build_once(root, KIT_VERSION, build)
     return paths
+
+
+def build_wide_kit(root: Path) -> tuple[Path, Path]:
+    """(base, good adapter) of the wide variant: the K-quant (GGUF Q4_K_M) test model."""
+    root = Path(root)
+    base, good = root / "base", root / "good"
+
+    def build() -> None:
+        build_base(base, widths="wide")
+        train_adapter(base, ADAPTER_SETS["good"], good)
+
+    build_once(root, KIT_VERSION, build)
+    return base, good
 
 
 def build_once(root: Path, version: int, build: Callable[[], None]) -> None:

@@ -6,8 +6,9 @@ Usage:
         --format bitsandbytes
 
 Formats: merged (fp16 transformers model dir), bitsandbytes (the same weights plus a
-quantization.json that loads them 4-bit nf4 where CUDA is present), gguf (needs llama.cpp's
-tools: pip install llama-cpp-python gguf). The newest version of --cycle is converted unless
+quantization.json that loads them 4-bit nf4 where CUDA is present), gguf (one model.gguf for
+llama.cpp, --gguf-type Q4_K_M (default), Q8_0 or F16; needs llama.cpp's tools: pip install
+llama-cpp-python gguf, or `make gguf-tools`). The newest version of --cycle is converted unless
 --version names one. Results are cached by content under <adapters_dir>/.conversions/<key>/:
 the same inputs again recompute nothing. Each conversion is recorded in adapters/manifest.json.
 """
@@ -43,13 +44,16 @@ def pick_version(params, model: str, cycle: int | None, version: str | None) -> 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     version_id = pick_version(params, args.model, args.cycle, args.version)
-    result = convert_release(params, args.model, version_id, args.format, dtype=args.dtype)
+    result = convert_release(
+        params, args.model, version_id, args.format, dtype=args.dtype, gguf_type=args.gguf_type
+    )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         how = "cache hit" if result.cache_hit else f"converted in {result.seconds:.1f} s"
         print(
-            f"{result.model} {result.version_id} -> {result.format}: {result.path} "
+            f"{result.model} {result.version_id} -> {result.format}"
+            f"{' ' + result.gguf_type if result.gguf_type else ''}: {result.path} "
             f"({len(result.files)} files, {result.size / 1e6:.1f} MB, {how})"
         )
     return 0
@@ -66,6 +70,12 @@ def cli() -> argparse.ArgumentParser:
         default="float16",
         choices=("float16", "bfloat16"),
         help="merged weights dtype (default float16)",
+    )
+    parser.add_argument(
+        "--gguf-type",
+        default="Q4_K_M",
+        choices=("Q4_K_M", "Q8_0", "F16"),
+        help="GGUF quantization for --format gguf (default Q4_K_M)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser

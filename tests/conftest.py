@@ -5,6 +5,12 @@ from pathlib import Path
 _HERE = Path(__file__).parent
 pytest_plugins = [
     name
-    for name in ("fixtures_repo", "fixtures_kit", "fixtures_sshd", "fixtures_fleet")
+    for name in (
+        "fixtures_repo",
+        "fixtures_kit",
+        "fixtures_sshd",
+        "fixtures_fleet",
+        "fixtures_convert",
+    )
     if (_HERE / f"{name}.py").exists()
 ]

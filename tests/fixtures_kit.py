@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.testkit import KitPaths, build_kit
+from engines.testkit import KitPaths, build_kit, build_wide_kit
 from engines.testkit_whisper import WhisperKitPaths, build_whisper_kit
 
 
@@ -37,3 +37,9 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> KitPaths:
 def whisper_kit(tmp_path_factory: pytest.TempPathFactory) -> WhisperKitPaths:
     root = os.environ.get("WHISPER_KIT_DIR")
     return build_whisper_kit(Path(root) if root else tmp_path_factory.mktemp("whisper_kit"))
+
+
+@pytest.fixture(scope="session")
+def wide_kit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base, good adapter) of the kit variant whose tensor rows are multiples of 256."""
+    return build_wide_kit(tmp_path_factory.mktemp("wide_kit"))

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from deploycore.conversions import base_identity, conversion_key
 from deploycore.fsutil import sha256_file
 from deploycore.health import check_release
-from fixtures_repo import Store, make_store, run_script
+from fixtures_repo import run_script
 from safetensors.torch import load_file
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -23,52 +20,10 @@ EMBED = "model.embed_tokens.weight"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "training_metrics.json"}
 
 
-@dataclass
-class Versioned:
-    store: Store
-    version_id: str
-
-    def convert(self, *args: str):
-        return run_script("convert.py", "--model", "gemma_4b", *args, params=self.store.params)
-
-    def convert_json(self, *args: str) -> dict:
-        proc = self.convert(*args, "--json")
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    def conversions(self) -> list[dict]:
-        return self.store.manifest()["conversions"]
-
-
 def snapshot(path: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime_ns) of every file of a release and its cache sidecar."""
     files = [*path.iterdir(), path.with_name(path.name + ".json")]
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
-
-
-@pytest.fixture(scope="module")
-def versioned(kit, tmp_path_factory) -> Versioned:
-    """A real git + DVC store with kit.good versioned as gemma_4b cycle 1 on the kit base."""
-    store = make_store(tmp_path_factory.mktemp("convert"))
-    models = {
-        "gemma_4b": {"task": "translation", "base_model": str(kit.base)},
-        "whisper": {"task": "transcription", "base_model": "kit/tiny-whisper"},
-    }
-    data = {"store": {"adapters_dir": str(store.adapters)}, "models": models}
-    store.params.write_text(yaml.safe_dump(data, sort_keys=False))
-    proc = run_script(
-        "version.py",
-        "--model",
-        "gemma_4b",
-        "--cycle",
-        "1",
-        "--src",
-        str(kit.good),
-        "--json",
-        params=store.params,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return Versioned(store, json.loads(proc.stdout)["version_id"])
 
 
 @pytest.fixture(scope="module")
@@ -154,18 +109,6 @@ def test_bitsandbytes_release_loads_unquantized_on_cpu(versioned, merged, caplog
         health = check_release(path, None, "hf")
     assert health.all_passed, health.failures()
     assert "loading it unquantized" in caplog.text
-
-
-@pytest.mark.skipif(
-    all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")),
-    reason="llama.cpp tools are installed",
-)
-def test_gguf_without_tools_says_how_to_install_them(versioned) -> None:
-    before = versioned.store.manifest()
-    proc = versioned.convert("--cycle", "1", "--format", "gguf")
-    assert proc.returncode == 2
-    assert "pip install llama-cpp-python gguf" in proc.stderr
-    assert versioned.store.manifest() == before
 
 
 @pytest.mark.parametrize(

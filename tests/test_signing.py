@@ -155,3 +155,26 @@ def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) ->
         json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "accepted.json").read_text())["cycle"]
         == 6
     )
+
+
+def test_conversions_are_signed_and_a_trusting_merged_endpoint_takes_them(
+    fleet: Fleet, kit, tmp_path
+) -> None:
+    _use_key(fleet, tmp_path / "signing.pem")
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    signed_v = version(fleet.store, fleet.params, kit.good2, 5)
+    fleet.set_endpoint("ep2", platform="cuda", format="merged")
+    assert run_script("trust.py", "--endpoints", "ep2", params=fleet.params).returncode == 0
+    proc = fleet.deploy("--cycle", "5", "--models", "gemma_4b", "--endpoints", "ep2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert fleet.slots("ep2")[0] == signed_v
+    assert (fleet.endpoints["ep2"] / "gemma_4b" / "active" / "config.json").is_file()
+    conversion = next(
+        c for c in fleet.store.manifest()["conversions"] if c["version_id"] == signed_v
+    )
+    metadata = conversion["signed"]["metadata"]
+    assert metadata["files"] == conversion["files"]  # the converted files, not the adapter's
+    assert metadata["conversion"]["format"] == "merged"
+    assert metadata["version_id"] == signed_v and metadata["cycle"] == 5
+    status = json.loads((fleet.endpoints["ep2"] / "status.json").read_text())
+    assert "unsigned" not in json.dumps(status["models"]["gemma_4b"])

@@ -76,6 +76,7 @@ class EndpointParams(_Strict):
     compat_links: dict[str, str] = {}
     format: Literal["adapter", "merged", "bitsandbytes", "gguf"] | None = None
     formats: dict[str, Literal["adapter", "merged", "bitsandbytes", "gguf"]] = {}
+    gguf_type: Literal["Q4_K_M", "Q8_0", "F16"] = "Q4_K_M"  # for format gguf
     quiet_hours: list[QuietWindow] = []
     timezone: str | None = None  # IANA name for quiet_hours; default this machine's
 

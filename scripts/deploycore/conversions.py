@@ -7,24 +7,27 @@ A conversion is keyed by what decides its bytes:
                  checked against the files on disk),
         base:    a local base dir: "sha256:" + sha256 over (name, sha256) of every top-level file
                  (config.json, *.safetensors, tokenizer files, ...); a hub id: "hub:<id>",
-        format, dtype,
-        tools:   transformers, peft, torch and safetensors versions + RECIPE (this code's version)})
+        format (gguf: with its type, e.g. "gguf-Q4_K_M"), dtype,
+        tools:   transformers, peft, torch and safetensors versions (gguf: also gguf and
+                 llama-cpp-python) + RECIPE (this code's version)})
 
 and lives in a local, content-addressed cache beside the version store (git-ignored, not DVC:
 every entry can be rebuilt from DVC-tracked inputs):
 
     <adapters_dir>/.conversions/<key>/        the release dir: config.json, model*.safetensors,
                                               tokenizer files, conversion.json (provenance),
-                                              quantization.json (bitsandbytes only)
+                                              quantization.json (bitsandbytes only);
+                                              a gguf release: model.gguf + conversion.json
     <adapters_dir>/.conversions/<key>.json    sidecar: files {name: {sha256, size}}; written last,
                                               so a dir without it is an unfinished build
     <adapters_dir>/.conversions/base-identities.json   base hashes memoised by file size+mtime
 
 Converting the same inputs again finds the key and recomputes nothing (`cache_hit`). A
 bitsandbytes release hard-links the merged release's weights (building that first when needed)
-and adds quantization.json. Every conversion is recorded once in the manifest's "conversions"
-list (model, version_id, format, key, sha256, size, files, created), so the endpoint verifies it
-like an adapter.
+and adds quantization.json; a gguf release is written from the merged release (F16 by the
+`gguf` writer, then requantized by llama.cpp for Q8_0 / Q4_K_M). Every conversion is recorded
+once in the manifest's "conversions" list (model, version_id, format, key, sha256, size, files,
+created, signed), so the endpoint verifies it like an adapter, signature included.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("merged", "bitsandbytes", "gguf")
 CACHE_DIR = ".conversions"
 PROVENANCE = "conversion.json"
-RECIPE = 1  # bump when this code changes what a conversion writes
+RECIPE = 2  # bump when this code changes what a conversion writes
 _BASE_IDS = "base-identities.json"
 
 
@@ -67,6 +70,8 @@ class ConversionResult:
     seconds: float = 0.0
     base_identity: str = ""
     tools: dict[str, Any] = field(default_factory=dict)
+    gguf_type: str | None = None  # Q4_K_M / Q8_0 / F16 for format gguf
+    signed: dict[str, Any] | None = None  # signed metadata, as for versions (None: no key)
 
     @property
     def size(self) -> int:
@@ -77,6 +82,7 @@ class ConversionResult:
             "model": self.model,
             "version_id": self.version_id,
             "format": self.format,
+            "gguf_type": self.gguf_type,
             "path": str(self.path),
             "files": self.files,
             "size": self.size,
@@ -136,10 +142,12 @@ def convert_release(
     fmt: str,
     base_model: str | None = None,
     dtype: str = "float16",
+    gguf_type: str = "Q4_K_M",
 ) -> ConversionResult:
     """Convert a versioned adapter to `fmt` (or find it cached) and record it in the manifest.
 
-    `base_model` overrides params.yaml's models.<model>.base_model (an endpoint's base_models).
+    `base_model` overrides params.yaml's models.<model>.base_model; `gguf_type` (Q4_K_M, Q8_0
+    or F16) applies to format gguf only.
     """
     start = time.perf_counter()
     model_params = params.model(check_name("model", model))
@@ -153,10 +161,14 @@ def convert_release(
             fix="serve it with format: adapter",
         )
     if fmt == "gguf":
-        from engines.convert_merge import GGUF_TOOLS_HINT, gguf_tools_available
+        from engines import convert_gguf
 
-        if not gguf_tools_available():
-            raise AdapterError(GGUF_TOOLS_HINT, fix="install them, or use format merged")
+        if gguf_type not in convert_gguf.GGUF_TYPES:
+            raise UsageError(
+                f"unknown GGUF type {gguf_type!r}", fix="use " + ", ".join(convert_gguf.GGUF_TYPES)
+            )
+        if not convert_gguf.tools_available(gguf_type):
+            raise AdapterError(convert_gguf.TOOLS_HINT, fix="install them, or use format merged")
     adapters_dir = params.adapters_dir
     entry = find_version(load_manifest(adapters_dir), model, version_id)
     src = _checked_source(adapters_dir, model, entry)
@@ -172,12 +184,23 @@ def convert_release(
         base_id=base_identity(base, local, cache),
         dtype=dtype,
         tools=tool_versions(),
+        gguf_type=gguf_type,
     )
     key, files, hit = job.ensure(fmt)
     result = ConversionResult(
-        model, version_id, fmt, cache / key, files, hit, key, 0.0, job.base_id, job.tools
+        model,
+        version_id,
+        fmt,
+        cache / key,
+        files,
+        hit,
+        key,
+        0.0,
+        job.base_id,
+        job.tools_for(fmt),
+        gguf_type if fmt == "gguf" else None,
     )
-    _record(adapters_dir, result, base)
+    result.signed = _record(params, entry, result, base)
     result.seconds = time.perf_counter() - start
     log.info(
         "%s %s -> %s: %s (%s)",
@@ -222,9 +245,19 @@ class _Job:
     base_id: str
     dtype: str
     tools: dict[str, Any]
+    gguf_type: str = "Q4_K_M"
 
     def key(self, fmt: str) -> str:
-        return conversion_key(self.adapter, self.base_id, fmt, self.dtype, self.tools)
+        variant = f"gguf-{self.gguf_type}" if fmt == "gguf" else fmt
+        return conversion_key(self.adapter, self.base_id, variant, self.dtype, self.tools_for(fmt))
+
+    def tools_for(self, fmt: str) -> dict[str, Any]:
+        """The gguf tools are part of a gguf key only: installing them reconverts nothing else."""
+        if fmt != "gguf":
+            return self.tools
+        from engines.convert_gguf import tool_versions as gguf_tools
+
+        return {**self.tools, **gguf_tools()}
 
     def ensure(self, fmt: str) -> tuple[str, dict[str, dict[str, Any]], bool]:
         """(key, files, cache_hit) for `fmt`, building it under a per-key lock when missing."""
@@ -260,7 +293,9 @@ class _Job:
             return {}
         merged_key, merged_files, _ = self.ensure("merged")
         if fmt == "gguf":
-            convert_merge.convert_to_gguf(self.cache / merged_key, out)
+            from engines.convert_gguf import convert_to_gguf
+
+            convert_to_gguf(self.cache / merged_key, out, self.gguf_type)
             return {}
         out.mkdir(parents=True)
         for name in merged_files:
@@ -272,12 +307,13 @@ class _Job:
     def _provenance(self, fmt: str, key: str) -> str:
         data = {
             "format": fmt,
+            "gguf_type": self.gguf_type if fmt == "gguf" else None,
             "key": key,
             "adapter": self.adapter,
             "base_model": self.base,
             "base_identity": self.base_id,
             "dtype": self.dtype,
-            "tools": self.tools,
+            "tools": self.tools_for(fmt),
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -327,19 +363,26 @@ def _ignore_cache_dir(adapters_dir: Path) -> None:
         ignore.write_text("\n".join([*lines, f"/{CACHE_DIR}/"]) + "\n")
 
 
-def _record(adapters_dir: Path, result: ConversionResult, base_model: str) -> None:
-    """Add the conversion to the manifest once per (model, version, format, key)."""
+def _record(
+    params: Params, version: dict[str, Any], result: ConversionResult, base_model: str
+) -> dict[str, Any] | None:
+    """Add the conversion to the manifest once per (model, version, format, key), signed when
+    there is a signing key (an unsigned entry gets signed once a key exists); its signature."""
     ident = (result.model, result.version_id, result.format, result.key)
+    adapters_dir = params.adapters_dir
     with updating_manifest(adapters_dir, f"convert {result.model} {result.version_id}") as data:
         for e in data["conversions"]:
             if (e.get("model"), e.get("version_id"), e.get("format"), e.get("key")) == ident:
-                return
+                if e.get("signed") is None:
+                    e["signed"] = _signature(params, version, e)
+                return e["signed"]
         weights = sorted(n for n in result.files if n.endswith((".safetensors", ".gguf")))
         data["conversions"].append(
             {
                 "model": result.model,
                 "version_id": result.version_id,
                 "format": result.format,
+                **({"gguf_type": result.gguf_type} if result.gguf_type else {}),
                 "key": result.key,
                 "sha256": result.files[weights[0]]["sha256"] if weights else None,
                 "size": result.size,
@@ -350,3 +393,22 @@ def _record(adapters_dir: Path, result: ConversionResult, base_model: str) -> No
                 "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             }
         )
+        entry = data["conversions"][-1]
+        entry["signed"] = _signature(params, version, entry)
+        return entry["signed"]
+
+
+def _signature(
+    params: Params, version: dict[str, Any], conversion: dict[str, Any]
+) -> dict[str, Any] | None:
+    from deploycore import signing
+    from deploycore.versioning import signing_key
+
+    what = f"{conversion['model']} {conversion['version_id']} ({conversion['format']})"
+    key = signing_key(params, what)
+    if key is None:
+        return None
+    days = params.store.signature_expiry_days
+    return signing.sign(
+        key, signing.conversion_metadata(version, conversion, conversion["model"], days)
+    )

@@ -105,9 +105,16 @@ def for_endpoint(params: Params, ep: EndpointParams, release: Release) -> Releas
         return release
     from deploycore.conversions import convert_release
 
-    converted = convert_release(params, release.model, release.version_id, fmt)
+    converted = convert_release(
+        params, release.model, release.version_id, fmt, gguf_type=ep.gguf_type
+    )
     return Release(
-        release.model, release.version_id, release.cycle, converted.files, Path(converted.path)
+        release.model,
+        release.version_id,
+        release.cycle,
+        converted.files,
+        Path(converted.path),
+        converted.signed,
     )
 
 

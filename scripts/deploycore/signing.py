@@ -91,6 +91,22 @@ def version_metadata(entry: dict[str, Any], model: str, expiry_days: int) -> dic
     }
 
 
+def conversion_metadata(
+    version: dict[str, Any], conversion: dict[str, Any], model: str, expiry_days: int
+) -> dict[str, Any]:
+    """A conversion is signed like its version (same id, cycle, created and expiry, so the
+    endpoint's rollback check orders it the same), with the converted files in place of the
+    adapter's and what it was converted to."""
+    metadata = version_metadata({**version, "files": conversion["files"]}, model, expiry_days)
+    metadata["conversion"] = {
+        "format": conversion["format"],
+        "gguf_type": conversion.get("gguf_type"),
+        "key": conversion["key"],
+        "adapter_sha256": version.get("sha256"),
+    }
+    return metadata
+
+
 def verify(
     signed: dict[str, Any] | None,
     trusted: dict[str, bytes],

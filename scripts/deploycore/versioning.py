@@ -175,16 +175,25 @@ def version_adapter(
 
 def _signature(params: Params, model: str, entry: dict[str, Any]) -> dict[str, Any] | None:
     """Signed metadata for the version, or None (unsigned, with a warning) without a key."""
+    key = signing_key(params, entry["version_id"])
+    if key is None:
+        return None
+    return signing.sign(
+        key, signing.version_metadata(entry, model, params.store.signature_expiry_days)
+    )
+
+
+def signing_key(params: Params, what: str):
+    """The training machine's Ed25519 key, or None (with a warning that `what` is unsigned)."""
     if not params.store.signing_key:
-        log.warning("no signing key (store.signing_key): %s is unsigned", entry["version_id"])
+        log.warning("no signing key (store.signing_key): %s is unsigned", what)
         return None
     path = params.resolve(params.store.signing_key)
     if not path.is_file():
         raise UsageError(
             f"signing key {path} not found", "create it with make keygen, or unset signing_key"
         )
-    metadata = signing.version_metadata(entry, model, params.store.signature_expiry_days)
-    return signing.sign(signing.load_private(path), metadata)
+    return signing.load_private(path)
 
 
 def _endpoint_summary(params: Params) -> dict[str, dict[str, Any]]:
