@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 USER_VARS := PARAMS MODEL MODELS CYCLE VERSION SRC METRICS ENDPOINT TO DRY_RUN JSON FORMAT \
-  ENGINE BASE FORCE PYTEST_ARGS
+  ENGINE BASE FORCE PYTEST_ARGS GGUF_TYPE
 # Take each value as typed: make would otherwise expand $(...) inside it.
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
@@ -68,8 +68,9 @@ SELECT = set -f; if [ -n "$$MODELS" ]; then sel=(--models $$MODELS); else sel=(-
 WHAT = $${CYCLE:+--cycle "$$CYCLE"} $${VERSION:+--version "$$VERSION"}
 FLAGS = $${DRY_RUN:+--dry-run} $${JSON:+--json} $${FORCE:+--force}
 
-convert: install ## MODEL=gemma_4b CYCLE=1 FORMAT=merged|bitsandbytes|gguf: convert, cached
-	@$(PY) scripts/convert.py --model "$$MODEL" $(WHAT) --format "$$FORMAT" $${JSON:+--json}
+convert: install ## MODEL=gemma_4b CYCLE=1 FORMAT=merged|bitsandbytes|gguf [GGUF_TYPE=..]: convert
+	@$(PY) scripts/convert.py --model "$$MODEL" $(WHAT) --format "$$FORMAT" \
+	  $${GGUF_TYPE:+--gguf-type "$$GGUF_TYPE"} $${JSON:+--json}
 
 history: install ## [MODEL=...]: versions, metrics per cycle and where each was deployed
 	@$(PY) scripts/history.py $${MODEL:+--model "$$MODEL"} $${JSON:+--json}
@@ -111,5 +112,8 @@ demo-clean: ## stop the demo service and remove demo/
 bench: install ## run the benchmarks and print their figures
 	$(PY) bench/run_all.py
 
-.PHONY: help install test lint version versions bench deploy rollback status transfer precheck \
+gpu-check: install ## NVIDIA only: 4-bit bitsandbytes, fp16, adapter reload on CUDA, health-checked
+	$(PY) bench/gpu_check.py
+
+.PHONY: help install test lint version versions bench gpu-check gguf-tools deploy rollback status transfer precheck \
   activate verify health-check bootstrap demo demo-clean history keygen trust convert

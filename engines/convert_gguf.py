@@ -59,7 +59,7 @@ def convert_to_gguf(
     if gguf_type not in GGUF_TYPES:
         raise AdapterError(f"unknown GGUF type {gguf_type!r}", fix="use " + ", ".join(GGUF_TYPES))
     if not tools_available(gguf_type):
-        raise AdapterError(TOOLS_HINT, fix="install them, or use format merged/bitsandbytes")
+        raise AdapterError(TOOLS_HINT, fix="run `make gguf-tools`, or use format merged")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / GGUF_FILE

@@ -1,19 +1,24 @@
-"""Crashes at every step of activation, and hostile names: the endpoint always ends up
+"""Crashes at every step of activation and rollback, and hostile names: the endpoint always ends up
 serving a complete, verified release, and nothing injected ever runs."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from deploycore import failpoints
 from deploycore.failpoints import arm
 from fixtures_fleet import Fleet
 from fixtures_repo import ROOT
 
 POINTS = ["activate.before_flip", "activate.after_flip", "activate.after_reload"]
+RESTORE_POINTS = ["restore.before_links", "restore.after_links"]
+GEMMA_EP1 = ("--models", "gemma_4b", "--endpoints", "ep1")
 
 
 def _assert_complete(fleet: Fleet, ep: str) -> None:
@@ -26,28 +31,77 @@ def _assert_complete(fleet: Fleet, ep: str) -> None:
                 "adapter_config.json",
                 "adapter_model.safetensors",
             }
+    # The endpoint died with os._exit, so its flock must be gone with it: no waiting.
+    with open(fleet.endpoints[ep] / ".deploy.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _armed(fleet: Fleet, ep: str) -> dict:
+    """Failpoints still armed: a crash somewhere else than the armed step leaves its own."""
+    path = fleet.endpoints[ep] / failpoints.FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _assert_settled(fleet: Fleet, ep: str, active: str, bad: str) -> None:
+    """Where an uninterrupted run ends: `active` serves, verified; `bad` is never picked again."""
+    assert fleet.slots(ep)[0] == active
+    adapter_dir = fleet.endpoints[ep]
+    status = json.loads((adapter_dir / "status.json").read_text())["models"]["gemma_4b"]
+    assert status["verified"] == active
+    assert bad in json.loads((adapter_dir / "gemma_4b" / "bad.json").read_text())
 
 
 @pytest.mark.slow
-def test_endpoint_killed_at_every_activation_step_converges(fleet: Fleet) -> None:
+def test_endpoint_killed_at_every_activation_and_rollback_step_converges(fleet: Fleet) -> None:
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
-    deploy = ("--models", "gemma_4b", "--endpoints", "ep1")
-    assert fleet.deploy("--cycle", "1", *deploy).returncode == 0
-    for point in POINTS:
-        arm(fleet.endpoints["ep1"], point, "crash")
-        crashed = fleet.deploy("--cycle", "2", *deploy)
+    ep1 = fleet.endpoints["ep1"]
+    assert fleet.deploy("--cycle", "1", *GEMMA_EP1).returncode == 0
+    for i, point in enumerate(POINTS):
+        arm(ep1, point, "crash")
+        crashed = fleet.deploy("--cycle", "2", *GEMMA_EP1)
         assert crashed.returncode == 3, (point, crashed.stdout + crashed.stderr)
+        assert _armed(fleet, "ep1") == {}
         _assert_complete(fleet, "ep1")
         assert fleet.slots("ep1")[0] in (v1, v2)
-        again = fleet.deploy("--cycle", "2", *deploy)  # the lock is free; the rerun converges
+        again = fleet.deploy("--cycle", "2", *GEMMA_EP1)  # the lock is free; the rerun converges
         assert again.returncode == 0, (point, again.stdout + again.stderr)
         assert fleet.slots("ep1")[0] == v2
-        status = yaml.safe_load((fleet.endpoints["ep1"] / "status.json").read_text())
+        status = json.loads((ep1 / "status.json").read_text())
         assert status["models"]["gemma_4b"]["verified"] == v2
-        back = fleet.deploy("--rollback", *deploy, "--to", v1)
-        assert back.returncode == 0, back.stderr
-        bad = fleet.endpoints["ep1"] / "gemma_4b" / "bad.json"
-        bad.unlink(missing_ok=True)
+        # The way back to v1 is a manual rollback: kill the endpoint at each of its steps too.
+        if i < len(RESTORE_POINTS):
+            arm(ep1, RESTORE_POINTS[i], "crash")
+            cut = fleet.deploy("--rollback", *GEMMA_EP1, "--to", v1)
+            assert cut.returncode == 3, (RESTORE_POINTS[i], cut.stdout + cut.stderr)
+            assert _armed(fleet, "ep1") == {}
+            _assert_complete(fleet, "ep1")
+            assert fleet.slots("ep1")[0] in (v1, v2)
+        back = fleet.deploy("--rollback", *GEMMA_EP1, "--to", v1)
+        assert back.returncode == 0, back.stdout + back.stderr
+        _assert_settled(fleet, "ep1", active=v1, bad=v2)
+
+
+@pytest.mark.slow
+def test_endpoint_killed_during_automatic_rollback_converges(fleet: Fleet) -> None:
+    """A failed VERIFY rolls back through the same restore step; kill the endpoint there."""
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    ep1 = fleet.endpoints["ep1"]
+    assert fleet.deploy("--cycle", "1", *GEMMA_EP1).returncode == 0
+    for point in RESTORE_POINTS:
+        arm(ep1, "verify", "fail")
+        arm(ep1, point, "crash")
+        crashed = fleet.deploy("--cycle", "2", *GEMMA_EP1)
+        assert crashed.returncode == 3, (point, crashed.stdout + crashed.stderr)
+        assert _armed(fleet, "ep1") == {}
+        _assert_complete(fleet, "ep1")
+        assert fleet.slots("ep1")[0] in (v1, v2)
+        # v2 still fails VERIFY: the rerun must end on v1 verified, never on v2 (which is
+        # still `active` after a crash before the links went back).
+        arm(ep1, "verify", "fail")
+        again = fleet.deploy("--cycle", "2", *GEMMA_EP1, "--json")
+        assert again.returncode == 4, (point, again.stdout + again.stderr)
+        assert json.loads(again.stdout)["endpoints"][0]["models"][0]["status"] == "rolled_back"
+        _assert_settled(fleet, "ep1", active=v1, bad=v2)
 
 
 def test_hostile_names_are_rejected_and_never_run(fleet: Fleet, tmp_path: Path) -> None:

@@ -168,7 +168,9 @@ def convert_release(
                 f"unknown GGUF type {gguf_type!r}", fix="use " + ", ".join(convert_gguf.GGUF_TYPES)
             )
         if not convert_gguf.tools_available(gguf_type):
-            raise AdapterError(convert_gguf.TOOLS_HINT, fix="install them, or use format merged")
+            raise AdapterError(
+                convert_gguf.TOOLS_HINT, fix="run `make gguf-tools`, or use format merged"
+            )
     adapters_dir = params.adapters_dir
     entry = find_version(load_manifest(adapters_dir), model, version_id)
     src = _checked_source(adapters_dir, model, entry)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from deploycore import failpoints
 from deploycore.config import Params
 from deploycore.errors import (
     AdapterDeployError,
@@ -194,7 +195,9 @@ class EndpointRun:
         if result["all_passed"]:
             out.phases.append("verify")
             out.status = "success"
+            failpoints.deployer("deploy.after_verify")
             self.mark_verified(release.model, release.version_id)
+            failpoints.deployer("deploy.after_record")
             self.say(release.model, "verify", "passed")
             return
         self._fail(out, "rolled_back", "post-activation health check failed", result)
@@ -206,6 +209,7 @@ class EndpointRun:
         """Automatic rollback: links back, re-signal, verify the old release."""
         assert self.session
         self.session.request("mark_bad", model=model, version_id=bad, reason="failed verify")
+        failpoints.deployer("rollback.after_mark_bad")
         try:
             self.session.request(
                 "restore",
@@ -217,6 +221,7 @@ class EndpointRun:
         except ReloadFailed as err:
             log.error("[%s] %s links restored, but reload failed: %s", self.name, model, err)
             return
+        failpoints.deployer("rollback.after_links")
         if active is None:
             self.say(model, "rollback", "no earlier release: active removed, base model serves")
             return
@@ -242,27 +247,45 @@ class EndpointRun:
 
     def deploy_model(self, release: Release, slots: dict[str, Any]) -> ModelOutcome:
         out = ModelOutcome(release.model, release.version_id)
-        before = {"active": slots.get("active"), "previous": slots.get("previous")}
-        if before["active"] == release.version_id and release.version_id not in slots["bad"]:
+        active, previous = slots.get("active"), slots.get("previous")
+        before = {"active": active, "previous": previous}
+        trusted = _last_verified(slots)
+        if active is not None and trusted is not None and active != trusted:
+            # What serves never passed VERIFY (an earlier run was cut after ACTIVATE or in
+            # the middle of a rollback): a failed VERIFY must not fall back onto it.
+            before = {"active": trusted, "previous": None}
+        if active == release.version_id and release.version_id not in slots["bad"]:
             if slots.get("verified") == release.version_id:
-                out.status, out.previous = "unchanged", before["previous"]
+                out.status, out.previous = "unchanged", previous
                 self.say(release.model, "unchanged", f"{release.version_id} already active")
                 return out
             # Active but never verified: an earlier deploy was cut after ACTIVATE. Verify it
-            # now, or roll back to what served before it.
+            # now, or roll back to the last verified release (else what served before it).
             self.say(release.model, "reconcile", "active but unverified; verifying now")
-            out.previous = before["previous"]
-            self.verify(release, out, {"active": before["previous"], "previous": None})
+            out.previous = previous
+            fallback = before if trusted is not None else {"active": previous, "previous": None}
+            self.verify(release, out, fallback)
             return out
         self.transfer(release, out)
+        failpoints.deployer("deploy.after_transfer")
         if not self.precheck(release, out):
             return out
+        failpoints.deployer("deploy.after_precheck")
         if self.activate(release, out):
+            failpoints.deployer("deploy.after_activate")
             self.verify(release, out, before)
         if out.status == "success":
             assert self.session
             self.session.request("prune", model=release.model, keep=self.params.release.keep)
         return out
+
+
+def _last_verified(slots: dict[str, Any]) -> str | None:
+    """The release the endpoint last recorded as verified, if it is kept and not marked bad."""
+    verified = slots.get("verified")
+    if verified and verified in slots.get("releases", ()) and verified not in slots["bad"]:
+        return verified
+    return None
 
 
 def _needs_transfer(release: Release, slots: dict[str, Any]) -> bool:

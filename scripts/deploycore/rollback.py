@@ -32,12 +32,14 @@ def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcom
     choice = run.session.request("rollback_target", model=model, to=to)
     current, target = choice["from"], choice["to"]
     out = ModelOutcome(model, target, previous=current)
+    # Marked before the links move: a rollback cut after the flip is rerun from the target,
+    # where it no longer knows what it rolled back from.
+    if current and current != target:
+        run.session.request("mark_bad", model=model, version_id=current, reason="rolled back")
     run.session.request(
         "restore", model=model, active=target, previous=current, reload=reload_spec(run.ep)
     )
     out.phases.append("activate")
-    if current and current != target:
-        run.session.request("mark_bad", model=model, version_id=current, reason="rolled back")
     run.say(model, "rollback", f"{current} -> {target}")
     try:
         result = run.health(model, None, via_service=run.via_service)
