@@ -7,6 +7,7 @@ Run: pytest tests/test_serve.py -s   (-s shows the longest wait during reloads)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -306,5 +307,36 @@ def test_params_endpoint_start_falls_back_to_previous_then_base(tmp_path: Path, 
         svc.signal_reload()
         entry = wait_for_version(svc.url, "gemma_12b", V2, 60)
         assert not entry["fallback"] and "Jacobo" in svc.translate(JAMES, "gemma_12b")[1]["text"]
+    finally:
+        assert svc.stop() == 0
+
+
+def gguf_release(model_dir: Path, name: str, kit: Any, adapter: Path) -> None:
+    from engines.convert_gguf import convert_to_gguf
+    from engines.convert_merge import merge_adapter
+
+    merged = merge_adapter(adapter, kit.base, model_dir.parent / f"merged-{name}")
+    convert_to_gguf(merged, model_dir / "releases" / name, "F16")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama.cpp tools missing (make gguf-tools)",
+)
+def test_service_serves_and_hot_reloads_gguf_releases(tmp_path: Path, kit: Any) -> None:
+    """An NVIDIA endpoint with format gguf: the service picks the llama.cpp engine itself."""
+    model_dir = tmp_path / "adapters" / "gemma_4b"
+    gguf_release(model_dir, V1, kit, kit.good)
+    gguf_release(model_dir, V2, kit, kit.good2)
+    flip(model_dir, V1)
+    args = ["--adapter-dir", str(tmp_path / "adapters"), "--platform", "cpu"]
+    svc = Service(tmp_path, args, free_port())
+    try:
+        svc.wait(200)
+        assert "Santiago" in svc.translate(JAMES)[1]["text"]
+        assert svc.model_status()["kind"] == "gguf"
+        deploy(svc, model_dir, V2)
+        code, answer = svc.translate(JAMES)
+        assert code == 200 and "Jacobo" in answer["text"] and answer["version_id"] == V2
     finally:
         assert svc.stop() == 0
