@@ -283,9 +283,9 @@ def test_params_endpoint_start_falls_back_to_previous_then_base(tmp_path: Path, 
     add_release(twelve, V2, kit.good2)
     flip(twelve, BAD)
     port = free_port()
-    endpoint = {
+    endpoint = {  # an NVIDIA endpoint's settings (seed §6.4); no CUDA here, so on the CPU
         "adapter_dir": str(adapters),
-        "platform": "cpu",
+        "platform": "cuda",
         "transport": "local",
         "service_url": f"http://127.0.0.1:{port}",
         "pidfile": str(tmp_path / "serve.pid"),
