@@ -1,53 +1,102 @@
-"""Interrupted deploys: the deployer killed mid-deploy, and the network cut mid-transfer."""
+"""Interrupted deploys: the deployer killed (kill -9) at every phase, and the network cut
+mid-transfer. The next run always converges, and never leaves a release serving unverified."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from fixtures_fleet import Fleet
-from fixtures_repo import ROOT
+import numpy as np
+import pytest
+from deploycore import failpoints
+from deploycore.failpoints import arm
+from fixtures_fleet import Fleet, version
+from safetensors.numpy import load_file, save_file
+
+DEPLOY_EP1 = ("--models", "gemma_4b", "--endpoints", "ep1", "--json")
 
 
-def test_deployer_killed_after_activation_is_reconciled(fleet: Fleet) -> None:
-    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
-    args = ("--models", "gemma_4b", "--endpoints", "ep1")
-    assert fleet.deploy("--cycle", "1", *args).returncode == 0
-    deployer = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "deploy_adapters.py"), "--cycle", "2", *args],
-        env={**os.environ, "PARAMS": str(fleet.params)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while fleet.slots("ep1")[0] != v2:  # wait for ACTIVATE, then kill before VERIFY ends
-        assert time.monotonic() < deadline and deployer.poll() is None, "never activated"
-        time.sleep(0.02)
-    deployer.send_signal(signal.SIGKILL)
-    deployer.wait()
-    assert fleet.slots("ep1") == (v2, v1)  # activated but never verified
+def _assert_complete(adapter_dir: Path) -> None:
+    """active and previous (where present) resolve to complete releases."""
+    for link in ("active", "previous"):
+        path = adapter_dir / "gemma_4b" / link
+        if os.path.islink(path):
+            names = {p.name for p in path.resolve(strict=True).iterdir()}
+            assert names >= {"adapter_config.json", "adapter_model.safetensors"}, (link, names)
+
+
+def _assert_nothing_unverified(fleet: Fleet) -> None:
+    """Every endpoint serves what its status.json records as verified, or nothing."""
+    for adapter_dir in fleet.endpoints.values():
+        if not adapter_dir.is_dir():
+            continue
+        verified = json.loads((adapter_dir / "status.json").read_text())["models"]
+        for link in adapter_dir.glob("*/active"):
+            model = link.parent.name
+            assert verified[model]["verified"] == Path(os.readlink(link)).name, adapter_dir
+
+
+def _deploy_after_lock(fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
+    """Deploy, retrying while the endpoint still holds the lock of a killed deployer (exit 7):
+    its session lets go once it sees its ssh connection close."""
     deadline = time.monotonic() + 20
-    while True:  # the endpoint side sees its ssh connection close and lets go of the lock
-        proc = fleet.deploy("--cycle", "2", *args, "--json")
+    while True:
+        proc = fleet.deploy(*args)
         if proc.returncode != 7 or time.monotonic() > deadline:
-            break
+            return proc
         time.sleep(0.5)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert '"status": "success"' in proc.stdout  # verified now, not "unchanged"
-    assert fleet.slots("ep1")[0] == v2
+
+
+@pytest.mark.slow
+def test_deployer_killed_at_every_phase_is_reconciled(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each deployer failpoint (a real SIGKILL), then a plain rerun of the same deploy."""
+    ep1 = fleet.endpoints["ep1"]
+    assert fleet.deploy("--cycle", "1", *DEPLOY_EP1).returncode == 0
+    old, new = 1, 2  # swapped after each point: every point starts from a verified release
+    for point in failpoints.DEPLOYER_POINTS:
+        if point.startswith("rollback."):
+            arm(ep1, "verify", "fail")  # the automatic rollback runs only after a failed VERIFY
+        with monkeypatch.context() as env:
+            env.setenv(failpoints.DEPLOYER_ENV, point)
+            killed = fleet.deploy("--cycle", str(new), *DEPLOY_EP1)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stdout + killed.stderr)
+        assert f"deployer failpoint {point}:" in killed.stderr  # there, not somewhere else
+        _assert_complete(ep1)
+        serving = fleet.slots("ep1")[0]
+        assert serving in (fleet.versions[f"cycle{old}"], fleet.versions[f"cycle{new}"]), point
+        again = _deploy_after_lock(fleet, "--cycle", str(new), *DEPLOY_EP1)
+        assert again.returncode == 0, (point, again.stdout + again.stderr)
+        assert fleet.slots("ep1")[0] == fleet.versions[f"cycle{new}"], point
+        status = json.loads((ep1 / "status.json").read_text())["models"]["gemma_4b"]
+        assert status["verified"] == fleet.versions[f"cycle{new}"], point
+        _assert_complete(ep1)
+        _assert_nothing_unverified(fleet)
+        old, new = new, old
 
 
 class CuttingRelay:
-    """A loopback TCP relay to sshd that drops every connection after `budget` bytes."""
+    """A loopback TCP relay to sshd that drops every connection after `budget` bytes.
 
-    def __init__(self, target_port: int, budget: int | None, stall: bool = False) -> None:
-        self.target_port, self.budget, self.stall = target_port, budget, stall
+    `rate` (bytes/s per direction) makes it a slow link, as a real cut one is: unthrottled
+    loopback lets the sender run megabytes ahead into ssh's window, and all of that is lost
+    with the connection, so a cut would land before the endpoint had written anything.
+    """
+
+    def __init__(
+        self, target_port: int, budget: int | None, stall: bool = False, rate: int | None = None
+    ) -> None:
+        self.target_port, self.budget, self.stall, self.rate = target_port, budget, stall, rate
+        self.relayed = 0  # bytes passed on, both directions, every connection
+        self._count = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -73,6 +122,10 @@ class CuttingRelay:
                     break
                 moved[0] += len(data)
                 dst.sendall(data)
+                with self._count:
+                    self.relayed += len(data)
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         for s in (src, dst):
@@ -86,10 +139,37 @@ class CuttingRelay:
         self.server.close()
 
 
-def test_network_cut_mid_transfer_then_resume(fleet: Fleet, sshd, tmp_path: Path) -> None:
-    v1 = fleet.versions["cycle1"]
-    size = sum(p.stat().st_size for p in (fleet.store.adapters / "gemma_4b" / v1).iterdir())
-    relay = CuttingRelay(sshd.port, budget=size // 2)
+def _inflated_adapter(src: Path, dst: Path, rank: int) -> Path:
+    """`src` with its LoRA rank padded to `rank`: the same outputs, megabytes instead of KB.
+
+    The padding holds random values around 1e-25, so each extra rank adds about 1e-50 to a
+    float32 output: it underflows to zero, the health check still passes, and the bytes are
+    as incompressible and unrepeating as real weights (zeros would let rsync match blocks of
+    the part never sent against those of the part that was).
+    """
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    r, rng, padded = config["r"], np.random.default_rng(7), {}
+    for name, t in load_file(dst / "adapter_model.safetensors").items():
+        axis = 0 if ".lora_A." in name else 1  # A is (r, in), B is (out, r)
+        shape = (rank - r, t.shape[1]) if axis == 0 else (t.shape[0], rank - r)
+        pad = (rng.standard_normal(shape) * 1e-25).astype(t.dtype)
+        padded[name] = np.concatenate([t, pad], axis=axis)
+    save_file(padded, str(dst / "adapter_model.safetensors"))
+    # scaling is lora_alpha / r: keep it, or the original ranks would count for less
+    config.update(r=rank, lora_alpha=config["lora_alpha"] * rank // r)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_network_cut_mid_transfer_then_resume(fleet: Fleet, kit, sshd, tmp_path: Path) -> None:
+    # The kit adapters are ~70 KB, no bigger than ssh's own handshake and the session's
+    # traffic; a 4 MB one makes the bytes a resume saves stand out from that overhead.
+    big = _inflated_adapter(kit.good, tmp_path / "big-adapter", rank=512)
+    v4 = version(fleet.store, fleet.params, big, 4)
+    size = sum(p.stat().st_size for p in (fleet.store.adapters / "gemma_4b" / v4).iterdir())
+    assert size > 4_000_000
+    relay = CuttingRelay(sshd.port, budget=size // 2, rate=2_000_000)
     try:
         config = tmp_path / "ssh_config"
         config.write_text(
@@ -97,16 +177,27 @@ def test_network_cut_mid_transfer_then_resume(fleet: Fleet, sshd, tmp_path: Path
             + f"  HostKeyAlias [127.0.0.1]:{sshd.port}\n"
         )
         fleet.set_endpoint("ep1", ssh_config=str(config))
-        args = ("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
+        args = ("--cycle", "4", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
         cut = fleet.deploy(*args)
         assert cut.returncode == 3, cut.stdout + cut.stderr
+        assert "ep1" in json.loads(cut.stdout)["endpoints"][0]["error"]
         assert fleet.slots("ep1") == (None, None)  # nothing activated before verification
-        relay.budget = None
+        partial = fleet.endpoints["ep1"] / "incoming" / "gemma_4b" / v4 / ".rsync-partial"
+        kept = sum(p.stat().st_size for p in partial.iterdir()) if partial.is_dir() else 0
+        relay.budget, relay.relayed = None, 0
         time.sleep(1)  # the cut session notices its closed connection and frees the lock
         again = fleet.deploy(*args)
+        resumed = relay.relayed
         assert again.returncode == 0, again.stdout + again.stderr
-        assert fleet.slots("ep1")[0] == v1
-        assert json.loads(again.stdout)["endpoints"][0]["models"][0]["status"] == "success"
+        assert fleet.slots("ep1")[0] == v4
+        model = json.loads(again.stdout)["endpoints"][0]["models"][0]
+        assert model["status"] == "success"
+        # Everything the rerun moved (ssh handshake, session, rsync) stays well under one
+        # full copy: it sent only what the cut left missing.
+        assert kept > 0.2 * size, f"rsync kept {kept} of {size} bytes across the cut"
+        assert resumed < 0.8 * size, f"rerun moved {resumed} bytes for a {size}-byte release"
+        assert model["bytes_sent"] < 0.8 * size
+        assert not partial.exists()  # staged: no leftovers beside the release
     finally:
         relay.close()
 

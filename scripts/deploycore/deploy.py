@@ -250,7 +250,9 @@ class EndpointRun:
         active, previous = slots.get("active"), slots.get("previous")
         before = {"active": active, "previous": previous}
         trusted = _last_verified(slots)
-        if active is not None and trusted is not None and active != trusted:
+        if trusted in (active, release.version_id):
+            trusted = None  # nothing better to fall back on than what served
+        if active is not None and trusted is not None:
             # What serves never passed VERIFY (an earlier run was cut after ACTIVATE or in
             # the middle of a rollback): a failed VERIFY must not fall back onto it.
             before = {"active": trusted, "previous": None}
