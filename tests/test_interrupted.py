@@ -83,6 +83,30 @@ def test_deployer_killed_at_every_phase_is_reconciled(
         old, new = new, old
 
 
+def test_failed_reload_after_a_cut_deploy_goes_back_to_the_verified_release(
+    fleet: Fleet, kit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deploy killed after ACTIVATE leaves cycle 2 serving unverified; the next deploy's
+    reload fails: the endpoint goes back to cycle 1 (verified), not to unverified cycle 2."""
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    v4 = version(fleet.store, fleet.params, kit.good, 4)
+    assert fleet.deploy("--cycle", "1", *DEPLOY_EP1).returncode == 0
+    with monkeypatch.context() as env:
+        env.setenv(failpoints.DEPLOYER_ENV, "deploy.after_activate")
+        killed = fleet.deploy("--cycle", "2", *DEPLOY_EP1)
+    assert killed.returncode == -signal.SIGKILL
+    assert fleet.slots("ep1") == (v2, v1)
+    pidfile = tmp_path / "service.pid"
+    pidfile.write_text("999999\n")  # no such process: the reload fails
+    fleet.set_endpoint("ep1", reload_method="sigusr1", pidfile=str(pidfile))
+    failed = _deploy_after_lock(fleet, "--cycle", "4", *DEPLOY_EP1)
+    assert failed.returncode == 5, failed.stdout + failed.stderr
+    assert fleet.slots("ep1")[0] == v1
+    bad = json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "bad.json").read_text())
+    assert v4 in bad
+    _assert_nothing_unverified(fleet)
+
+
 class CuttingRelay:
     """A loopback TCP relay to sshd that drops every connection after `budget` bytes.
 

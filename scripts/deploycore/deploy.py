@@ -163,12 +163,16 @@ class EndpointRun:
         self.say(release.model, "pre-check", "passed")
         return True
 
-    def activate(self, release: Release, out: ModelOutcome) -> bool:
-        """Flip and reload; a reload that fails puts the old release back at once."""
+    def activate(
+        self, release: Release, out: ModelOutcome, fallback: dict[str, Any] | None = None
+    ) -> bool:
+        """Flip and reload; a reload that fails puts `fallback` back at once (default: what
+        served, or the last verified release when what served never passed VERIFY)."""
         assert self.session
         self.session.request("clear_bad", model=release.model, version_id=release.version_id)
         before = self.session.request("hello", models=[release.model])["models"][release.model]
         out.previous = before["active"]
+        fallback = fallback or fallback_for(release, before)
         try:
             flip = self.session.request(
                 "activate",
@@ -180,7 +184,9 @@ class EndpointRun:
         except ReloadFailed as err:
             out.status, out.error, out.exit_code = "rolled_back", err.one_line(), err.exit_code
             log.warning("[%s] %s reload failed: %s", self.name, release.model, err.one_line())
-            self.restore(release.model, before["active"], before["previous"], release.version_id)
+            self.restore(
+                release.model, fallback["active"], fallback["previous"], release.version_id
+            )
             return False
         out.phases.append("activate")
         self.say(release.model, "activate", f"{flip['old']} -> {flip['new']}")
@@ -248,14 +254,8 @@ class EndpointRun:
     def deploy_model(self, release: Release, slots: dict[str, Any]) -> ModelOutcome:
         out = ModelOutcome(release.model, release.version_id)
         active, previous = slots.get("active"), slots.get("previous")
-        before = {"active": active, "previous": previous}
-        trusted = _last_verified(slots)
-        if trusted in (active, release.version_id):
-            trusted = None  # nothing better to fall back on than what served
-        if active is not None and trusted is not None:
-            # What serves never passed VERIFY (an earlier run was cut after ACTIVATE or in
-            # the middle of a rollback): a failed VERIFY must not fall back onto it.
-            before = {"active": trusted, "previous": None}
+        before = fallback_for(release, slots)
+        trusted = before["active"] != active
         if active == release.version_id and release.version_id not in slots["bad"]:
             if slots.get("verified") == release.version_id:
                 out.status, out.previous = "unchanged", previous
@@ -265,7 +265,7 @@ class EndpointRun:
             # now, or roll back to the last verified release (else what served before it).
             self.say(release.model, "reconcile", "active but unverified; verifying now")
             out.previous = previous
-            fallback = before if trusted is not None else {"active": previous, "previous": None}
+            fallback = before if trusted else {"active": previous, "previous": None}
             self.verify(release, out, fallback)
             return out
         self.transfer(release, out)
@@ -273,13 +273,24 @@ class EndpointRun:
         if not self.precheck(release, out):
             return out
         failpoints.deployer("deploy.after_precheck")
-        if self.activate(release, out):
+        if self.activate(release, out, before):
             failpoints.deployer("deploy.after_activate")
             self.verify(release, out, before)
         if out.status == "success":
             assert self.session
             self.session.request("prune", model=release.model, keep=self.params.release.keep)
         return out
+
+
+def fallback_for(release: Release, slots: dict[str, Any]) -> dict[str, Any]:
+    """Where a failed ACTIVATE or VERIFY of `release` goes back to: what serves now, unless
+    that never passed VERIFY (an earlier run was cut after ACTIVATE or in the middle of a
+    rollback) and a verified release is still kept: then that one."""
+    active, previous = slots.get("active"), slots.get("previous")
+    trusted = _last_verified(slots)
+    if active is not None and trusted not in (None, active, release.version_id):
+        return {"active": trusted, "previous": None}
+    return {"active": active, "previous": previous}
 
 
 def _last_verified(slots: dict[str, Any]) -> str | None:
