@@ -10,9 +10,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from fixtures_repo import ROOT, Store, run_script
+from safetensors.numpy import load_file, save_file
 
 
 @dataclass
@@ -100,3 +102,26 @@ def fleet(fleet_template, sshd, tmp_path: Path) -> Fleet:
 
 
 __all__ = ["Fleet", "fleet", "ROOT", "sys"]
+
+
+def inflated_adapter(src: Path, dst: Path, rank: int) -> Path:
+    """`src` with its LoRA rank padded to `rank`: the same outputs, megabytes instead of KB.
+
+    The padding holds random values around 1e-25, so each extra rank adds about 1e-50 to a
+    float32 output: it underflows to zero, the health check still passes, and the bytes are
+    as incompressible and unrepeating as real weights (zeros would let rsync match blocks of
+    the part never sent against those of the part that was).
+    """
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    r, rng, padded = config["r"], np.random.default_rng(7), {}
+    for name, t in load_file(dst / "adapter_model.safetensors").items():
+        axis = 0 if ".lora_A." in name else 1  # A is (r, in), B is (out, r)
+        shape = (rank - r, t.shape[1]) if axis == 0 else (t.shape[0], rank - r)
+        pad = (rng.standard_normal(shape) * 1e-25).astype(t.dtype)
+        padded[name] = np.concatenate([t, pad], axis=axis)
+    save_file(padded, str(dst / "adapter_model.safetensors"))
+    # scaling is lora_alpha / r: keep it, or the original ranks would count for less
+    config.update(r=rank, lora_alpha=config["lora_alpha"] * rank // r)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst

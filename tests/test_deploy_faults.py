@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from fixtures_fleet import Fleet
+import pytest
+import yaml
+from fixtures_fleet import Fleet, inflated_adapter, version
 from fixtures_repo import ROOT
 
 
@@ -233,3 +235,67 @@ def test_refused_login_fails_fast_without_prompt(fleet: Fleet, sshd, tmp_path: P
     assert proc.returncode == 3
     assert "ssh login to adapter-test was refused" in proc.stdout + proc.stderr
     assert time.monotonic() - started < 30
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 448 KiB tmpfs: a real full disk (skipped where this machine refuses the mount)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=448k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_real_full_disk_mid_transfer_leaves_nothing_behind(
+    fleet: Fleet, kit, small_disk: Path
+) -> None:
+    """Two ~280 KB releases in one transfer: each fits the free space the endpoint checks
+    up front, together they fill the disk mid-rsync (ENOSPC for real)."""
+    data = yaml.safe_load(fleet.params.read_text())
+    data["models"]["gemma_12b"] = {**data["models"]["gemma_4b"], "base_model": str(kit.base)}
+    fleet.params.write_text(yaml.safe_dump(data))
+    adapter = inflated_adapter(kit.good, small_disk.parent / "big", rank=32)
+    ids = [version(fleet.store, fleet.params, adapter, 4, model=m) for m in MODELS_12_4]
+    fleet.set_endpoint("ep1", adapter_dir=str(small_disk / "adapters"), min_free_bytes=0)
+    proc = fleet.deploy("--cycle", "4", "--models", *MODELS_12_4, "--endpoints", "ep1")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "disk of" in proc.stderr and "is full" in proc.stderr, proc.stderr
+    adapters = small_disk / "adapters"
+    for model, vid in zip(MODELS_12_4, ids, strict=True):
+        assert not (adapters / model / "active").exists()
+        assert not (adapters / model / "releases" / vid).exists()
+        assert not (adapters / "incoming" / model / vid).exists()  # partials removed too
+    again = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert again.returncode == 0, again.stdout + again.stderr  # the space came back
+
+
+MODELS_12_4 = ("gemma_4b", "gemma_12b")
+
+
+def test_damaged_release_is_never_rolled_back_to_and_a_redeploy_repairs_it(fleet: Fleet) -> None:
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    for cycle in ("1", "2"):
+        proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 0, proc.stderr
+    weights = fleet.endpoints["ep1"] / "gemma_4b" / "releases" / v1 / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.chmod(0o644)
+    weights.write_bytes(whole[: len(whole) // 2])  # truncated on the endpoint after transfer
+    back = fleet.deploy("--rollback", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert back.returncode == 3, back.stdout + back.stderr
+    assert f"{v1} is damaged on the endpoint" in back.stderr
+    assert fleet.slots("ep1") == (v2, v1)  # nothing changed
+    assert v2 not in json.loads(_read(fleet.endpoints["ep1"] / "gemma_4b" / "bad.json", "{}"))
+    again = fleet.deploy("--version", v1, "--models", "gemma_4b", "--endpoints", "ep1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert fleet.slots("ep1")[0] == v1 and weights.read_bytes() == whole
+    assert len(list((fleet.endpoints["ep1"] / "quarantine").iterdir())) == 1
+
+
+def _read(path: Path, default: str) -> str:
+    return path.read_text() if path.exists() else default

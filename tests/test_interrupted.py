@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,12 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from deploycore import failpoints
 from deploycore.failpoints import arm
-from fixtures_fleet import Fleet, version
-from safetensors.numpy import load_file, save_file
+from fixtures_fleet import Fleet, inflated_adapter, version
 
 DEPLOY_EP1 = ("--models", "gemma_4b", "--endpoints", "ep1", "--json")
 
@@ -163,33 +160,10 @@ class CuttingRelay:
         self.server.close()
 
 
-def _inflated_adapter(src: Path, dst: Path, rank: int) -> Path:
-    """`src` with its LoRA rank padded to `rank`: the same outputs, megabytes instead of KB.
-
-    The padding holds random values around 1e-25, so each extra rank adds about 1e-50 to a
-    float32 output: it underflows to zero, the health check still passes, and the bytes are
-    as incompressible and unrepeating as real weights (zeros would let rsync match blocks of
-    the part never sent against those of the part that was).
-    """
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "adapter_config.json").read_text())
-    r, rng, padded = config["r"], np.random.default_rng(7), {}
-    for name, t in load_file(dst / "adapter_model.safetensors").items():
-        axis = 0 if ".lora_A." in name else 1  # A is (r, in), B is (out, r)
-        shape = (rank - r, t.shape[1]) if axis == 0 else (t.shape[0], rank - r)
-        pad = (rng.standard_normal(shape) * 1e-25).astype(t.dtype)
-        padded[name] = np.concatenate([t, pad], axis=axis)
-    save_file(padded, str(dst / "adapter_model.safetensors"))
-    # scaling is lora_alpha / r: keep it, or the original ranks would count for less
-    config.update(r=rank, lora_alpha=config["lora_alpha"] * rank // r)
-    (dst / "adapter_config.json").write_text(json.dumps(config))
-    return dst
-
-
 def test_network_cut_mid_transfer_then_resume(fleet: Fleet, kit, sshd, tmp_path: Path) -> None:
     # The kit adapters are ~70 KB, no bigger than ssh's own handshake and the session's
     # traffic; a 4 MB one makes the bytes a resume saves stand out from that overhead.
-    big = _inflated_adapter(kit.good, tmp_path / "big-adapter", rank=512)
+    big = inflated_adapter(kit.good, tmp_path / "big-adapter", rank=512)
     v4 = version(fleet.store, fleet.params, big, 4)
     size = sum(p.stat().st_size for p in (fleet.store.adapters / "gemma_4b" / v4).iterdir())
     assert size > 4_000_000

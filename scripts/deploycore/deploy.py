@@ -23,6 +23,7 @@ from deploycore import failpoints
 from deploycore.config import Params
 from deploycore.errors import (
     AdapterDeployError,
+    DiskFull,
     HealthCheckFailed,
     ReloadFailed,
     RemoteError,
@@ -123,9 +124,21 @@ class EndpointRun:
             return
         total = sum(r.size for r in batch)
         self.say(",".join(r.model for r in batch), "transfer", f"{total} bytes")
-        sent = self.conn.push(files, str(incoming_root), self.progress, relative=True)
+        sent = self._push(batch, files, str(incoming_root), relative=True)
         for release in batch:  # rsync reports one figure; attribute it by size
             self.pushed[release.model] = round(sent * release.size / max(total, 1))
+
+    def _push(self, batch: list[Release], files: list, dest: str, relative: bool = False) -> int:
+        """rsync `files`; on a full endpoint disk, remove what landed (partials too) first."""
+        assert self.session
+        try:
+            return self.conn.push(files, dest, self.progress, relative=relative)
+        except DiskFull:
+            for release in batch:
+                self.session.request(
+                    "drop_incoming", model=release.model, version_id=release.version_id
+                )
+            raise
 
     def transfer(self, release: Release, out: ModelOutcome) -> None:
         assert self.session
@@ -139,7 +152,7 @@ class EndpointRun:
         else:
             files = [release.local_dir / n for n in release.files]
             self.say(release.model, "transfer", f"{release.size} bytes")
-            out.bytes_sent = self.conn.push(files, prep["incoming"], self.progress)
+            out.bytes_sent = self._push([release], files, prep["incoming"])
         # Every deploy here is the operator's explicit choice of version, so an older one
         # is an explicitly requested rollback, not a rollback attack.
         staged = self.session.request(

@@ -80,6 +80,13 @@ class EndpointSide:
             )
         return {"present": False, "incoming": str(releases.prepare_incoming(slots, version_id))}
 
+    def op_drop_incoming(self, model: str, version_id: str) -> dict[str, Any]:
+        """Delete a transfer's landing dir, partial files included (after a full disk: keeping
+        the partial for a resume would keep the disk full)."""
+        incoming = self.slots(model).incoming(check_version_id(version_id))
+        shutil.rmtree(incoming, ignore_errors=True)
+        return {}
+
     def op_stage(
         self,
         model: str,

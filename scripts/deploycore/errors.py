@@ -57,6 +57,10 @@ class ChecksumMismatch(RemoteError):
     """A transferred file does not match the manifest."""
 
 
+class DiskFull(RemoteError):
+    """The endpoint ran out of space mid-transfer."""
+
+
 class HealthCheckFailed(AdapterDeployError):
     exit_code = 4
 

@@ -39,6 +39,7 @@ class ModelSlots:
         self.active = self.root / "active"
         self.previous = self.root / "previous"
         self.bad_file = self.root / "bad.json"
+        self.files_file = self.root / "files.json"  # version_id -> the verified file list
 
     def release(self, version_id: str) -> Path:
         return self.releases / version_id
@@ -79,6 +80,25 @@ class ModelSlots:
         bad = self.bad()
         if bad.pop(version_id, None) is not None:
             atomic_write_json(self.bad_file, bad)
+
+    def recorded_files(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.files_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def record_files(self, version_id: str, files: dict[str, Any] | None) -> None:
+        """Remember a staged release's verified files (None: forget them), so a later rollback
+        can tell whether the release is still intact."""
+        recorded = self.recorded_files()
+        if files is None:
+            if recorded.pop(version_id, None) is None:
+                return
+        elif recorded.get(version_id) == files:
+            return
+        else:
+            recorded[version_id] = files
+        atomic_write_json(self.files_file, recorded)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -138,6 +158,7 @@ def stage(slots: ModelSlots, version_id: str, files: dict[str, dict[str, Any]]) 
     """Turn a verified transfer into releases/<id>. Returns 'present' or 'staged'."""
     release = slots.release(version_id)
     if release.is_dir() and not file_problems(release, files):
+        slots.record_files(version_id, files)
         return "present"
     if release.is_dir():
         release.chmod(0o755)
@@ -162,6 +183,7 @@ def stage(slots: ModelSlots, version_id: str, files: dict[str, dict[str, Any]]) 
     _make_read_only(incoming)
     incoming.rename(release)
     fsync_dir(slots.releases)
+    slots.record_files(version_id, files)
     return "staged"
 
 
@@ -201,17 +223,32 @@ def rollback_target(slots: ModelSlots, to: str | None) -> str:
                 f"{slots.model} has no kept release {to!r} (kept: {kept})",
                 "pick one of the kept releases",
             )
-        return to
+        return _intact(slots, to)
     bad = slots.bad()
     candidates = [slots.previous_id()] + list(reversed(slots.release_ids()))
     for candidate in candidates:
         if candidate and candidate != current and candidate not in bad:
             if slots.release(candidate).is_dir():
-                return candidate
+                return _intact(slots, candidate)
     raise NothingToRollBack(
         f"{slots.model} has no release to roll back to (active: {current})",
         "deploy a known-good version instead",
     )
+
+
+def _intact(slots: ModelSlots, version_id: str) -> str:
+    """`version_id` when its files are still the ones verified at staging, else refuse: a
+    rollback must never put a damaged release in service."""
+    files = slots.recorded_files().get(version_id)
+    problems = file_problems(slots.release(version_id), files) if files else []
+    if problems:
+        raise ChecksumMismatch(
+            f"{slots.model} {version_id} is damaged on the endpoint ({'; '.join(problems)}); "
+            "nothing was changed",
+            f"deploy it again (make deploy VERSION={version_id}) to resend and re-verify it, "
+            "or roll back to another release with TO=<version_id>",
+        )
+    return version_id
 
 
 def set_links(slots: ModelSlots, active: str | None, previous: str | None) -> None:
@@ -241,6 +278,7 @@ def prune(slots: ModelSlots, keep: int) -> list[str]:
         for p in path.iterdir():
             p.chmod(0o644)
         shutil.rmtree(path)
+        slots.record_files(version_id, None)
         removed.append(version_id)
     return removed
 

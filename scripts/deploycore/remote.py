@@ -23,7 +23,7 @@ from typing import Any
 
 from deploycore import PROJECT_ROOT, errors
 from deploycore.config import EndpointParams
-from deploycore.errors import RemoteError
+from deploycore.errors import DiskFull, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ _SSH_FAILURES = [
     ),
     ("timed out", "{host} is unreachable (timed out)", "check the network and that it is on"),
     ("No route to host", "{host} is unreachable", "check the network and that it is on"),
+    (
+        "No space left on device",
+        "the disk of {host} is full; the partial transfer was removed",
+        "free space on the endpoint (or lower release.keep), then deploy again",
+    ),
     (
         "No such file or directory",
         "the project is not installed on {host}",
@@ -108,7 +113,8 @@ class Connection:
     def explain(self, stderr: str) -> RemoteError:
         for needle, message, fix in _SSH_FAILURES:
             if needle in stderr:
-                return RemoteError(f"{self.name}: " + message.format(host=self.ep.host), fix)
+                kind = DiskFull if needle == "No space left on device" else RemoteError
+                return kind(f"{self.name}: " + message.format(host=self.ep.host), fix)
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
         return RemoteError(f"{self.name}: endpoint command failed: {last}", "rerun with -v")
 
