@@ -299,3 +299,17 @@ def test_damaged_release_is_never_rolled_back_to_and_a_redeploy_repairs_it(fleet
 
 def _read(path: Path, default: str) -> str:
     return path.read_text() if path.exists() else default
+
+
+def test_rsync_missing_is_recognised_whichever_way_rsync_reports_it() -> None:
+    """rsync says code 127 or code 12 for a missing remote rsync, depending on timing."""
+    from deploycore.remote import _rsync_missing
+
+    shell = "bash: line 1: /opt/rsync: No such file or directory\n"
+    assert _rsync_missing(
+        12, shell + "rsync error: error in rsync protocol data stream", "/opt/rsync"
+    )
+    assert _rsync_missing(127, "rsync error: remote command not found (code 127)", "rsync")
+    assert _rsync_missing(12, "sh: 1: rsync: not found\n", "rsync")
+    receiver = 'rsync: [receiver] mkstemp "/a/.b" failed: No such file or directory (2)\n'
+    assert not _rsync_missing(23, receiver, "rsync")  # a missing target dir, not rsync

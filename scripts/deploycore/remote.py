@@ -68,6 +68,18 @@ _SSH_FAILURES = [
 ]
 
 
+def _rsync_missing(code: int, stderr: str, rsync: str) -> bool:
+    """The endpoint's shell could not start rsync. rsync itself reports that as code 127 only
+    when it reaps the remote shell before noticing the closed pipe (code 12) — timing under
+    load decides — so the shell's own complaint about the binary counts as well."""
+    if code == 127 or "remote command not found" in stderr:
+        return True
+    # bash: "...: /opt/rsync: No such file or directory", "...: rsync: command not found";
+    # dash: "sh: 1: rsync: not found"
+    whys = ("not found", "command not found", "No such file or directory")
+    return any(f"{rsync}: {why}" in stderr for why in whys)
+
+
 def holder_text() -> str:
     return f"deploy by {getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
 
@@ -140,7 +152,7 @@ class Connection:
         argv += [str(f) for f in files] + [target]
         code, stdout, stderr = _run_relaying(argv, relay=progress)
         if code != 0:
-            if "not found" in stderr or code == 127:
+            if _rsync_missing(code, stderr, self.ep.rsync_path or "rsync"):
                 raise RemoteError(
                     f"{self.name}: rsync is missing on the endpoint",
                     "install it there (apt-get install rsync / brew install rsync)",
