@@ -19,7 +19,7 @@ import sys
 from datetime import UTC, datetime
 
 import _bootstrap  # noqa: F401
-from deploycore import quiet
+from deploycore import failpoints, quiet
 from deploycore.alerts import send_alerts
 from deploycore.config import check_version_id, load_params
 from deploycore.deploy import deploy, new_run_id, run_parallel
@@ -70,6 +70,7 @@ def do_deploy(args: argparse.Namespace, params) -> int:
         return 0
     run_id = new_run_id()
     outcomes = deploy(params, args.endpoints, chosen, progress=sys.stderr.isatty())
+    failpoints.deployer("deploy.before_log")
     record(params, "deploy", outcomes, run_id, args.cycle)
     send_alerts(params, "deploy", outcomes)
     return print_outcomes(f"deploy {run_id}", outcomes, args.json)

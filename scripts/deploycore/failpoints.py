@@ -16,6 +16,7 @@ lookup per point. The points, in the order a deploy reaches them:
     deploy.after_activate   `active` flipped, VERIFY not started: serving unverified
     deploy.after_verify     VERIFY passed, the endpoint's status.json not yet told so
     deploy.after_record     the endpoint recorded it verified; no prune, no deploy log yet
+    deploy.before_log       every endpoint done; the training-side deploy log not written
     rollback.after_mark_bad VERIFY failed and the release is marked bad; links not back yet
     rollback.after_links    links back on the old release and re-signalled, not re-verified
 """
@@ -40,6 +41,7 @@ DEPLOYER_POINTS = (
     "deploy.after_activate",
     "deploy.after_verify",
     "deploy.after_record",
+    "deploy.before_log",
     "rollback.after_mark_bad",
     "rollback.after_links",
 )
