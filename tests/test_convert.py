@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploycore.conversions import base_identity, conversion_key
+from deploycore.conversion_cache import base_identity, conversion_key
 from deploycore.fsutil import sha256_file
 from deploycore.health import check_release
 from fixtures_repo import run_script
