@@ -80,6 +80,30 @@ def test_deployer_killed_at_every_phase_is_reconciled(
         old, new = new, old
 
 
+def test_deployer_killed_during_a_manual_rollback_converges(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make rollback TO=<v1>` killed at each step, then run again: v1 serves, verified."""
+    ep1 = fleet.endpoints["ep1"]
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    back = ("--rollback", "--to", v1, *DEPLOY_EP1)
+    for point in failpoints.MANUAL_ROLLBACK_POINTS:
+        for cycle in ("1", "2"):
+            assert _deploy_after_lock(fleet, "--cycle", cycle, *DEPLOY_EP1).returncode == 0
+        assert fleet.slots("ep1")[0] == v2
+        with monkeypatch.context() as env:
+            env.setenv(failpoints.DEPLOYER_ENV, point)
+            killed = fleet.deploy(*back)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stdout + killed.stderr)
+        _assert_complete(ep1)
+        assert fleet.slots("ep1")[0] in (v1, v2), point
+        again = _deploy_after_lock(fleet, *back)
+        assert again.returncode == 0, (point, again.stdout + again.stderr)
+        assert fleet.slots("ep1")[0] == v1, point
+        _assert_nothing_unverified(fleet)
+        assert v2 in json.loads((ep1 / "gemma_4b" / "bad.json").read_text()), point
+
+
 def test_failed_reload_after_a_cut_deploy_goes_back_to_the_verified_release(
     fleet: Fleet, kit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

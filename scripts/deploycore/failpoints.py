@@ -19,6 +19,9 @@ lookup per point. The points, in the order a deploy reaches them:
     deploy.before_log       every endpoint done; the training-side deploy log not written
     rollback.after_mark_bad VERIFY failed and the release is marked bad; links not back yet
     rollback.after_links    links back on the old release and re-signalled, not re-verified
+and in a manual rollback (MANUAL_ROLLBACK_POINTS):
+    manual_rollback.after_mark_bad   the release rolled back from is marked bad; links unmoved
+    manual_rollback.after_links      links on the target, not yet health-checked or recorded
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ DEPLOYER_POINTS = (
     "rollback.after_mark_bad",
     "rollback.after_links",
 )
+# Reached by `make rollback` (deploy_adapters.py --rollback), not by a deploy.
+MANUAL_ROLLBACK_POINTS = ("manual_rollback.after_mark_bad", "manual_rollback.after_links")
 
 
 def trigger(adapter_dir: Path, name: str) -> str | None:

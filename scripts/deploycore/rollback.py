@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deploycore import failpoints
 from deploycore.config import Params
 from deploycore.deploy import (
     EndpointRun,
@@ -36,9 +37,11 @@ def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcom
     # where it no longer knows what it rolled back from.
     if current and current != target:
         run.session.request("mark_bad", model=model, version_id=current, reason="rolled back")
+    failpoints.deployer("manual_rollback.after_mark_bad")
     run.session.request(
         "restore", model=model, active=target, previous=current, reload=reload_spec(run.ep)
     )
+    failpoints.deployer("manual_rollback.after_links")
     out.phases.append("activate")
     run.say(model, "rollback", f"{current} -> {target}")
     try:
