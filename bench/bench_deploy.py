@@ -41,10 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
 from deploycore.config import Params, load_params  # noqa: E402
-from deploycore.deploy import EndpointRun, run_parallel  # noqa: E402
+from deploycore.deploy import run_parallel  # noqa: E402
 from deploycore.fsutil import sha256_file  # noqa: E402
 from deploycore.plan import ModelOutcome, Release  # noqa: E402
 from deploycore.remote import Connection  # noqa: E402
+from deploycore.steps import EndpointRun  # noqa: E402
 from fixtures_sshd import SSHServer, running_sshd  # noqa: E402
 
 MB = 1024 * 1024

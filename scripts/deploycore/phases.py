@@ -11,7 +11,6 @@ from pathlib import Path
 
 from deploycore.config import Params
 from deploycore.deploy import (
-    EndpointRun,
     endpoint_run,
     per_model,
     run_parallel,
@@ -22,6 +21,7 @@ from deploycore.plan import (
     ModelOutcome,
     Release,
 )
+from deploycore.steps import EndpointRun
 
 PHASES = ("transfer", "precheck", "activate", "verify")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from deploycore import failpoints
 from deploycore.config import Params
 from deploycore.deploy import (
-    EndpointRun,
     endpoint_run,
     per_model,
 )
@@ -26,6 +25,7 @@ from deploycore.plan import (
     ModelOutcome,
     reload_spec,
 )
+from deploycore.steps import EndpointRun
 
 
 def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcome:
