@@ -11,6 +11,11 @@ would, and runs the 5-sentence health check:
 The regressed adapter must fail the same check in 4-bit (the gate still discriminates).
 Prints one table and writes the figures as JSON. Exits 3 when CUDA is absent, unless
 --allow-cpu (then every load is unquantized: useful only to try the script itself).
+
+With --gguf DIR it checks GGUF releases instead (every DIR/<name>/model.gguf, as `make
+convert FORMAT=gguf` writes them) with the llama.cpp engine: all layers on the GPU, then all
+on the CPU for the baseline; llama-cpp-python must be built with CUDA
+(CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -104,6 +109,49 @@ def run(kit_dir: Path, work: Path) -> dict[str, Any]:
     }
 
 
+def run_gguf(releases: Path) -> dict[str, Any]:
+    import llama_cpp
+
+    from engines.llamacpp_engine import LlamaCppEngine
+
+    rows = []
+    for release in sorted(p.parent for p in releases.glob("*/model.gguf")):
+        for layers, where in ((-1, "gpu"), (0, "cpu")):
+            start = time.perf_counter()
+            engine = LlamaCppEngine(release, n_gpu_layers=layers)
+            load_s = time.perf_counter() - start
+            result = run_health_check(engine)
+            rows.append(
+                {
+                    "release": f"{release.name} ({where})",
+                    "load_s": round(load_s, 3),
+                    "passed": result.all_passed,
+                    "p50_s": result.latency_p50,
+                    "failures": result.failures(),
+                    "outputs": [r.output for r in result.results],
+                }
+            )
+    return {
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "llama-cpp-python": _version("llama-cpp-python"),
+        "rows": rows,
+    }
+
+
+def gguf_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"gpu: {report['gpu']}  llama-cpp-python {report['llama-cpp-python']}  "
+        f"GPU offload built in: {report['gpu_offload']}",
+        "| GGUF release | load s | health | p50 s |",
+        "|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        health = "pass" if r["passed"] else "FAIL"
+        lines.append(f"| {r['release']} | {r['load_s']} | {health} | {r['p50_s']} |")
+    return "\n".join(lines)
+
+
 def _version(name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -134,10 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kit", type=Path, default=ROOT / ".kit", help="test kit dir")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--allow-cpu", action="store_true", help="run unquantized without CUDA")
+    parser.add_argument("--gguf", type=Path, help="check the GGUF releases in this dir instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu_check: no CUDA device here; run it on an NVIDIA machine", file=sys.stderr)
         return 3
+    if args.gguf:
+        report = run_gguf(args.gguf)
+        print(gguf_table(report))
+        for r in report["rows"]:
+            if r["failures"]:
+                print(f"{r['release']}: " + "; ".join(r["failures"]))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         report = run(args.kit, Path(tmp))
     print(table(report))

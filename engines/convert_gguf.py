@@ -229,6 +229,7 @@ def quantize(src: Path, dst: Path, gguf_type: str) -> Path:
     """Requantize an F16 GGUF file with llama.cpp's own quantizer."""
     import llama_cpp
 
+    quiet_llama_cpp()
     ftypes = {
         "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
         "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
@@ -244,6 +245,12 @@ def quantize(src: Path, dst: Path, gguf_type: str) -> Path:
         )
     log.debug("quantized %s -> %s (%s)", src, dst, gguf_type)
     return dst
+
+
+def quiet_llama_cpp() -> None:
+    """llama.cpp logs every tensor it quantizes; keep its errors only, unless debugging."""
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:

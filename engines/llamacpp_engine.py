@@ -41,13 +41,15 @@ def gguf_file(release_dir: Path) -> Path:
     return files[0]
 
 
-def _open(path: Path) -> Any:
+def _open(path: Path, n_gpu_layers: int) -> Any:
     if importlib.util.find_spec("llama_cpp") is None:
         raise AdapterError(TOOLS_HINT, fix="install llama-cpp-python on this endpoint")
     from llama_cpp import Llama
 
     try:
-        return Llama(model_path=str(path), n_ctx=N_CTX, n_gpu_layers=-1, seed=0, verbose=False)
+        return Llama(
+            model_path=str(path), n_ctx=N_CTX, n_gpu_layers=n_gpu_layers, seed=0, verbose=False
+        )
     except Exception as err:  # llama-cpp-python raises ValueError/RuntimeError for a bad file
         raise AdapterError(
             f"llama.cpp cannot load {path} ({err})", fix="convert and deploy the release again"
@@ -74,7 +76,8 @@ def _prompt_formatter(llm: Any, path: Path) -> Any:
 class LlamaCppEngine(SwappingEngine):
     """Translate with llama.cpp from a GGUF release; reload swaps the whole model."""
 
-    def __init__(self, release_path: str | Path) -> None:
+    def __init__(self, release_path: str | Path, n_gpu_layers: int = -1) -> None:
+        self.n_gpu_layers = n_gpu_layers  # -1: every layer on the GPU where there is one
         self._lock = threading.RLock()
         self._loaded: LoadedRelease | None = None
         self.llm: Any = None
@@ -87,7 +90,7 @@ class LlamaCppEngine(SwappingEngine):
 
     def _load(self, release: LoadedRelease) -> None:
         path = gguf_file(Path(release.path))
-        llm = _open(path)
+        llm = _open(path, self.n_gpu_layers)
         formatter = _prompt_formatter(llm, path)
         old = self.llm
         self.llm, self._format, self._loaded = llm, formatter, release

@@ -4,6 +4,9 @@ served and health-checked by the llama.cpp engine, deployed to a cuda endpoint o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from deploycore.errors import AdapterError
 from deploycore.health import check_release, run_health_check
 from fixtures_convert import Versioned
 from fixtures_fleet import Fleet
+from fixtures_repo import ROOT
 
 from engines import convert_gguf
 from engines.convert_gguf import convert_to_gguf, gguf_metadata
@@ -136,3 +140,19 @@ def test_cuda_gguf_endpoint_with_restart_reload_and_rollback(fleet: Fleet, tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert fleet.slots("ep2")[0] == v1
     assert restarts.read_text().count("restarted") == 3  # two activations and the rollback
+
+
+def test_a_gguf_release_is_checked_and_served_without_torch(f16: dict) -> None:
+    """On an NVIDIA box torch's CUDA and a CUDA build of llama.cpp crash in one process (seen
+    on an H200: a segfault loading either after the other), so the llama.cpp path must never
+    import torch: the endpoint's pre-check and the service module alike."""
+    code = (
+        "import sys; from deploycore.health import check_release; import engines.serve\n"
+        f"result = check_release({f16['path']!r}, None)\n"
+        "print(result.all_passed, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'scripts'}{os.pathsep}{ROOT}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.stdout.split() == ["True", "False", "False"], proc.stdout + proc.stderr
