@@ -2,8 +2,9 @@
 
 Two steps, both with llama.cpp's own published tools (nothing of llama.cpp is copied here):
     F16     written by this module with the `gguf` package's writer and its tensor-name map
-            (llama.cpp's HF->GGUF converter script is not shipped in any wheel); Gemma 3 text
-            models only, the architecture we serve
+            (llama.cpp's HF->GGUF converter script is not shipped in any wheel); Gemma 3,
+            the architecture we serve: text-only, or the multimodal TranslateGemma layout
+            whose language model is written and whose vision tower is left out
     Q8_0, Q4_K_M
             the F16 file requantized by llama.cpp's `llama_model_quantize` (llama-cpp-python)
 
@@ -29,7 +30,20 @@ GGUF_TYPES = ("Q4_K_M", "Q8_0", "F16")
 DEFAULT_GGUF_TYPE = "Q4_K_M"
 GGUF_FILE = "model.gguf"
 TOOLS_HINT = "gguf conversion needs llama.cpp's tools: pip install llama-cpp-python gguf"
-_ARCHITECTURES = {"gemma3_text": "gemma3"}  # transformers model_type -> GGUF architecture
+# transformers model_type -> GGUF architecture. "gemma3" is the multimodal checkpoint
+# (Gemma3ForConditionalGeneration, e.g. TranslateGemma): its language model is written and
+# the vision tower left out; llama.cpp keeps vision in a separate mmproj file, and
+# translation needs none.
+_ARCHITECTURES = {"gemma3_text": "gemma3", "gemma3": "gemma3"}
+# Where the language model's tensors live in a multimodal checkpoint, as saved by
+# transformers 4 and 5, and the text-only name each prefix stands for.
+_TEXT_PREFIXES = {
+    "language_model.model.": "model.",
+    "model.language_model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.")
+_VISION_PREFIXES += ("model.multi_modal_projector.",)
 # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp multiplies by the stored weight.
 _NORM_SHIFT = {"gemma3": 1.0}
 
@@ -81,6 +95,8 @@ def write_f16(model_dir: Path, out_file: Path) -> Path:
 
     config = read_json(model_dir / "config.json")
     arch = _architecture(config, model_dir)
+    tied = config.get("tie_word_embeddings", True)
+    config = _text_config(config)
     writer = gguf.GGUFWriter(str(out_file), arch)
     _write_hparams(writer, config, model_dir.name)
     n_vocab = int(config["vocab_size"])
@@ -88,13 +104,14 @@ def write_f16(model_dir: Path, out_file: Path) -> Path:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, int(config["num_hidden_layers"]))
     shift = _NORM_SHIFT.get(arch, 0.0)
     for name, tensor in _tensors(model_dir):
-        if name == "lm_head.weight" and config.get("tie_word_embeddings", True):
-            continue  # tied to the token embedding, which llama.cpp reuses as the output
+        name = _text_name(name)
+        if name is None or (name == "lm_head.weight" and tied):
+            continue  # vision, or tied to the token embedding (llama.cpp reuses it as output)
         mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise AdapterError(
                 f"{model_dir}: tensor {name} has no GGUF name for {arch}",
-                fix="gguf conversion supports Gemma 3 text models; use format merged",
+                fix="gguf conversion supports Gemma 3 models; use format merged",
             )
         data = tensor.float().numpy()
         if name.endswith("norm.weight"):
@@ -108,12 +125,27 @@ def write_f16(model_dir: Path, out_file: Path) -> Path:
     return out_file
 
 
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config's language-model part (a text-only config as it is)."""
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def _text_name(name: str) -> str | None:
+    """The text-only name of a checkpoint tensor; None for the vision tower and projector."""
+    if name.startswith(_VISION_PREFIXES):
+        return None
+    for prefix, text in _TEXT_PREFIXES.items():
+        if name.startswith(prefix):
+            return text + name[len(prefix) :]
+    return name
+
+
 def _architecture(config: dict[str, Any], model_dir: Path) -> str:
     model_type = config.get("model_type")
     if model_type not in _ARCHITECTURES:
         raise AdapterError(
             f"{model_dir}: gguf conversion does not support model_type {model_type!r}",
-            fix="gguf conversion supports Gemma 3 text models (gemma3_text); use format merged",
+            fix="gguf conversion supports Gemma 3 models (gemma3, gemma3_text); use format merged",
         )
     return _ARCHITECTURES[model_type]
 

@@ -22,6 +22,7 @@ from engines.convert_gguf import convert_to_gguf, gguf_metadata
 from engines.convert_merge import merge_adapter
 from engines.hf_engine import HFEngine
 from engines.llamacpp_engine import LlamaCppEngine
+from engines.testkit import build_multimodal, multimodal_adapter
 
 pytestmark = pytest.mark.skipif(
     not convert_gguf.tools_available("Q4_K_M"),
@@ -156,3 +157,20 @@ def test_a_gguf_release_is_checked_and_served_without_torch(f16: dict) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.stdout.split() == ["True", "False", "False"], proc.stdout + proc.stderr
+
+
+def test_multimodal_checkpoint_converts_to_a_text_only_gguf(kit, tmp_path: Path) -> None:
+    """The TranslateGemma layout (Gemma3ForConditionalGeneration: language model under
+    `language_model`, plus a vision tower): an adapter trained on it merges, the GGUF holds
+    the language model only, and it passes the same health check."""
+    base = build_multimodal(kit.base, tmp_path / "base")
+    adapter = multimodal_adapter(kit.good, base, tmp_path / "adapter")
+    merged = merge_adapter(adapter, base, tmp_path / "merged")
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "gemma3"
+    path = convert_to_gguf(merged, tmp_path / "gguf", "Q8_0")
+    text_only = convert_to_gguf(
+        merge_adapter(kit.good, kit.base, tmp_path / "text"), tmp_path / "text-gguf", "Q8_0"
+    )
+    assert gguf_metadata(path)["tensors"] == gguf_metadata(text_only)["tensors"]  # no vision
+    health = check_release(path.parent, None)
+    assert health.all_passed, health.failures() or health.error
