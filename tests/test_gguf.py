@@ -22,7 +22,7 @@ from engines.convert_gguf import convert_to_gguf, gguf_metadata
 from engines.convert_merge import merge_adapter
 from engines.hf_engine import HFEngine
 from engines.llamacpp_engine import LlamaCppEngine
-from engines.testkit import build_multimodal, multimodal_adapter
+from engines.testkit_multimodal import build_multimodal, multimodal_adapter
 
 pytestmark = pytest.mark.skipif(
     not convert_gguf.tools_available("Q4_K_M"),
