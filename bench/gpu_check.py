@@ -140,15 +140,21 @@ def run_gguf(releases: Path) -> dict[str, Any]:
 
 
 def gguf_table(report: dict[str, Any]) -> str:
-    lines = [
+    title = (
         f"gpu: {report['gpu']}  llama-cpp-python {report['llama-cpp-python']}  "
-        f"GPU offload built in: {report['gpu_offload']}",
-        "| GGUF release | load s | health | p50 s |",
-        "|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        health = "pass" if r["passed"] else "FAIL"
-        lines.append(f"| {r['release']} | {r['load_s']} | {health} | {r['p50_s']} |")
+        f"GPU offload built in: {report['gpu_offload']}"
+    )
+    columns = {"GGUF release": "release", "load s": "load_s", "health": "health", "p50 s": "p50_s"}
+    return _markdown(title, columns, report["rows"])
+
+
+def _markdown(title: str, columns: dict[str, str], rows: list[dict[str, Any]]) -> str:
+    """`title`, then one table row per result: column header -> row key ("health" reads
+    `passed`)."""
+    lines = [title, "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = {**r, "health": "pass" if r["passed"] else "FAIL"}
+        lines.append("| " + " | ".join(str(cells[k]) for k in columns.values()) + " |")
     return "\n".join(lines)
 
 
@@ -162,19 +168,21 @@ def _version(name: str) -> str | None:
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [
+    title = (
         f"gpu: {report['gpu']}  torch {report['torch']}  bitsandbytes {report['bitsandbytes']}"
-        f"  transformers {report['transformers']}",
-        "| release | device | 4-bit layers | footprint KiB | load s | health | p50 s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        health = "pass" if r["passed"] else "FAIL"
-        lines.append(
-            f"| {r['release']} | {r['device']} | {r['linear_4bit']} | "
-            f"{r['footprint_bytes'] / 1024:.0f} | {r['load_s']} | {health} | {r['p50_s']} |"
-        )
-    return "\n".join(lines)
+        f"  transformers {report['transformers']}"
+    )
+    columns = {
+        "release": "release",
+        "device": "device",
+        "4-bit layers": "linear_4bit",
+        "footprint KiB": "footprint_kib",
+        "load s": "load_s",
+        "health": "health",
+        "p50 s": "p50_s",
+    }
+    rows = [{**r, "footprint_kib": f"{r['footprint_bytes'] / 1024:.0f}"} for r in report["rows"]]
+    return _markdown(title, columns, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

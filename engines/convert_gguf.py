@@ -14,6 +14,7 @@ falls back to a legacy quant type for narrower tensors, so tiny models still con
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -54,6 +55,7 @@ def tools_available(gguf_type: str = DEFAULT_GGUF_TYPE) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in needed)
 
 
+@functools.cache  # what is installed does not change under a running process
 def tool_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -166,88 +166,31 @@ def story(root: Path) -> int:
     wait_ready(url)
     print(f"service ready on {url}; no adapter deployed yet")
 
+    def version_and_deploy(cycle: int, adapter: Path) -> None:
+        """`make version` then `make deploy` of gemma_4b to the local endpoint."""
+        src = ("--model", "gemma_4b", "--cycle", str(cycle), "--src", str(adapter))
+        sh(env, py, script("version.py"), *src)
+        where = ("--cycle", str(cycle), "--models", "gemma_4b", "--endpoints", "local")
+        sh(env, py, script("deploy_adapters.py"), *where)
+
     step("2. Version cycle 1 and deploy it: healthy")
-    sh(env, py, script("version.py"), "--model", "gemma_4b", "--cycle", "1", "--src", str(kit.good))
-    sh(
-        env,
-        py,
-        script("deploy_adapters.py"),
-        "--cycle",
-        "1",
-        "--models",
-        "gemma_4b",
-        "--endpoints",
-        "local",
-    )
+    version_and_deploy(1, kit.good)
     print("service answers:", ask(url, JAMES))
 
     step("3. A regressed cycle 2: the pre-check fails, nothing changes")
-    sh(
-        env,
-        py,
-        script("version.py"),
-        "--model",
-        "gemma_4b",
-        "--cycle",
-        "2",
-        "--src",
-        str(kit.regressed),
-    )
-    sh(
-        env,
-        py,
-        script("deploy_adapters.py"),
-        "--cycle",
-        "2",
-        "--models",
-        "gemma_4b",
-        "--endpoints",
-        "local",
-    )
+    version_and_deploy(2, kit.regressed)
     print("service still answers:", ask(url, JAMES))
 
     step("4. A good cycle 3: hot reload, acknowledged by the service, verified")
-    sh(
-        env,
-        py,
-        script("version.py"),
-        "--model",
-        "gemma_4b",
-        "--cycle",
-        "3",
-        "--src",
-        str(kit.good2),
-    )
-    sh(
-        env,
-        py,
-        script("deploy_adapters.py"),
-        "--cycle",
-        "3",
-        "--models",
-        "gemma_4b",
-        "--endpoints",
-        "local",
-    )
+    version_and_deploy(3, kit.good2)
     print("service answers:", ask(url, JAMES))
 
     step(
         "5. Cycle 4 fails AFTER activation (a failpoint forces the verify to fail): "
         "automatic rollback"
     )
-    sh(env, py, script("version.py"), "--model", "gemma_4b", "--cycle", "4", "--src", str(kit.good))
     arm(root / "endpoint" / "adapters", "verify", "fail")
-    sh(
-        env,
-        py,
-        script("deploy_adapters.py"),
-        "--cycle",
-        "4",
-        "--models",
-        "gemma_4b",
-        "--endpoints",
-        "local",
-    )
+    version_and_deploy(4, kit.good)
     print("service answers:", ask(url, JAMES))
 
     step("6. Manual rollback (make rollback): back to the release before cycle 3")

@@ -125,3 +125,23 @@ def inflated_adapter(src: Path, dst: Path, rank: int) -> Path:
     config.update(r=rank, lora_alpha=config["lora_alpha"] * rank // r)
     (dst / "adapter_config.json").write_text(json.dumps(config))
     return dst
+
+
+def restart_deploy_and_rollback(fleet: Fleet, tmp_path: Path, check_active, **endpoint) -> None:
+    """Deploy cycles 1 and 2 to ep2 (restart reload, `endpoint` settings), call
+    `check_active(<ep2>/gemma_4b/active)`, roll back: cycle 1 serves, three restarts."""
+    restarts = tmp_path / "restarts.log"
+    fleet.set_endpoint(
+        "ep2", platform="cuda", reload_method="restart",
+        restart_command=["sh", "-c", f"echo restarted >> {restarts}"], **endpoint,
+    )  # fmt: skip
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    for cycle in ("1", "2"):
+        proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep2")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert fleet.slots("ep2") == (v2, v1)
+    check_active(fleet.endpoints["ep2"] / "gemma_4b" / "active")
+    proc = fleet.deploy("--rollback", "--endpoints", "ep2", "--models", "gemma_4b")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert fleet.slots("ep2")[0] == v1
+    assert restarts.read_text().count("restarted") == 3  # two activations and the rollback

@@ -51,6 +51,15 @@ def _assert_settled(fleet: Fleet, ep: str, active: str, bad: str) -> None:
     assert bad in json.loads((adapter_dir / "gemma_4b" / "bad.json").read_text())
 
 
+def _assert_crashed(fleet: Fleet, point: str, proc) -> None:
+    """The endpoint died at `point` (its failpoint used up): exit 3, complete releases, and
+    ep1 serves cycle 1 or cycle 2."""
+    assert proc.returncode == 3, (point, proc.stdout + proc.stderr)
+    assert _armed(fleet, "ep1") == {}
+    _assert_complete(fleet, "ep1")
+    assert fleet.slots("ep1")[0] in (fleet.versions["cycle1"], fleet.versions["cycle2"])
+
+
 @pytest.mark.slow
 def test_endpoint_killed_at_every_activation_and_rollback_step_converges(fleet: Fleet) -> None:
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
@@ -58,11 +67,7 @@ def test_endpoint_killed_at_every_activation_and_rollback_step_converges(fleet: 
     assert fleet.deploy("--cycle", "1", *GEMMA_EP1).returncode == 0
     for i, point in enumerate(POINTS):
         arm(ep1, point, "crash")
-        crashed = fleet.deploy("--cycle", "2", *GEMMA_EP1)
-        assert crashed.returncode == 3, (point, crashed.stdout + crashed.stderr)
-        assert _armed(fleet, "ep1") == {}
-        _assert_complete(fleet, "ep1")
-        assert fleet.slots("ep1")[0] in (v1, v2)
+        _assert_crashed(fleet, point, fleet.deploy("--cycle", "2", *GEMMA_EP1))
         again = fleet.deploy("--cycle", "2", *GEMMA_EP1)  # the lock is free; the rerun converges
         assert again.returncode == 0, (point, again.stdout + again.stderr)
         assert fleet.slots("ep1")[0] == v2
@@ -72,10 +77,7 @@ def test_endpoint_killed_at_every_activation_and_rollback_step_converges(fleet: 
         if i < len(RESTORE_POINTS):
             arm(ep1, RESTORE_POINTS[i], "crash")
             cut = fleet.deploy("--rollback", *GEMMA_EP1, "--to", v1)
-            assert cut.returncode == 3, (RESTORE_POINTS[i], cut.stdout + cut.stderr)
-            assert _armed(fleet, "ep1") == {}
-            _assert_complete(fleet, "ep1")
-            assert fleet.slots("ep1")[0] in (v1, v2)
+            _assert_crashed(fleet, RESTORE_POINTS[i], cut)
         back = fleet.deploy("--rollback", *GEMMA_EP1, "--to", v1)
         assert back.returncode == 0, back.stdout + back.stderr
         _assert_settled(fleet, "ep1", active=v1, bad=v2)
@@ -90,11 +92,7 @@ def test_endpoint_killed_during_automatic_rollback_converges(fleet: Fleet) -> No
     for point in RESTORE_POINTS:
         arm(ep1, "verify", "fail")
         arm(ep1, point, "crash")
-        crashed = fleet.deploy("--cycle", "2", *GEMMA_EP1)
-        assert crashed.returncode == 3, (point, crashed.stdout + crashed.stderr)
-        assert _armed(fleet, "ep1") == {}
-        _assert_complete(fleet, "ep1")
-        assert fleet.slots("ep1")[0] in (v1, v2)
+        _assert_crashed(fleet, point, fleet.deploy("--cycle", "2", *GEMMA_EP1))
         # v2 still fails VERIFY: the rerun must end on v1 verified, never on v2 (which is
         # still `active` after a crash before the links went back).
         arm(ep1, "verify", "fail")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fixtures_fleet import Fleet
+from fixtures_fleet import Fleet, restart_deploy_and_rollback
 
 
 def test_deploy_cycle1_to_both_endpoints(fleet: Fleet) -> None:
@@ -86,18 +86,7 @@ def test_cuda_endpoint_with_merged_format_gets_the_converted_release(fleet: Flee
 
 
 def test_cuda_merged_endpoint_with_restart_reload_and_rollback(fleet: Fleet, tmp_path) -> None:
-    restarts = tmp_path / "restarts.log"
-    fleet.set_endpoint(
-        "ep2", platform="cuda", format="merged", reload_method="restart",
-        restart_command=["sh", "-c", f"echo restarted >> {restarts}"],
-    )  # fmt: skip
-    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
-    for cycle in ("1", "2"):
-        proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep2")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fleet.slots("ep2") == (v2, v1)
-    assert (fleet.endpoints["ep2"] / "gemma_4b" / "active" / "config.json").is_file()
-    proc = fleet.deploy("--rollback", "--endpoints", "ep2", "--models", "gemma_4b")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fleet.slots("ep2")[0] == v1
-    assert restarts.read_text().count("restarted") == 3  # two activations and the rollback
+    def check_active(active) -> None:
+        assert (active / "config.json").is_file()
+
+    restart_deploy_and_rollback(fleet, tmp_path, check_active, format="merged")

@@ -14,7 +14,7 @@ from deploycore import conversions
 from deploycore.errors import AdapterError
 from deploycore.health import check_release, run_health_check
 from fixtures_convert import Versioned
-from fixtures_fleet import Fleet
+from fixtures_fleet import Fleet, restart_deploy_and_rollback
 from fixtures_repo import ROOT
 
 from engines import convert_gguf
@@ -124,23 +124,11 @@ def test_missing_tools_simulated_error_says_how_to_install(versioned, monkeypatc
 
 
 def test_cuda_gguf_endpoint_with_restart_reload_and_rollback(fleet: Fleet, tmp_path) -> None:
-    restarts = tmp_path / "restarts.log"
-    fleet.set_endpoint(
-        "ep2", platform="cuda", format="gguf", gguf_type="Q8_0", reload_method="restart",
-        restart_command=["sh", "-c", f"echo restarted >> {restarts}"],
-    )  # fmt: skip
-    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
-    for cycle in ("1", "2"):
-        proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep2")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fleet.slots("ep2") == (v2, v1)
-    active = fleet.endpoints["ep2"] / "gemma_4b" / "active"
-    assert sorted(p.name for p in active.iterdir()) == ["conversion.json", "model.gguf"]
-    assert "Q8_0" in gguf_metadata(active / "model.gguf")["tensor_types"]
-    proc = fleet.deploy("--rollback", "--endpoints", "ep2", "--models", "gemma_4b")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fleet.slots("ep2")[0] == v1
-    assert restarts.read_text().count("restarted") == 3  # two activations and the rollback
+    def check_active(active: Path) -> None:
+        assert sorted(p.name for p in active.iterdir()) == ["conversion.json", "model.gguf"]
+        assert "Q8_0" in gguf_metadata(active / "model.gguf")["tensor_types"]
+
+    restart_deploy_and_rollback(fleet, tmp_path, check_active, format="gguf", gguf_type="Q8_0")
 
 
 def test_a_gguf_release_is_checked_and_served_without_torch(f16: dict) -> None:

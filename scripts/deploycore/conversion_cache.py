@@ -29,6 +29,7 @@ the `gguf` writer, then requantized by llama.cpp for Q8_0 / Q4_K_M).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ RECIPE = 2  # bump when this code changes what a conversion writes
 _BASE_IDS = "base-identities.json"
 
 
+@functools.cache  # what is installed does not change under a running process
 def tool_versions() -> dict[str, Any]:
     """What produced the bytes: part of the cache key, so an upgrade reconverts."""
     from importlib.metadata import version

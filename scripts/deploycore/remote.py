@@ -59,6 +59,7 @@ _SSH_FAILURES = [
         "No space left on device",
         "the disk of {host} is full; the partial transfer was removed",
         "free space on the endpoint (or lower release.keep), then deploy again",
+        DiskFull,
     ),
     (
         "No such file or directory",
@@ -123,10 +124,10 @@ class Connection:
         return [*self.ssh_argv(), self.ep.host, "--", shlex.join(command)]
 
     def explain(self, stderr: str) -> RemoteError:
-        for needle, message, fix in _SSH_FAILURES:
+        for needle, message, fix, *kind in _SSH_FAILURES:
             if needle in stderr:
-                kind = DiskFull if needle == "No space left on device" else RemoteError
-                return kind(f"{self.name}: " + message.format(host=self.ep.host), fix)
+                error = kind[0] if kind else RemoteError
+                return error(f"{self.name}: " + message.format(host=self.ep.host), fix)
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
         return RemoteError(f"{self.name}: endpoint command failed: {last}", "rerun with -v")
 
