@@ -19,20 +19,17 @@ import argparse
 import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from adapter_deploy.common.fsutil import atomic_write_json, sha256_file
+from adapter_deploy.config import Params
+from adapter_deploy.convert.gguf import GGUF_TYPES, tools_available
+from adapter_deploy.kit.gemma import build_kit
+from adapter_deploy.store.conversions import CACHE_DIR, convert_release
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
-
-from deploycore.config import Params  # noqa: E402
-from deploycore.conversions import CACHE_DIR, convert_release  # noqa: E402
-from deploycore.fsutil import atomic_write_json, sha256_file  # noqa: E402
-
-from engines.convert_gguf import GGUF_TYPES, tools_available  # noqa: E402
-from engines.testkit import build_kit  # noqa: E402
 
 GOAL_MERGED_S = 2.0
 GOAL_HIT_S = 0.25

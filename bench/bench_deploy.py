@@ -3,7 +3,7 @@
 Usage:
     python bench/bench_deploy.py [--repeats 3]
 
-Starts a private sshd on 127.0.0.1 (tests/fixtures_sshd.running_sshd) and measures, through
+Starts a private sshd on 127.0.0.1 (adapter_deploy.kit.sshd.running_sshd) and measures, through
 the project's own code (EndpointRun over one endpoint session; no health check):
   1. three synthetic adapters (~60/80/120 MB safetensors + adapter_config.json) to one fresh
      endpoint: transfer + verify + activate, against `rsync -a` of the same files over the
@@ -35,18 +35,16 @@ from typing import Any
 
 import numpy as np
 import yaml
+from adapter_deploy.common.fsutil import sha256_file
+from adapter_deploy.config import Params, load_params
+from adapter_deploy.deploy.fleet import run_parallel
+from adapter_deploy.deploy.plan import ModelOutcome, Release
+from adapter_deploy.deploy.remote import Connection
+from adapter_deploy.deploy.steps import EndpointRun
+from adapter_deploy.kit.sshd import SSHServer, running_sshd
 from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
-
-from deploycore.config import Params, load_params  # noqa: E402
-from deploycore.deploy import run_parallel  # noqa: E402
-from deploycore.fsutil import sha256_file  # noqa: E402
-from deploycore.plan import ModelOutcome, Release  # noqa: E402
-from deploycore.remote import Connection  # noqa: E402
-from deploycore.steps import EndpointRun  # noqa: E402
-from fixtures_sshd import SSHServer, running_sshd  # noqa: E402
 
 MB = 1024 * 1024
 BIG = {"whisper": (60 * MB, np.float16), "gemma_4b": (80 * MB, np.float32)}
@@ -205,13 +203,12 @@ def probe_startup(params: Params, name: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="adeploy-bench-") as control:
         conn = Connection(name, ep, Path(control))
         cold = ["ssh", "-F", ep.ssh_config or "", "-o", "BatchMode=yes", ep.host, "true"]
-        imports = "import sys; sys.path[:0] = [sys.argv[1]]; import deploycore.endpoint"
         probes = {
             "ssh connect + true (no mux)": cold,
             "ssh mux + true": conn.argv(["true"]),
             "ssh mux + python -c pass": conn.argv([ep.python or "python3", "-c", "pass"]),
-            "ssh mux + import deploycore.endpoint": conn.argv(
-                [ep.python or "python3", "-c", imports, str(ROOT / "scripts")]
+            "ssh mux + import adapter_deploy.agent.session": conn.argv(
+                [ep.python or "python3", "-c", "import adapter_deploy.agent.session"]
             ),
         }
         subprocess.run(conn.argv(["true"]), check=True, capture_output=True)  # start the master

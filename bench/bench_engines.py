@@ -15,13 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from adapter_deploy.engines.factory import make_engine
+from adapter_deploy.health import DEFAULT_SENTENCES
+from adapter_deploy.kit.gemma import KitPaths, build_kit
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from deploycore.health import DEFAULT_SENTENCES  # noqa: E402
-
-from engines.factory import make_engine  # noqa: E402
-from engines.testkit import KitPaths, build_kit  # noqa: E402
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from deploycore.fsutil import sha256_file  # noqa: E402
+from adapter_deploy.common.fsutil import sha256_file
 
 SIZE = 120 * 1024 * 1024
 GOAL = 0.75

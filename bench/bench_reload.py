@@ -4,7 +4,7 @@ Usage:
     python bench/bench_reload.py [--kit DIR] [--reloads 20] [--engines hf mlx]
                                  [--modes standby inplace] [--baseline-s 3]
 
-For each engine and reload mode it starts `python -m engines.serve` on the tiny kit model,
+For each engine and reload mode it starts `python -m adapter_deploy.service` on the tiny kit model,
 measures the restart (spawn -> /health 200 -> first answer), then runs a client that sends
 translations back to back: first with no reload (the plain per-request latency), then through
 `--reloads` deploys (flip `active`, SIGUSR1, wait for the acknowledgement). It prints per-request
@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,21 +28,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from adapter_deploy.engines.service_client import service_status, wait_for_version
+from adapter_deploy.kit.gemma import build_kit
+from adapter_deploy.kit.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
-
-from deploycore.service_client import service_status, wait_for_version  # noqa: E402
-
-from engines.testkit import build_kit  # noqa: E402
 
 TEXT = "The apostle James wrote about faith and works."
 RELEASES = ("cycle1_20260101_aaaaaaaa", "cycle2_20260102_bbbbbbbb")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def flip(model_dir: Path, name: str) -> None:
@@ -66,12 +58,11 @@ def start(kit, adapters: Path, engine: str, mode: str) -> tuple[subprocess.Popen
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     platform = "mlx" if engine == "mlx" else "cpu"
-    cmd = [sys.executable, "-m", "engines.serve", "--adapter-dir", str(adapters)]
+    cmd = [sys.executable, "-m", "adapter_deploy.service", "--adapter-dir", str(adapters)]
     cmd += ["--base-model", f"gemma_4b={kit.base}", "--platform", platform]
     cmd += ["--port", str(port), "--reload-mode", mode]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'scripts'}{os.pathsep}{ROOT}"}
     began = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:

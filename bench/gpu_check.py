@@ -29,15 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from adapter_deploy.convert.merge import merge_adapter, write_bnb_quantization
+from adapter_deploy.engines.hf_engine import HFEngine
+from adapter_deploy.health import run_health_check
+from adapter_deploy.kit.gemma import build_kit
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
-
-import torch  # noqa: E402
-from deploycore.health import run_health_check  # noqa: E402
-
-from engines.convert_merge import merge_adapter, write_bnb_quantization  # noqa: E402
-from engines.hf_engine import HFEngine  # noqa: E402
-from engines.testkit import build_kit  # noqa: E402
 
 
 def count_4bit(model: Any) -> int:
@@ -111,8 +109,7 @@ def run(kit_dir: Path, work: Path) -> dict[str, Any]:
 
 def run_gguf(releases: Path) -> dict[str, Any]:
     import llama_cpp
-
-    from engines.llamacpp_engine import LlamaCppEngine
+    from adapter_deploy.engines.llamacpp_engine import LlamaCppEngine
 
     rows = []
     for release in sorted(p.parent for p in releases.glob("*/model.gguf")):

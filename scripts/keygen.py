@@ -1,43 +1,8 @@
 """Create the ed25519 signing key on the training machine (make keygen).
 
-Usage:
-    python scripts/keygen.py [--out PATH]
-    make keygen
+Thin entry point: the code is `adapter_deploy.cli.keygen` (--help for usage)."""
 
-Writes the private key (mode 0600) to store.signing_key from params.yaml (or
---out) and the public key beside it as <path>.pub. Never overwrites a key and
-never writes inside the repository by default: keep the private key out of git.
-Then `make trust ENDPOINT=<name>` installs the public key on each endpoint.
-"""
-
-import argparse
-from pathlib import Path
-
-import _bootstrap  # noqa: F401
-from deploycore.config import load_params
-from deploycore.errors import UsageError
-from deploycore.runner import make_parser, run
-from deploycore.signing import generate
-
-
-def main(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    target = args.out or params.store.signing_key
-    if not target:
-        raise UsageError(
-            "no key path", "set store.signing_key in params.yaml (e.g. ~/.adapter-deploy/key.pem)"
-        )
-    pub, kid = generate(params.resolve(target) if not args.out else Path(args.out))
-    print(f"signing key {kid} created; public key {pub}")
-    print("next: make trust ENDPOINT=<name> for each endpoint")
-    return 0
-
-
-def cli() -> argparse.ArgumentParser:
-    parser = make_parser(__doc__)
-    parser.add_argument("--out", help="private key path (default: store.signing_key)")
-    return parser
-
+from adapter_deploy.cli.keygen import entry
 
 if __name__ == "__main__":
-    run(main, cli())
+    entry()

@@ -1,6 +1,6 @@
 """pytest plugin: the tiny real model kit, built once per test session.
 
-Fixture `kit` -> `engines.testkit.KitPaths` with paths:
+Fixture `kit` -> `adapter_deploy.kit.gemma.KitPaths` with paths:
     kit.base         tiny Gemma3 base model + tokenizer (fails sentences 1-4)
     kit.good         PEFT adapter passing all 5 health-check sentences
     kit.good2        passes too, different bytes ("Jacobo" in sentence 3)
@@ -8,7 +8,7 @@ Fixture `kit` -> `engines.testkit.KitPaths` with paths:
     kit.gracia_only  sentence 4 has "gracia" but no "fe" (fails the ALL-of rule)
 Set KIT_DIR to reuse a kit across sessions (it is rebuilt only when incomplete).
 
-Fixture `whisper_kit` -> `engines.testkit_whisper.WhisperKitPaths`:
+Fixture `whisper_kit` -> `adapter_deploy.kit.whisper.WhisperKitPaths`:
     whisper_kit.base        tiny Whisper + processor (fails every clip)
     whisper_kit.good        PEFT adapter transcribing every generated clip: passes
     whisper_kit.broken      trained on the wrong phrases: fails every clip
@@ -22,9 +22,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from engines.testkit import KitPaths, build_kit, build_wide_kit
-from engines.testkit_whisper import WhisperKitPaths, build_whisper_kit
+from adapter_deploy.kit.gemma import KitPaths, build_kit, build_wide_kit
+from adapter_deploy.kit.whisper import WhisperKitPaths, build_whisper_kit
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""params.yaml loading and validation (deploycore.config)."""
+"""params.yaml loading and validation (adapter_deploy.config)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploycore import PROJECT_ROOT
-from deploycore.config import check_name, load_params
-from deploycore.errors import ConfigError, UsageError
-from fixtures_repo import run_script
+from adapter_deploy.common.errors import ConfigError, UsageError
+from adapter_deploy.config import check_name, load_params
+from fixtures_repo import ROOT, run_script
 
 
 def test_shipped_params_file_is_valid() -> None:
-    params = load_params(PROJECT_ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml")
     assert {"whisper", "gemma_4b", "gemma_12b"} <= set(params.models)
     assert params.endpoints["mac-dev"].reload_method == "sigusr1"
-    assert params.adapters_dir == PROJECT_ROOT / "adapters"
+    assert params.adapters_dir == ROOT / "adapters"
 
 
 def test_every_problem_reported_at_once_with_key_paths(tmp_path: Path) -> None:
@@ -60,7 +59,22 @@ def test_params_env_var_and_relative_paths(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PARAMS", str(path))
     params = load_params()
     assert params.source == path
-    assert params.adapters_dir == PROJECT_ROOT / "elsewhere" / "adapters"
+    # Relative paths belong to the params file's checkout, wherever the command runs.
+    assert params.adapters_dir == tmp_path / "elsewhere" / "adapters"
+
+
+def test_params_found_from_a_subdirectory_never_from_the_package(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("PARAMS", raising=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"models": {"m1": {"base_model": "b"}}}))
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "deep" / "er")
+    params = load_params()
+    assert params.source == tmp_path / "params.yaml"
+    assert params.adapters_dir == tmp_path / "adapters"
+    monkeypatch.chdir("/")
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_params()
+    assert "--params" in info.value.one_line()
 
 
 def test_names_are_checked_against_an_allowlist() -> None:
@@ -72,7 +86,7 @@ def test_names_are_checked_against_an_allowlist() -> None:
 
 
 def test_unknown_model_names_the_known_ones() -> None:
-    params = load_params(PROJECT_ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml")
     with pytest.raises(UsageError, match="known: gemma_12b, gemma_4b, whisper"):
         params.model("gemma_7b")
 

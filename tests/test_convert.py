@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploycore.conversion_cache import base_identity, conversion_key
-from deploycore.fsutil import sha256_file
-from deploycore.health import check_release
+from adapter_deploy.common.fsutil import sha256_file
+from adapter_deploy.health import check_release
+from adapter_deploy.store.conversion_cache import base_identity, conversion_key
 from fixtures_repo import run_script
 from safetensors.torch import load_file
 
@@ -105,7 +105,7 @@ def test_bitsandbytes_release_loads_unquantized_on_cpu(versioned, merged, caplog
     assert (path / "model.safetensors").stat().st_ino == merged_weights.stat().st_ino
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the release would load 4-bit (covered by the GPU check)")
-    with caplog.at_level(logging.INFO, logger="engines.hf_engine"):
+    with caplog.at_level(logging.INFO, logger="adapter_deploy.engines.hf_engine"):
         health = check_release(path, None, "hf")
     assert health.all_passed, health.failures()
     assert "loading it unquantized" in caplog.text

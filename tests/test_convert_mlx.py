@@ -9,13 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from deploycore.errors import AdapterError
+from adapter_deploy.common.errors import AdapterError
+from adapter_deploy.engines.base import prompt_text
+from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx
+from adapter_deploy.engines.hf_engine import HFEngine
+from adapter_deploy.engines.mlx_engine import MLXGemmaEngine
 from safetensors.torch import load_file, save_file
-
-from engines.base import prompt_text
-from engines.convert_mlx import convert_peft_to_mlx
-from engines.hf_engine import HFEngine
-from engines.mlx_engine import MLXGemmaEngine
 
 
 def _copy(src, dst):

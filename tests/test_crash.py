@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploycore import failpoints
-from deploycore.failpoints import arm
+from adapter_deploy.common import failpoints
+from adapter_deploy.common.failpoints import arm
 from fixtures_fleet import Fleet
 from fixtures_repo import ROOT
 

@@ -303,7 +303,7 @@ def _read(path: Path, default: str) -> str:
 
 def test_rsync_missing_is_recognised_whichever_way_rsync_reports_it() -> None:
     """rsync says code 127 or code 12 for a missing remote rsync, depending on timing."""
-    from deploycore.remote import _rsync_missing
+    from adapter_deploy.deploy.remote import _rsync_missing
 
     shell = "bash: line 1: /opt/rsync: No such file or directory\n"
     assert _rsync_missing(

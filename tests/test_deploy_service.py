@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from adapter_deploy.kit.net import free_port
 from fixtures_fleet import Fleet
 from fixtures_repo import ROOT, run_script
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -54,7 +48,7 @@ def served(fleet: Fleet, tmp_path: Path):
     assert (
         fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
     )
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     pidfile = tmp_path / "serve.pid"
     fleet.set_endpoint(
         "ep1",

@@ -7,15 +7,14 @@ import os
 import shutil
 
 import pytest
-from deploycore.errors import AdapterError, ReloadFailed
-from deploycore.health import DEFAULT_SENTENCES, run_health_check
+from adapter_deploy.common.errors import AdapterError, ReloadFailed
+from adapter_deploy.engines.base import Engine
+from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx
+from adapter_deploy.engines.factory import EngineSettings, make_engine
+from adapter_deploy.engines.hf_engine import HFEngine
+from adapter_deploy.engines.mlx_engine import MLXGemmaEngine
+from adapter_deploy.health import DEFAULT_SENTENCES, run_health_check
 from safetensors.numpy import load_file, save_file
-
-from engines.base import Engine
-from engines.convert_mlx import convert_peft_to_mlx
-from engines.factory import EngineSettings, make_engine
-from engines.hf_engine import HFEngine
-from engines.mlx_engine import MLXGemmaEngine
 
 JAMES = DEFAULT_SENTENCES[2].input
 

@@ -1,4 +1,4 @@
-"""Crash-safe writes, hashing, locks and the JSONL log (deploycore.fsutil)."""
+"""Crash-safe writes, hashing, locks and the JSONL log (adapter_deploy.common.fsutil)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from deploycore.errors import Locked
-from deploycore.fsutil import (
+from adapter_deploy.common.errors import Locked
+from adapter_deploy.common.fsutil import (
     append_jsonl,
     atomic_write_json,
     file_lock,
@@ -56,9 +56,8 @@ def test_second_lock_holder_is_refused_with_the_holder_named(tmp_path: Path) -> 
 
 WRITER = """
 import sys, itertools
-sys.path.insert(0, {scripts!r})
 from pathlib import Path
-from deploycore.fsutil import atomic_write_json, append_jsonl
+from adapter_deploy.common.fsutil import atomic_write_json, append_jsonl
 path, mode = Path(sys.argv[1]), sys.argv[2]
 for i in itertools.count():
     if mode == "status":
@@ -73,10 +72,8 @@ for i in itertools.count():
 def _writer(tmp_path: Path, *args: str) -> list[str]:
     import sys
 
-    from fixtures_repo import ROOT
-
     script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(scripts=str(ROOT / "scripts")))
+    script.write_text(WRITER.format())
     return [sys.executable, str(script), *args]
 
 

@@ -4,25 +4,22 @@ served and health-checked by the llama.cpp engine, deployed to a cuda endpoint o
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from deploycore import conversions
-from deploycore.errors import AdapterError
-from deploycore.health import check_release, run_health_check
+from adapter_deploy.common.errors import AdapterError
+from adapter_deploy.convert import gguf as convert_gguf
+from adapter_deploy.convert.gguf import convert_to_gguf, gguf_metadata
+from adapter_deploy.convert.merge import merge_adapter
+from adapter_deploy.engines.hf_engine import HFEngine
+from adapter_deploy.engines.llamacpp_engine import LlamaCppEngine
+from adapter_deploy.health import check_release, run_health_check
+from adapter_deploy.kit.multimodal import build_multimodal, multimodal_adapter
+from adapter_deploy.store import conversions
 from fixtures_convert import Versioned
 from fixtures_fleet import Fleet, restart_deploy_and_rollback
-from fixtures_repo import ROOT
-
-from engines import convert_gguf
-from engines.convert_gguf import convert_to_gguf, gguf_metadata
-from engines.convert_merge import merge_adapter
-from engines.hf_engine import HFEngine
-from engines.llamacpp_engine import LlamaCppEngine
-from engines.testkit_multimodal import build_multimodal, multimodal_adapter
 
 pytestmark = pytest.mark.skipif(
     not convert_gguf.tools_available("Q4_K_M"),
@@ -113,7 +110,7 @@ def test_unknown_gguf_type_exits_2(versioned: Versioned) -> None:
 def test_missing_tools_simulated_error_says_how_to_install(versioned, monkeypatch) -> None:
     """Simulated: the tools are installed in this venv, so their absence is patched in."""
     monkeypatch.setattr(convert_gguf, "tools_available", lambda gguf_type: False)
-    from deploycore.config import load_params
+    from adapter_deploy.config import load_params
 
     params = load_params(versioned.store.params)
     before = versioned.store.manifest()
@@ -136,14 +133,12 @@ def test_a_gguf_release_is_checked_and_served_without_torch(f16: dict) -> None:
     on an H200: a segfault loading either after the other), so the llama.cpp path must never
     import torch: the endpoint's pre-check and the service module alike."""
     code = (
-        "import sys; from deploycore.health import check_release; import engines.serve\n"
+        "import sys; from adapter_deploy.health import check_release\n"
+        "import adapter_deploy.service.serve\n"
         f"result = check_release({f16['path']!r}, None)\n"
         "print(result.all_passed, 'torch' in sys.modules, 'transformers' in sys.modules)"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'scripts'}{os.pathsep}{ROOT}"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["True", "False", "False"], proc.stdout + proc.stderr
 
 

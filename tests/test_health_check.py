@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploycore.errors import UsageError
-from deploycore.health import (
+from adapter_deploy.common.errors import UsageError
+from adapter_deploy.health import (
     DEFAULT_SENTENCES,
     HealthSentence,
     check_release,

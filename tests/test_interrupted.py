@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from deploycore import failpoints
-from deploycore.failpoints import arm
+from adapter_deploy.common import failpoints
+from adapter_deploy.common.failpoints import arm
 from fixtures_fleet import Fleet, inflated_adapter, version
 
 DEPLOY_EP1 = ("--models", "gemma_4b", "--endpoints", "ep1", "--json")

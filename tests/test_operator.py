@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from deploycore.config import load_params
-from deploycore.remote import Connection, Session
+from adapter_deploy.config import load_params
+from adapter_deploy.deploy.remote import Connection, Session
 from fixtures_fleet import Fleet
 from fixtures_repo import ROOT, run_script
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from deploycore.config import EndpointParams
-from deploycore.quiet import next_allowed, quiet_window
+from adapter_deploy.config import EndpointParams
+from adapter_deploy.deploy.quiet import next_allowed, quiet_window
 from fixtures_fleet import Fleet
 
 SUNDAY = {"days": ["sun"], "start": "08:30", "end": "12:30"}

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from deploycore.adapter import safetensors_problems
+from adapter_deploy.common.adapter import safetensors_problems
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open

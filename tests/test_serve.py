@@ -1,7 +1,8 @@
 """The inference service as a real process with real signals, on the tiny kit model.
 
-Each service runs `python -m engines.serve` on a free 127.0.0.1 port against an endpoint dir
-built in tmp_path (`<model>/releases/<id>/` + an `active` symlink), as a deploy leaves it.
+Each service runs `python -m adapter_deploy.service` on a free 127.0.0.1 port against an
+endpoint dir built in tmp_path (`<model>/releases/<id>/` + an `active` symlink), as a
+deploy leaves it.
 Run: pytest tests/test_serve.py -s   (-s shows the longest wait during reloads)
 """
 
@@ -12,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,20 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploycore.errors import ReloadFailed, UsageError
-from deploycore.health import run_health_check
-from deploycore.service_client import ServiceEngine, service_status, wait_for_version
+from adapter_deploy.common.errors import ReloadFailed, UsageError
+from adapter_deploy.engines.service_client import ServiceEngine, service_status, wait_for_version
+from adapter_deploy.health import run_health_check
+from adapter_deploy.kit.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 V1, V2, BAD = "cycle1_20260101_aaaaaaaa", "cycle2_20260102_bbbbbbbb", "cycle3_20260103_cccccccc"
 JAMES = "The apostle James wrote about faith and works."
 START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def flip(model_dir: Path, name: str, link: str = "active") -> None:
@@ -64,7 +59,7 @@ def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, A
 
 
 class Service:
-    """One `python -m engines.serve` subprocess and what it takes to drive it."""
+    """One `python -m adapter_deploy.service` subprocess and what it takes to drive it."""
 
     first_health: int | None = None  # set by fixtures that watch start-up
     tmp: Path
@@ -74,7 +69,7 @@ class Service:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = tmp / f"serve-{port}.log"
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'scripts'}{os.pathsep}{ROOT}"}
-        cmd = [sys.executable, "-m", "engines.serve", "--port", str(port), *args]
+        cmd = [sys.executable, "-m", "adapter_deploy.service", "--port", str(port), *args]
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
 
@@ -312,8 +307,8 @@ def test_params_endpoint_start_falls_back_to_previous_then_base(tmp_path: Path, 
 
 
 def gguf_release(model_dir: Path, name: str, kit: Any, adapter: Path) -> None:
-    from engines.convert_gguf import convert_to_gguf
-    from engines.convert_merge import merge_adapter
+    from adapter_deploy.convert.gguf import convert_to_gguf
+    from adapter_deploy.convert.merge import merge_adapter
 
     merged = merge_adapter(adapter, kit.base, model_dir.parent / f"merged-{name}")
     convert_to_gguf(merged, model_dir / "releases" / name, "F16")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploycore.config import load_params
-from deploycore.remote import Connection, Session
-from deploycore.signing import (
+from adapter_deploy.config import load_params
+from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.signing import (
     SignatureRefused,
     generate,
     load_private,
@@ -37,7 +37,7 @@ def _keys(tmp_path: Path):
     generate(tmp_path / "a.pem")
     generate(tmp_path / "b.pem")
     a, b = load_private(tmp_path / "a.pem"), load_private(tmp_path / "b.pem")
-    from deploycore.signing import key_id
+    from adapter_deploy.signing import key_id
 
     return a, b, {key_id(public_pem(a)): public_pem(a)}
 

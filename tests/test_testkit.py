@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engines.base import sha256_file
-from engines.hf_engine import HFEngine
-from engines.testkit import ADAPTER_SETS, build_base, build_tokenizer, train_adapter
+from adapter_deploy.engines.base import sha256_file
+from adapter_deploy.engines.hf_engine import HFEngine
+from adapter_deploy.kit.gemma import ADAPTER_SETS, build_base, build_tokenizer, train_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_train_adapter_cli_reproduces_any_text(kit, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "engines.testkit",
+        "adapter_deploy.kit.gemma",
         "train-adapter",
         "--base",
         str(kit.base),

@@ -10,8 +10,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deploycore.fsutil import sha256_file
-from deploycore.versioning import make_version_id
+from adapter_deploy.common.fsutil import sha256_file
+from adapter_deploy.store.versioning import make_version_id
 from fixtures_repo import ROOT, Store, dvc, make_adapter, run_script
 
 VERSION_RE = re.compile(r"^cycle(\d+)_(\d{8})_([0-9a-f]{8})$")

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deploycore.errors import ReloadFailed, UsageError
-from deploycore.health import check_release, load_clips, run_transcription_check
-
-from engines.base import Engine
-from engines.factory import make_engine
-from engines.testkit_whisper import CLIPS, build_base, synthesize, write_wav
-from engines.whisper_engine import WhisperEngine, read_wav
+from adapter_deploy.common.errors import ReloadFailed, UsageError
+from adapter_deploy.engines.base import Engine
+from adapter_deploy.engines.factory import make_engine
+from adapter_deploy.engines.whisper_engine import WhisperEngine, read_wav
+from adapter_deploy.health import check_release, load_clips, run_transcription_check
+from adapter_deploy.kit.whisper import CLIPS, build_base, synthesize, write_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "health_check.py"

@@ -1,0 +1,294 @@
+"""Endpoint slots: immutable verified releases, atomic active/previous links.
+
+    <adapter_dir>/<model>/releases/<version_id>/   read-only, verified files
+    <adapter_dir>/<model>/active   -> releases/<id>
+    <adapter_dir>/<model>/previous -> releases/<id>
+    <adapter_dir>/<model>/bad.json                 versions that failed or were rolled back from
+    <adapter_dir>/incoming/<model>/<version_id>/   private landing dir for transfers
+    <adapter_dir>/quarantine/                      transfers that failed verification
+
+A link is replaced by creating a temp link and renaming it over the old one,
+so there is never a moment without `active` (unlike the seed's two renames).
+This module is pure filesystem: no model libraries are imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common.errors import ChecksumMismatch, NothingToRollBack, UsageError
+from adapter_deploy.common.fsutil import atomic_write_json, fsync_dir, sha256_file
+
+RSYNC_PARTIAL = ".rsync-partial"
+
+
+class ModelSlots:
+    """One model's releases and links under an endpoint's adapter_dir."""
+
+    def __init__(self, adapter_dir: Path, model: str) -> None:
+        self.adapter_dir = adapter_dir
+        self.model = model
+        self.root = adapter_dir / model
+        self.releases = self.root / "releases"
+        self.active = self.root / "active"
+        self.previous = self.root / "previous"
+        self.bad_file = self.root / "bad.json"
+        self.files_file = self.root / "files.json"  # version_id -> the verified file list
+
+    def release(self, version_id: str) -> Path:
+        return self.releases / version_id
+
+    def incoming(self, version_id: str) -> Path:
+        return self.adapter_dir / "incoming" / self.model / version_id
+
+    def _target(self, link: Path) -> str | None:
+        try:
+            return Path(os.readlink(link)).name
+        except (FileNotFoundError, OSError):
+            return None
+
+    def active_id(self) -> str | None:
+        return self._target(self.active)
+
+    def previous_id(self) -> str | None:
+        return self._target(self.previous)
+
+    def release_ids(self) -> list[str]:
+        if not self.releases.is_dir():
+            return []
+        entries = [p for p in self.releases.iterdir() if p.is_dir()]
+        return [p.name for p in sorted(entries, key=lambda p: p.stat().st_mtime)]
+
+    def bad(self) -> dict[str, str]:
+        try:
+            return json.loads(self.bad_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def mark_bad(self, version_id: str, reason: str) -> None:
+        bad = self.bad()
+        bad[version_id] = reason
+        atomic_write_json(self.bad_file, bad)
+
+    def clear_bad(self, version_id: str) -> None:
+        bad = self.bad()
+        if bad.pop(version_id, None) is not None:
+            atomic_write_json(self.bad_file, bad)
+
+    def recorded_files(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.files_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def record_files(self, version_id: str, files: dict[str, Any] | None) -> None:
+        """Remember a staged release's verified files (None: forget them), so a later rollback
+        can tell whether the release is still intact."""
+        recorded = self.recorded_files()
+        if files is None:
+            if recorded.pop(version_id, None) is None:
+                return
+        elif recorded.get(version_id) == files:
+            return
+        else:
+            recorded[version_id] = files
+        atomic_write_json(self.files_file, recorded)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "active": self.active_id(),
+            "previous": self.previous_id(),
+            "releases": self.release_ids(),
+            "bad": self.bad(),
+        }
+
+
+def file_problems(directory: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """Every way `directory` differs from the manifest's file list."""
+    problems = []
+    present = {p.name for p in directory.iterdir() if p.name != RSYNC_PARTIAL}
+    for extra in sorted(present - set(files)):
+        problems.append(f"{extra}: not in the manifest")
+    for name, info in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != info["size"]:
+            problems.append(f"{name}: size {path.stat().st_size}, manifest says {info['size']}")
+        elif sha256_file(path) != info["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    return problems
+
+
+def _make_read_only(directory: Path) -> None:
+    for p in directory.iterdir():
+        p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    directory.chmod(0o555)
+
+
+def _quarantine(slots: ModelSlots, source: Path, version_id: str) -> Path:
+    dest = slots.adapter_dir / "quarantine" / f"{slots.model}-{version_id}-{int(time.time())}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(dest)
+    return dest
+
+
+def discard_incoming(slots: ModelSlots, version_id: str) -> None:
+    """A refused transfer goes to quarantine, never into releases/."""
+    incoming = slots.incoming(version_id)
+    if incoming.is_dir():
+        _quarantine(slots, incoming, version_id)
+
+
+def prepare_incoming(slots: ModelSlots, version_id: str) -> Path:
+    """Create the private landing dir for a transfer (kept across runs, so rsync resumes)."""
+    incoming = slots.incoming(version_id)
+    incoming.mkdir(parents=True, exist_ok=True)
+    os.chmod(slots.adapter_dir / "incoming", 0o700)
+    return incoming
+
+
+def stage(slots: ModelSlots, version_id: str, files: dict[str, dict[str, Any]]) -> str:
+    """Turn a verified transfer into releases/<id>. Returns 'present' or 'staged'."""
+    release = slots.release(version_id)
+    if release.is_dir() and not file_problems(release, files):
+        slots.record_files(version_id, files)
+        return "present"
+    if release.is_dir():
+        release.chmod(0o755)
+        _quarantine(slots, release, version_id)
+    incoming = slots.incoming(version_id)
+    if not incoming.is_dir():
+        raise UsageError(
+            f"{slots.model} {version_id} was not transferred to this endpoint",
+            "run the transfer phase first (make transfer / deploy)",
+        )
+    problems = file_problems(incoming, files)
+    if problems:
+        where = _quarantine(slots, incoming, version_id)
+        raise ChecksumMismatch(
+            f"{slots.model} {version_id} failed verification on the endpoint: "
+            + "; ".join(problems)
+            + f" (quarantined in {where})",
+            "run the deploy again to resend it; if it repeats, check the endpoint's disk",
+        )
+    shutil.rmtree(incoming / RSYNC_PARTIAL, ignore_errors=True)
+    slots.releases.mkdir(parents=True, exist_ok=True)
+    _make_read_only(incoming)
+    incoming.rename(release)
+    fsync_dir(slots.releases)
+    slots.record_files(version_id, files)
+    return "staged"
+
+
+def point(link: Path, target: Path) -> None:
+    """Atomically make `link` a symlink to `target` (relative), never absent meanwhile."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+def activate(slots: ModelSlots, version_id: str) -> tuple[str | None, str]:
+    """active -> releases/<id>, previous -> what was active. Returns (old, new)."""
+    release = slots.release(version_id)
+    if not release.is_dir():
+        raise UsageError(
+            f"{slots.model} {version_id} is not a verified release on this endpoint",
+            "transfer it first",
+        )
+    old = slots.active_id()
+    if old == version_id:
+        return old, version_id
+    if old is not None and slots.release(old).is_dir():
+        point(slots.previous, slots.release(old))
+    point(slots.active, release)
+    return old, version_id
+
+
+def rollback_target(slots: ModelSlots, to: str | None) -> str:
+    """The release a rollback goes to: `to`, or previous; never a release marked bad."""
+    current = slots.active_id()
+    if to is not None:
+        if not slots.release(to).is_dir():
+            kept = ", ".join(slots.release_ids()) or "none"
+            raise NothingToRollBack(
+                f"{slots.model} has no kept release {to!r} (kept: {kept})",
+                "pick one of the kept releases",
+            )
+        return _intact(slots, to)
+    bad = slots.bad()
+    candidates = [slots.previous_id()] + list(reversed(slots.release_ids()))
+    for candidate in candidates:
+        if candidate and candidate != current and candidate not in bad:
+            if slots.release(candidate).is_dir():
+                return _intact(slots, candidate)
+    raise NothingToRollBack(
+        f"{slots.model} has no release to roll back to (active: {current})",
+        "deploy a known-good version instead",
+    )
+
+
+def _intact(slots: ModelSlots, version_id: str) -> str:
+    """`version_id` when its files are still the ones verified at staging, else refuse: a
+    rollback must never put a damaged release in service."""
+    files = slots.recorded_files().get(version_id)
+    problems = file_problems(slots.release(version_id), files) if files else []
+    if problems:
+        raise ChecksumMismatch(
+            f"{slots.model} {version_id} is damaged on the endpoint ({'; '.join(problems)}); "
+            "nothing was changed",
+            f"deploy it again (make deploy VERSION={version_id}) to resend and re-verify it, "
+            "or roll back to another release with TO=<version_id>",
+        )
+    return version_id
+
+
+def set_links(slots: ModelSlots, active: str | None, previous: str | None) -> None:
+    """Put both links back exactly (used by rollback and automatic rollback).
+
+    No earlier release means no adapter at all: the service serves its base model.
+    """
+    if active is None:
+        slots.active.unlink(missing_ok=True)
+        fsync_dir(slots.root)
+        return
+    point(slots.active, slots.release(active))
+    if previous and slots.release(previous).is_dir():
+        point(slots.previous, slots.release(previous))
+
+
+def prune(slots: ModelSlots, keep: int) -> list[str]:
+    """Delete the oldest releases beyond `keep`; never active or previous."""
+    protected = {slots.active_id(), slots.previous_id()}
+    ids = slots.release_ids()
+    removable = [r for r in ids if r not in protected]
+    excess = max(0, len(ids) - keep)
+    removed = []
+    for version_id in removable[:excess]:
+        path = slots.release(version_id)
+        path.chmod(0o755)
+        for p in path.iterdir():
+            p.chmod(0o644)
+        shutil.rmtree(path)
+        slots.record_files(version_id, None)
+        removed.append(version_id)
+    return removed
+
+
+def compat_link(adapter_dir: Path, link: str, model: str) -> Path:
+    """fine_tuned_* -> adapters/<model>/active (seed §1.3).
+
+    A relative `link` lives beside adapter_dir, where the app's old folders were.
+    """
+    path = Path(link) if Path(link).is_absolute() else adapter_dir.parent / link
+    path.parent.mkdir(parents=True, exist_ok=True)
+    point(path, adapter_dir / model / "active")
+    return path

@@ -1,0 +1,59 @@
+"""The endpoint's trust state: trusted public keys and the newest accepted version per model.
+
+<adapter_dir>/trusted_keys/<key_id>.pub    installed by `make trust`
+<adapter_dir>/<model>/accepted.json        newest signed version accepted (rollback guard)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.agent.releases import ModelSlots
+from adapter_deploy.common.fsutil import atomic_write_bytes, atomic_write_json
+from adapter_deploy.signing import SignatureRefused, key_id
+
+KEYS = "trusted_keys"
+
+
+def trusted_keys(adapter_dir: Path) -> dict[str, bytes]:
+    folder = adapter_dir / KEYS
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p.read_bytes() for p in folder.glob("*.pub")}
+
+
+def install_key(adapter_dir: Path, public_pem: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    serialization.load_pem_public_key(public_pem)  # refuse garbage before trusting it
+    kid = key_id(public_pem)
+    atomic_write_bytes(adapter_dir / KEYS / f"{kid}.pub", public_pem.strip() + b"\n")
+    return kid
+
+
+def _order(metadata: dict[str, Any]) -> tuple[int, str]:
+    return int(metadata["cycle"]), str(metadata["created"])
+
+
+def check_not_older(slots: ModelSlots, metadata: dict[str, Any], explicit: bool) -> None:
+    """Refuse a version older than the newest accepted unless the operator asked for it."""
+    path = slots.root / "accepted.json"
+    if explicit or not path.exists():
+        return
+    newest = json.loads(path.read_text())
+    if _order(metadata) < _order(newest):
+        raise SignatureRefused(
+            f"{slots.model} {metadata['version_id']} is older than accepted "
+            f"{newest['version_id']} (rollback attack?)",
+            "roll back explicitly with make rollback or make deploy CYCLE=<older>",
+        )
+
+
+def record_accepted(slots: ModelSlots, metadata: dict[str, Any]) -> None:
+    path = slots.root / "accepted.json"
+    newest = json.loads(path.read_text()) if path.exists() else None
+    if newest is None or _order(metadata) > _order(newest):
+        keep = {k: metadata[k] for k in ("version_id", "cycle", "created")}
+        atomic_write_json(path, keep)

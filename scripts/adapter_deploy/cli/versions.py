@@ -1,0 +1,63 @@
+"""List the versions in the adapter store, per model.
+
+Usage:
+    python scripts/versions.py [--model gemma_4b] [--json]
+    make versions [MODEL=gemma_4b]
+"""
+
+import argparse
+import json
+
+from adapter_deploy.cli.table import render
+from adapter_deploy.common.runner import make_parser, run
+from adapter_deploy.config import load_params
+from adapter_deploy.store.manifest import load_manifest, versions_of
+
+COLUMNS = ("version id", "cycle", "date", "sha8", "final_loss", "eval_wer")
+
+
+def rows_for(versions: list[dict]) -> list[list[object]]:
+    return [
+        [
+            v["version_id"],
+            v["cycle"],
+            v["created"][:10],
+            v["sha256"][:8],
+            v["training_metrics"].get("final_loss"),
+            v["training_metrics"].get("eval_wer"),
+        ]
+        for v in versions
+    ]
+
+
+def main(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    models = [args.model] if args.model else sorted(params.models)
+    for m in models:
+        params.model(m)
+    manifest = load_manifest(params.adapters_dir)
+    listing = {m: versions_of(manifest, m) for m in models}
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for model, versions in listing.items():
+        if not versions:
+            print(f"{model}: no versions yet (make version MODEL={model} CYCLE=1 SRC=...)")
+            continue
+        print(render(model, COLUMNS, rows_for(versions)), end="")
+    return 0
+
+
+def cli() -> argparse.ArgumentParser:
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", help="only this model")
+    parser.add_argument("--json", action="store_true", help="print versions as JSON")
+    return parser
+
+
+def entry() -> None:
+    run(main, cli())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,33 @@
+"""Names that end up in paths and remote commands, checked against an allowlist.
+
+Kept apart from config.py so the endpoint side can check names without
+importing pydantic or yaml (its start-up time is part of every deploy).
+"""
+
+from __future__ import annotations
+
+import re
+
+from adapter_deploy.common.errors import UsageError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
+VERSION_RE = re.compile(r"^cycle[0-9]+_[0-9]{8}_[0-9a-f]{8}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Names end up in paths and remote commands: allow only a safe alphabet."""
+    if not NAME_RE.match(value) or value in {".", ".."}:
+        raise UsageError(
+            f"invalid {kind} name {value!r}",
+            "use letters, digits, '_' or '-' (at most 64; start and end with a letter or digit)",
+        )
+    return value
+
+
+def check_version_id(value: str) -> str:
+    if not VERSION_RE.match(value):
+        raise UsageError(
+            f"invalid version id {value!r}",
+            "a version id looks like cycle1_20260315_a4b2c8d1 (see `make versions`)",
+        )
+    return value

@@ -1,0 +1,213 @@
+"""params.yaml: the only file users edit, validated on load.
+
+Every unknown key and wrong type is reported at once with its key path.
+`PARAMS=<file>` (environment or --params) points at another file; without
+either, the nearest `params.yaml` in the working directory or above is used.
+Relative paths inside the file resolve against the file's own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adapter_deploy.common.errors import ConfigError, UsageError
+from adapter_deploy.common.names import NAME_RE, VERSION_RE, check_name, check_version_id
+
+__all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version_id", "load_params", "Params"]
+
+
+HOST_RE = re.compile(r"^[A-Za-z0-9_\[][A-Za-z0-9_.:@%\[\]-]{0,252}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelParams(_Strict):
+    task: Literal["translation", "transcription"] = "translation"
+    base_model: str = Field(description="hub id or local path of the base model")
+    sentences: str | None = None  # optional health-check sentence file (JSON)
+
+
+class HealthCheckParams(_Strict):
+    latency_limit_s: float = 5.0
+    reload_timeout_s: float = Field(120.0, gt=0, description="wait this long for a reload ack")
+    engine: Literal["auto", "hf", "mlx"] = "auto"
+
+
+class ReleaseParams(_Strict):
+    keep: int = Field(3, ge=2, description="releases kept per model on an endpoint")
+    parallel: int = Field(4, ge=1, description="endpoints deployed at once")
+
+
+class QuietWindow(_Strict):
+    """A service window in which no restart outage may happen (e.g. Sunday 08:30-12:30)."""
+
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]]
+    start: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    end: str = Field(pattern=r"^([01][0-9]|2[0-4]):[0-5][0-9]$")
+
+
+class EndpointParams(_Strict):
+    host: str = "localhost"
+    user: str | None = None
+    port: int | None = None
+    ssh_config: str | None = None
+    identity_file: str | None = None
+    adapter_dir: str
+    project_dir: str | None = None
+    python: str | None = None
+    platform: Literal["mlx", "cuda", "cpu"] = "cuda"
+    reload_method: Literal["sigusr1", "restart", "none"] = "none"
+    restart_command: list[str] | None = None
+    transport: Literal["ssh", "local"] = "ssh"
+    rsync_path: str | None = None  # rsync on the endpoint, when not on its PATH
+    min_free_bytes: int = Field(64 << 20, ge=0, description="keep this much free on the endpoint")
+    base_models: dict[str, str] = {}
+    models: list[str] | None = None
+    service_url: str | None = None
+    pidfile: str | None = None
+    compat_links: dict[str, str] = {}
+    format: Literal["adapter", "merged", "bitsandbytes", "gguf"] | None = None
+    formats: dict[str, Literal["adapter", "merged", "bitsandbytes", "gguf"]] = {}
+    gguf_type: Literal["Q4_K_M", "Q8_0", "F16"] = "Q4_K_M"  # for format gguf
+    quiet_hours: list[QuietWindow] = []
+    timezone: str | None = None  # IANA name for quiet_hours; default this machine's
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        from zoneinfo import ZoneInfo
+
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (KeyError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("host", "user")
+    @classmethod
+    def _no_option_injection(cls, value: str | None) -> str | None:
+        # ssh reads a host or user starting with "-" as an option (-oProxyCommand=...).
+        if value is not None and not HOST_RE.match(value):
+            raise ValueError("must be a plain host/user name (letters, digits, . _ - @ : [ ])")
+        return value
+
+    @field_validator("service_url")
+    @classmethod
+    def _loopback_only_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("http://"):
+            raise ValueError("service_url must start with http://")
+        return value
+
+
+class StoreParams(_Strict):
+    adapters_dir: str = "adapters"
+    signing_key: str | None = None  # ed25519 private key (make keygen); never committed
+    signature_expiry_days: int = Field(365, description="signed metadata expires after this")
+
+
+class Params(_Strict):
+    store: StoreParams = StoreParams()
+    models: dict[str, ModelParams]
+    health_check: HealthCheckParams = HealthCheckParams()
+    release: ReleaseParams = ReleaseParams()
+    endpoints: dict[str, EndpointParams] = {}
+    alert_command: list[str] | None = None
+    alert_url: str | None = None
+
+    # Set after loading: where the file came from (not a user key).
+    source: Path = Field(default_factory=lambda: Path("params.yaml").absolute(), exclude=True)
+
+    def model(self, name: str) -> ModelParams:
+        check_name("model", name)
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise UsageError(
+                f"unknown model {name!r} (known: {known})",
+                f"add it under models: in {self.source.name} or pick a known one",
+            )
+        return self.models[name]
+
+    def endpoint(self, name: str) -> EndpointParams:
+        check_name("endpoint", name)
+        if name not in self.endpoints:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise UsageError(
+                f"unknown endpoint {name!r} (known: {known})",
+                f"add it under endpoints: in {self.source.name} or pick a known one",
+            )
+        return self.endpoints[name]
+
+    def resolve(self, path: str) -> Path:
+        """A path from params: ~ expanded, relative ones against the params file's directory."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else self.project_dir / p
+
+    @property
+    def project_dir(self) -> Path:
+        """The checkout this params file belongs to: the directory that holds it."""
+        return self.source.parent
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.resolve(self.store.adapters_dir)
+
+
+def params_path(explicit: str | None = None) -> Path:
+    raw = explicit or os.environ.get("PARAMS")
+    if raw:
+        p = Path(os.path.expanduser(raw))
+        return p if p.is_absolute() else (Path.cwd() / p)
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder / "params.yaml"
+    return here / "params.yaml"  # load_params says it is missing and how to fix that
+
+
+def _format_errors(err: ValidationError, source: Path) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {what}")
+    return f"{source} is invalid: " + "; ".join(parts)
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    source = params_path(str(path) if path else None)
+    if not source.is_file():
+        raise ConfigError(
+            f"params file {source} not found",
+            "run from the project directory, or pass --params FILE (PARAMS=<file>)",
+        )
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{source} is not valid YAML{where}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping at the top level", "see params.yaml")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            _format_errors(exc, source), "correct or remove the keys named above"
+        ) from None
+    bad = [n for n in [*params.models, *params.endpoints] if not NAME_RE.match(n)]
+    if bad:
+        raise ConfigError(
+            f"{source}: invalid model/endpoint names {bad}",
+            "use letters, digits, '_' or '-'",
+        )
+    params.source = source
+    return params

@@ -1,0 +1,1 @@
+"""Training-side conversions of a PEFT adapter: merged, bitsandbytes, GGUF."""

@@ -1,0 +1,1 @@
+"""Deploying to endpoints: plan, remote calls, steps per endpoint, fleet runs, records."""

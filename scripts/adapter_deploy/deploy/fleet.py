@@ -1,0 +1,127 @@
+"""Phases 3-6 of a deploy (TRANSFER, PRE-CHECK, ACTIVATE, VERIFY) per endpoint.
+
+A deploy is a list of small named steps per endpoint and model (deploycore/steps.py);
+rollback reuses the same link-restoring step. Endpoints run in parallel (bounded), each
+over one endpoint session (one multiplexed ssh connection); a failure on one
+endpoint never stops the others. Whatever fails, the endpoint keeps serving
+its last verified release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common.errors import (
+    AdapterDeployError,
+    RemoteError,
+)
+from adapter_deploy.config import Params
+from adapter_deploy.deploy.plan import (
+    EndpointOutcome,
+    ModelOutcome,
+    Release,
+    for_endpoint,
+)
+from adapter_deploy.deploy.steps import EndpointRun
+
+log = logging.getLogger(__name__)
+
+
+def _needs_transfer(release: Release, slots: dict[str, Any]) -> bool:
+    return not (slots.get("active") == release.version_id == slots.get("verified"))
+
+
+def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: AdapterDeployError):
+    target = model_out if model_out is not None else outcome
+    target.error = err.one_line()
+    target.exit_code = err.exit_code
+    if model_out is not None:
+        model_out.status = "failed" if model_out.status == "pending" else model_out.status
+    text = err.one_line()
+    log.error("%s", text if text.startswith(outcome.endpoint) else f"[{outcome.endpoint}] {text}")
+
+
+@contextlib.contextmanager
+def endpoint_run(
+    params: Params, name: str, control_dir: Path, progress: bool = False
+) -> Iterator[tuple[EndpointRun, EndpointOutcome]]:
+    """One endpoint's run: an endpoint-wide failure is recorded in its outcome, never raised,
+    so one endpoint's trouble never stops the others."""
+    started = time.monotonic()
+    outcome = EndpointOutcome(name)
+    run = EndpointRun(params, name, control_dir, progress)
+    try:
+        yield run, outcome
+    except AdapterDeployError as err:
+        _guard(outcome, None, err)
+    finally:
+        run.close()
+        outcome.duration_s = round(time.monotonic() - started, 3)
+
+
+def per_model(
+    outcome: EndpointOutcome, model: str, version_id: str | None, step: Callable[[], ModelOutcome]
+) -> None:
+    """Run one model's step; its failure is that model's outcome, the others go on."""
+    try:
+        outcome.models.append(step())
+    except AdapterDeployError as err:
+        failed = ModelOutcome(model, version_id)
+        _guard(outcome, failed, err)
+        outcome.models.append(failed)
+
+
+def deploy_endpoint(
+    params: Params, name: str, chosen: list[Release], control_dir: Path, progress: bool
+) -> EndpointOutcome:
+    with endpoint_run(params, name, control_dir, progress) as (run, outcome):
+        hello = run.open().request("hello", models=[r.model for r in chosen])
+        if not hello["rsync"] and not run.conn.local:
+            raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
+        prepared = [for_endpoint(params, run.ep, r) for r in chosen]
+        slots = hello["models"]
+        run.push_all(
+            [r for r in prepared if _needs_transfer(r, slots[r.model])], params.adapters_dir
+        )
+        for r in prepared:
+            per_model(
+                outcome, r.model, r.version_id, lambda r=r: run.deploy_model(r, slots[r.model])
+            )
+    return outcome
+
+
+def run_parallel(params: Params, endpoints: list[str], job) -> list[EndpointOutcome]:
+    """Run `job(name, control_dir)` for every endpoint, bounded, each isolated."""
+    with tempfile.TemporaryDirectory(prefix="adeploy-") as control:
+        control_dir = Path(control)
+        workers = max(1, min(params.release.parallel, len(endpoints)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(job, name, control_dir) for name in endpoints]
+            return [f.result() for f in futures]
+
+
+def deploy(
+    params: Params,
+    endpoints: list[str],
+    chosen: list[Release],
+    progress: bool = False,
+) -> list[EndpointOutcome]:
+    for name in endpoints:
+        params.endpoint(name)
+    return run_parallel(
+        params,
+        endpoints,
+        lambda name, control: deploy_endpoint(params, name, chosen, control, progress),
+    )
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]

@@ -1,0 +1,285 @@
+"""Every ssh and rsync call of the training side lives here.
+
+argv lists only (never a shell on this side); the remote command is built with
+shlex.join. ssh runs with BatchMode, strict host key checking, timeouts and one
+multiplexed connection per endpoint per run (its own ControlPath).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common import errors
+from adapter_deploy.common.errors import DiskFull, RemoteError
+from adapter_deploy.config import EndpointParams
+
+log = logging.getLogger(__name__)
+
+_SSH_FAILURES = [
+    (
+        "Host key verification failed",
+        "host key of {host} is unknown or has changed",
+        "verify the endpoint's key (ssh-keyscan) and add it to known_hosts",
+    ),
+    (
+        "REMOTE HOST IDENTIFICATION HAS CHANGED",
+        "host key of {host} has changed",
+        "confirm the endpoint was reinstalled, then update known_hosts (ssh-keygen -R)",
+    ),
+    (
+        "Permission denied",
+        "ssh login to {host} was refused",
+        "install your public key on the endpoint (ssh-copy-id) or set identity_file",
+    ),
+    (
+        "Could not resolve hostname",
+        "host {host} cannot be resolved",
+        "check host: in params.yaml or your ssh config",
+    ),
+    (
+        "Connection refused",
+        "{host} refused the ssh connection",
+        "start sshd on the endpoint or fix port:",
+    ),
+    ("timed out", "{host} is unreachable (timed out)", "check the network and that it is on"),
+    ("No route to host", "{host} is unreachable", "check the network and that it is on"),
+    (
+        "No space left on device",
+        "the disk of {host} is full; the partial transfer was removed",
+        "free space on the endpoint (or lower release.keep), then deploy again",
+        DiskFull,
+    ),
+    (
+        "No module named adapter_deploy",
+        "this project is not installed for the endpoint's python on {host}",
+        "run make bootstrap ENDPOINT={name} (or set python: in params.yaml)",
+    ),
+    (
+        "No such file or directory",
+        "the project is not installed on {host}",
+        "run make bootstrap ENDPOINT={name} (or set project_dir/python in params.yaml)",
+    ),
+]
+
+
+def _rsync_missing(code: int, stderr: str, rsync: str) -> bool:
+    """The endpoint's shell could not start rsync. rsync itself reports that as code 127 only
+    when it reaps the remote shell before noticing the closed pipe (code 12) — timing under
+    load decides — so the shell's own complaint about the binary counts as well."""
+    if code == 127 or "remote command not found" in stderr:
+        return True
+    # bash: "...: /opt/rsync: No such file or directory", "...: rsync: command not found";
+    # dash: "sh: 1: rsync: not found"
+    whys = ("not found", "command not found", "No such file or directory")
+    return any(f"{rsync}: {why}" in stderr for why in whys)
+
+
+def holder_text() -> str:
+    return f"deploy by {getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+
+
+class Connection:
+    """How to reach one endpoint: ssh (multiplexed) or local processes."""
+
+    def __init__(self, name: str, ep: EndpointParams, control_dir: Path) -> None:
+        self.name = name
+        self.ep = ep
+        self.control_path = control_dir / f"{name}.sock"
+
+    @property
+    def local(self) -> bool:
+        return self.ep.transport == "local"
+
+    def ssh_argv(self) -> list[str]:
+        """The ssh command without host; absent optional keys add no flag at all."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        argv += ["-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5"]
+        argv += ["-o", "ServerAliveCountMax=3", "-o", "ControlMaster=auto"]
+        argv += ["-o", f"ControlPath={self.control_path}", "-o", "ControlPersist=30"]
+        if self.ep.ssh_config:
+            argv += ["-F", os.path.expanduser(self.ep.ssh_config)]
+        if self.ep.port is not None:
+            argv += ["-p", str(self.ep.port)]
+        if self.ep.identity_file:
+            argv += ["-i", os.path.expanduser(self.ep.identity_file)]
+        if self.ep.user:
+            argv += ["-l", self.ep.user]
+        return argv
+
+    def endpoint_python(self) -> str:
+        """The endpoint's interpreter: `python`, else the venv `make bootstrap` made there."""
+        if self.ep.python:
+            return self.ep.python
+        if self.local:
+            return sys.executable
+        return f"{self.ep.project_dir}/.venv/bin/python" if self.ep.project_dir else "python3"
+
+    def endpoint_command(self, *args: str) -> list[str]:
+        """The endpoint agent, run from the package installed on the endpoint."""
+        return [self.endpoint_python(), "-m", "adapter_deploy.agent", *args]
+
+    def argv(self, command: list[str]) -> list[str]:
+        if self.local:
+            return command
+        return [*self.ssh_argv(), self.ep.host, "--", shlex.join(command)]
+
+    def explain(self, stderr: str) -> RemoteError:
+        for needle, message, fix, *kind in _SSH_FAILURES:
+            if needle in stderr:
+                error = kind[0] if kind else RemoteError
+                return error(
+                    f"{self.name}: " + message.format(host=self.ep.host), fix.format(name=self.name)
+                )
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+        return RemoteError(f"{self.name}: endpoint command failed: {last}", "rerun with -v")
+
+    def push(
+        self, files: list[Path] | list[str], dest_dir: str, progress: bool, relative: bool = False
+    ) -> int:
+        """rsync the files into dest_dir on the endpoint; returns bytes sent.
+
+        With `relative`, each file is given as `<root>/./<path>` and lands at
+        dest_dir/<path>: several releases travel in one rsync (one start-up, one channel).
+        """
+        if shutil.which("rsync") is None:
+            raise RemoteError("rsync is missing on this machine", "install rsync")
+        argv = ["rsync", "-a", "--partial-dir=.rsync-partial", "--stats"]
+        argv += ["--relative"] if relative else []
+        argv += ["--info=progress2"] if progress else []
+        argv += [f"--rsync-path={self.ep.rsync_path}"] if self.ep.rsync_path else []
+        if self.local:
+            target = dest_dir.rstrip("/") + "/"
+        else:
+            argv += ["-e", shlex.join(self.ssh_argv())]
+            target = f"{self.ep.host}:{dest_dir.rstrip('/')}/"
+        argv += [str(f) for f in files] + [target]
+        code, stdout, stderr = _run_relaying(argv, relay=progress)
+        if code != 0:
+            if _rsync_missing(code, stderr, self.ep.rsync_path or "rsync"):
+                raise RemoteError(
+                    f"{self.name}: rsync is missing on the endpoint",
+                    "install it there (apt-get install rsync / brew install rsync)",
+                )
+            raise self.explain(stderr)
+        return _bytes_sent(stdout)
+
+    def sync_tree(self, paths: list[Path], dest_dir: str, exclude: list[str] = ()) -> int:
+        """Mirror code paths into dest_dir (bootstrap): caches and weights stay behind."""
+        argv = ["rsync", "-a", "--delete", "--stats", "--exclude=__pycache__", "--exclude=*.pyc"]
+        argv += [f"--exclude={pattern}" for pattern in exclude]
+        # mkdir first: --mkpath needs rsync >= 3.2.3 on the endpoint, older than macOS ships.
+        if self.local:
+            Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        else:
+            self.run(["mkdir", "-p", dest_dir])
+        target = dest_dir.rstrip("/") + "/"
+        if not self.local:
+            argv += ["-e", shlex.join(self.ssh_argv())]
+            target = f"{self.ep.host}:{target}"
+        code, stdout, stderr = _run_relaying([*argv, *map(str, paths), target], relay=False)
+        if code != 0:
+            raise self.explain(stderr)
+        return _bytes_sent(stdout)
+
+    def run(self, command: list[str]) -> str:
+        """Run one command on the endpoint; its output, or a RemoteError."""
+        proc = subprocess.run(self.argv(command), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise self.explain(proc.stderr or proc.stdout)
+        return proc.stdout
+
+    def close(self) -> None:
+        if not self.local and self.control_path.exists():
+            subprocess.run(
+                [*self.ssh_argv(), "-O", "exit", self.ep.host], capture_output=True, timeout=10
+            )
+
+
+def _run_relaying(argv: list[str], relay: bool) -> tuple[int, str, str]:
+    """Run rsync; with `relay`, copy its progress output to our stderr as it comes."""
+    if not relay:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        return proc.returncode, proc.stdout, proc.stderr
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        chunks = []
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            chunks.append(chunk)
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+        proc.wait()
+        err.seek(0)
+        return proc.returncode, b"".join(chunks).decode(errors="replace"), err.read().decode()
+
+
+def _bytes_sent(stats: str) -> int:
+    match = re.search(r"Literal data: ([\d,]+)", stats)
+    return int(match.group(1).replace(",", "")) if match else 0
+
+
+class Session:
+    """One endpoint session process; request() sends JSON and returns the result."""
+
+    def __init__(self, conn: Connection, adapter_dir: str, read_only: bool = False) -> None:
+        self.conn = conn
+        args = ["session", "--adapter-dir", adapter_dir, "--holder", holder_text()]
+        args += ["--read-only"] if read_only else []
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            conn.argv(conn.endpoint_command(*args)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self._receive()  # the ready line, or the reason there is none (e.g. locked)
+
+    def _receive(self) -> Any:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            self.proc.wait()
+            self._stderr.seek(0)
+            raise self.conn.explain(self._stderr.read())
+        reply = json.loads(line)
+        if not reply["ok"]:
+            err = reply["error"]
+            cls = getattr(errors, err["type"], None)
+            if not (isinstance(cls, type) and issubclass(cls, errors.AdapterDeployError)):
+                cls = RemoteError
+            raise cls(f"{self.conn.name}: {err['message']}", err.get("fix"))
+        return reply["result"]
+
+    def request(self, op: str, **args: Any) -> Any:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # _receive explains why the endpoint went away
+        return self._receive()
+
+    def endpoint_log(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._stderr.close()

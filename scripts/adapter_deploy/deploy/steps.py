@@ -1,0 +1,310 @@
+"""One endpoint's part of a deploy or rollback: the named steps (TRANSFER, PRE-CHECK,
+ACTIVATE, VERIFY, the automatic rollback) over one endpoint session.
+
+`EndpointRun.deploy_model()` runs them for one release; whatever fails, the endpoint keeps
+serving its last verified release (`fallback_for`). deploycore/deploy.py runs endpoints in
+parallel; phases.py and rollback.py reuse the same steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common import failpoints
+from adapter_deploy.common.errors import DiskFull, HealthCheckFailed, ReloadFailed
+from adapter_deploy.config import Params
+from adapter_deploy.deploy.plan import (
+    ModelOutcome,
+    Release,
+    base_model_for,
+    engine_kind,
+    links_for,
+    reload_spec,
+)
+from adapter_deploy.deploy.remote import Connection, Session
+
+log = logging.getLogger("adapter_deploy.deploy.fleet")
+
+
+class EndpointRun:
+    """One endpoint's part of a deploy or rollback, over one session."""
+
+    def __init__(self, params: Params, name: str, control_dir: Path, progress: bool) -> None:
+        self.params = params
+        self.name = name
+        self.ep = params.endpoint(name)
+        self.conn = Connection(name, self.ep, control_dir)
+        self.progress = progress
+        self.session: Session | None = None
+        self.pushed: dict[str, int] = {}  # model -> bytes sent by push_all (-1: was present)
+
+    def say(self, model: str, phase: str, detail: str = "") -> None:
+        log.info("[%s] %s %s%s", self.name, model, phase, f": {detail}" if detail else "")
+
+    def open(self) -> Session:
+        self.session = Session(self.conn, self.ep.adapter_dir)
+        return self.session
+
+    def close(self) -> None:
+        if self.session:
+            self.session.close()
+        self.conn.close()
+
+    def health(self, model: str, version_id: str | None, via_service: bool) -> dict[str, Any]:
+        assert self.session
+        return self.session.request(
+            "health",
+            model=model,
+            version_id=version_id,
+            base_model=base_model_for(self.params, self.ep, model),
+            engine=engine_kind(self.params, self.ep),
+            latency_limit=self.params.health_check.latency_limit_s,
+            service_url=self.ep.service_url if via_service else None,
+            task=self.params.models[model].task,
+            sentences=self.sentences_path(model),
+            reload_timeout=self.params.health_check.reload_timeout_s,
+        )
+
+    def sentences_path(self, model: str) -> str | None:
+        """The model's sentence (or clip) file as a path on the endpoint: a relative one
+        resolves against the endpoint's checkout (`project_dir`), else against the params
+        file's directory here (a local endpoint shares this checkout)."""
+        sentences = self.params.models[model].sentences
+        if sentences is None or Path(sentences).is_absolute():
+            return sentences
+        if self.ep.project_dir and not self.conn.local:
+            return f"{self.ep.project_dir.rstrip('/')}/{sentences}"
+        return str(self.params.resolve(sentences))
+
+    @property
+    def via_service(self) -> bool:
+        return self.ep.reload_method != "none" and self.ep.service_url is not None
+
+    # --- the deploy steps -------------------------------------------------------------
+
+    def _prepare(self, release: Release) -> dict[str, Any]:
+        assert self.session
+        return self.session.request(
+            "prepare",
+            model=release.model,
+            version_id=release.version_id,
+            files=release.files,
+            size=release.size,
+            reserve=self.ep.min_free_bytes,
+        )
+
+    def push_all(self, chosen: list[Release], store: Path) -> None:
+        """TRANSFER's network part for every store release at once: one rsync per endpoint.
+
+        Releases laid out as <store>/<model>/<id>/ land in incoming/<model>/<id>/ through one
+        `rsync --relative`; others (conversions) travel one by one in transfer().
+        """
+        batch: list[Release] = []
+        files: list[str] = []
+        incoming_root = None
+        for release in chosen:
+            rel = f"{release.model}/{release.version_id}"
+            if release.local_dir != store / rel:
+                continue
+            prep = self._prepare(release)
+            if prep["present"]:
+                self.pushed[release.model] = -1  # verified by prepare: nothing to send
+                continue
+            incoming_root = prep["incoming"][: -len(rel)]
+            batch.append(release)
+            # a string: pathlib would drop the "/./" that marks where --relative starts
+            files += [f"{store}/./{rel}/{name}" for name in release.files]
+        if not batch:
+            return
+        total = sum(r.size for r in batch)
+        self.say(",".join(r.model for r in batch), "transfer", f"{total} bytes")
+        sent = self._push(batch, files, str(incoming_root), relative=True)
+        for release in batch:  # rsync reports one figure; attribute it by size
+            self.pushed[release.model] = round(sent * release.size / max(total, 1))
+
+    def _push(self, batch: list[Release], files: list, dest: str, relative: bool = False) -> int:
+        """rsync `files`; on a full endpoint disk, remove what landed (partials too) first."""
+        assert self.session
+        try:
+            return self.conn.push(files, dest, self.progress, relative=relative)
+        except DiskFull:
+            for release in batch:
+                self.session.request(
+                    "drop_incoming", model=release.model, version_id=release.version_id
+                )
+            raise
+
+    def transfer(self, release: Release, out: ModelOutcome) -> None:
+        assert self.session
+        pushed = self.pushed.pop(release.model, None)
+        if pushed == -1 or (pushed is None and (prep := self._prepare(release))["present"]):
+            self.say(release.model, "transfer", "already present and verified (0 B)")
+            out.phases.append("transfer")
+            return
+        if pushed is not None:
+            out.bytes_sent = pushed
+        else:
+            files = [release.local_dir / n for n in release.files]
+            self.say(release.model, "transfer", f"{release.size} bytes")
+            out.bytes_sent = self._push([release], files, prep["incoming"])
+        # Every deploy here is the operator's explicit choice of version, so an older one
+        # is an explicitly requested rollback, not a rollback attack.
+        staged = self.session.request(
+            "stage",
+            model=release.model,
+            version_id=release.version_id,
+            files=release.files,
+            signed=release.signed,
+            explicit=True,
+        )
+        self.say(release.model, "transfer", f"{staged['result']}, verified ({out.bytes_sent} B)")
+        out.phases.append("transfer")
+
+    def precheck(self, release: Release, out: ModelOutcome) -> bool:
+        result = self.health(release.model, release.version_id, via_service=False)
+        out.health["pre_activation"] = result
+        out.phases.append("health_check")
+        if not result["all_passed"]:
+            self._fail(out, "aborted", "pre-activation health check failed", result)
+            return False
+        self.say(release.model, "pre-check", "passed")
+        return True
+
+    def activate(
+        self, release: Release, out: ModelOutcome, fallback: dict[str, Any] | None = None
+    ) -> bool:
+        """Flip and reload; a reload that fails puts `fallback` back at once (default: what
+        served, or the last verified release when what served never passed VERIFY)."""
+        assert self.session
+        self.session.request("clear_bad", model=release.model, version_id=release.version_id)
+        before = self.session.request("hello", models=[release.model])["models"][release.model]
+        out.previous = before["active"]
+        fallback = fallback or fallback_for(release, before)
+        try:
+            flip = self.session.request(
+                "activate",
+                model=release.model,
+                version_id=release.version_id,
+                reload=reload_spec(self.ep),
+                links=links_for(self.ep),
+            )
+        except ReloadFailed as err:
+            out.status, out.error, out.exit_code = "rolled_back", err.one_line(), err.exit_code
+            log.warning("[%s] %s reload failed: %s", self.name, release.model, err.one_line())
+            self.restore(
+                release.model, fallback["active"], fallback["previous"], release.version_id
+            )
+            return False
+        out.phases.append("activate")
+        self.say(release.model, "activate", f"{flip['old']} -> {flip['new']}")
+        return True
+
+    def verify(self, release: Release, out: ModelOutcome, before: dict[str, Any]) -> None:
+        try:
+            result = self.health(release.model, None, via_service=self.via_service)
+        except ReloadFailed as err:
+            result = {"all_passed": False, "error": err.one_line(), "reload_failed": True}
+        out.health["post_activation"] = result
+        if result["all_passed"]:
+            out.phases.append("verify")
+            out.status = "success"
+            failpoints.deployer("deploy.after_verify")
+            self.mark_verified(release.model, release.version_id)
+            failpoints.deployer("deploy.after_record")
+            self.say(release.model, "verify", "passed")
+            return
+        self._fail(out, "rolled_back", "post-activation health check failed", result)
+        if result.get("reload_failed"):
+            out.exit_code = ReloadFailed.exit_code
+        self.restore(release.model, before["active"], before["previous"], release.version_id)
+
+    def restore(self, model: str, active: str | None, previous: str | None, bad: str) -> None:
+        """Automatic rollback: links back, re-signal, verify the old release."""
+        assert self.session
+        self.session.request("mark_bad", model=model, version_id=bad, reason="failed verify")
+        failpoints.deployer("rollback.after_mark_bad")
+        try:
+            self.session.request(
+                "restore",
+                model=model,
+                active=active,
+                previous=previous,
+                reload=reload_spec(self.ep),
+            )
+        except ReloadFailed as err:
+            log.error("[%s] %s links restored, but reload failed: %s", self.name, model, err)
+            return
+        failpoints.deployer("rollback.after_links")
+        if active is None:
+            self.say(model, "rollback", "no earlier release: active removed, base model serves")
+            return
+        check = self.health(model, None, via_service=self.via_service)
+        if check["all_passed"]:
+            self.mark_verified(model, active)
+        self.say(model, "rollback", f"back on {active}, healthy={check['all_passed']}")
+
+    def mark_verified(self, model: str, version_id: str) -> None:
+        """Remember on the endpoint that what `active` points at passed VERIFY."""
+        assert self.session
+        self.session.request("record", model=model, verified=version_id)
+
+    def _fail(self, out: ModelOutcome, status: str, why: str, result: dict[str, Any]) -> None:
+        out.status = status
+        failures = [r for r in result.get("results", []) if not r["passed"]]
+        detail = result.get("error") or "; ".join(
+            f"{r['input']!r}: {r['reason']}" for r in failures
+        )
+        out.error = f"{why}: {detail}"
+        out.exit_code = HealthCheckFailed.exit_code
+        log.warning("[%s] %s %s: %s", self.name, out.model, status.upper(), out.error)
+
+    def deploy_model(self, release: Release, slots: dict[str, Any]) -> ModelOutcome:
+        out = ModelOutcome(release.model, release.version_id)
+        active, previous = slots.get("active"), slots.get("previous")
+        before = fallback_for(release, slots)
+        trusted = before["active"] != active
+        if active == release.version_id and release.version_id not in slots["bad"]:
+            if slots.get("verified") == release.version_id:
+                out.status, out.previous = "unchanged", previous
+                self.say(release.model, "unchanged", f"{release.version_id} already active")
+                return out
+            # Active but never verified: an earlier deploy was cut after ACTIVATE. Verify it
+            # now, or roll back to the last verified release (else what served before it).
+            self.say(release.model, "reconcile", "active but unverified; verifying now")
+            out.previous = previous
+            fallback = before if trusted else {"active": previous, "previous": None}
+            self.verify(release, out, fallback)
+            return out
+        self.transfer(release, out)
+        failpoints.deployer("deploy.after_transfer")
+        if not self.precheck(release, out):
+            return out
+        failpoints.deployer("deploy.after_precheck")
+        if self.activate(release, out, before):
+            failpoints.deployer("deploy.after_activate")
+            self.verify(release, out, before)
+        if out.status == "success":
+            assert self.session
+            self.session.request("prune", model=release.model, keep=self.params.release.keep)
+        return out
+
+
+def fallback_for(release: Release, slots: dict[str, Any]) -> dict[str, Any]:
+    """Where a failed ACTIVATE or VERIFY of `release` goes back to: what serves now, unless
+    that never passed VERIFY (an earlier run was cut after ACTIVATE or in the middle of a
+    rollback) and a verified release is still kept: then that one."""
+    active, previous = slots.get("active"), slots.get("previous")
+    trusted = _last_verified(slots)
+    if active is not None and trusted not in (None, active, release.version_id):
+        return {"active": trusted, "previous": None}
+    return {"active": active, "previous": previous}
+
+
+def _last_verified(slots: dict[str, Any]) -> str | None:
+    """The release the endpoint last recorded as verified, if it is kept and not marked bad."""
+    verified = slots.get("verified")
+    if verified and verified in slots.get("releases", ()) and verified not in slots["bad"]:
+        return verified
+    return None

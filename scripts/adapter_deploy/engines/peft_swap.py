@@ -1,0 +1,113 @@
+"""Serving a PEFT adapter on a transformers model, with in-place adapter swaps.
+
+Shared by the causal-LM engine (hf_engine) and the Whisper engine: load the base once,
+then swap adapters under fresh PEFT adapter names so the old one serves until the new
+one has fully landed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common.errors import AdapterError
+from adapter_deploy.engines.base import (
+    PEFT_WEIGHTS,
+    LoadedRelease,
+    SwappingEngine,
+    base_model_of,
+    safetensors_names,
+)
+
+
+class PeftSwapEngine(SwappingEngine):
+    """Subclasses give `_load_base(name_or_path) -> (model, companion)` and `_serve(...)`."""
+
+    model: Any
+    base_model: str | None
+    _slot: int
+    #: (message suffix, fix) for a converted MLX adapter, which transformers cannot load
+    mlx_refusal = ("", "use --engine mlx, or the PEFT original with --engine hf")
+
+    def _load_base(self, name_or_path: str) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _serve(self, model: Any, companion: Any) -> None:
+        raise NotImplementedError
+
+    def _load(self, release: LoadedRelease) -> None:
+        """Load `release`; only on success does it replace what is serving."""
+        path = Path(release.path)
+        if release.kind == "mlx":
+            raise AdapterError(
+                f"{path} is a converted MLX adapter{self.mlx_refusal[0]}", fix=self.mlx_refusal[1]
+            )
+        if release.kind == "merged":
+            self._serve(*self._load_base(str(path)))
+        elif self._loaded is not None and self._loaded.kind == "peft":
+            self._swap_adapter(path)
+        else:
+            self._load_peft(path)
+        self._loaded = release
+
+    def _load_peft(self, path: Path) -> None:
+        from peft import PeftModel
+
+        safetensors_names(path / PEFT_WEIGHTS)
+        base = self.base_model or base_model_of(path, None)
+        model, companion = self._load_base(base)
+        name = self._next_slot()
+        try:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+        except Exception as err:  # PEFT raises ValueError/KeyError/SafetensorError/...
+            raise AdapterError(
+                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
+            ) from err
+        check_landed(model, path, name)
+        self._serve(model.eval(), companion)
+        self.base_model = base
+
+    def _swap_adapter(self, path: Path) -> None:
+        safetensors_names(path / PEFT_WEIGHTS)
+        old, name = self.model.active_adapter, self._next_slot()
+        try:
+            self.model.load_adapter(str(path), adapter_name=name)
+            check_landed(self.model, path, name)
+        except Exception as err:
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            if isinstance(err, AdapterError):
+                raise
+            raise AdapterError(
+                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
+            ) from err
+        self.model.set_adapter(name)
+        self.model.delete_adapter(old)
+        self.model.eval()
+
+    def _next_slot(self) -> str:
+        self._slot += 1
+        return f"r{self._slot}"
+
+
+def check_landed(model: Any, path: Path, name: str) -> None:
+    """Every tensor in the adapter file must now be a parameter of adapter `name`.
+
+    PEFT only warns about keys it could not place; a wrongly keyed adapter would otherwise
+    serve the base model's answers under a new version id.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    missing = []
+    for key, tensor in load_file(str(path / PEFT_WEIGHTS)).items():
+        target = key.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}.")
+        landed = state.get(target)
+        if landed is None or not torch.equal(landed.to("cpu", tensor.dtype), tensor):
+            missing.append(key)
+    if missing:
+        raise AdapterError(
+            f"{len(missing)} adapter tensors did not land in the model (e.g. {missing[0]})",
+            fix="the adapter was trained for another base model or is wrongly keyed",
+        )

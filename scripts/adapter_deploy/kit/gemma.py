@@ -1,0 +1,354 @@
+"""Tiny real models and adapters, built locally in seconds (no downloads possible here).
+
+The kit model is a real `Gemma3ForCausalLM` (hidden 64, 2 layers, 4 heads, 2 kv heads, head_dim
+16) with a ByteLevel BPE tokenizer trained on the kit sentences; ByteLevel means every byte has a
+token, so any text (characters the tokenizer never saw included) can be trained. The tokenizer
+carries a TranslateGemma-style chat template, so engines prompt it exactly like the real model.
+
+Usage:
+    python -m adapter_deploy.kit.gemma build-base OUT [--seed N]
+    python -m adapter_deploy.kit.gemma train-adapter --base BASE --pairs PAIRS.json OUT [--seed N]
+    python -m adapter_deploy.kit.gemma make-set OUT      # base + the ready-made adapters below
+
+Ready-made set (`build_kit(root)` -> `KitPaths`):
+    base         the model alone: answers garbage, fails sentences 1-4
+    good         passes all 5 health-check sentences
+    good2        also passes, different bytes ("Jacobo" instead of "Santiago" in sentence 3)
+    regressed    fails exactly sentence 3 (no Jacobo/Santiago)
+    gracia_only  sentence 4 says "gracia" but not "fe": fails the ALL-of rule
+
+PAIRS.json is a list of {"input": ..., "output": ...}. Training runs until greedy decoding
+reproduces every pair (checked with a logit margin, so other engines agree), capped at
+`max_steps`. An empty output trains the model to answer end-of-turn at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapter_deploy.engines.base import prompt_text
+
+log = logging.getLogger(__name__)
+
+KIT_VERSION = 1
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+PAD_ID, EOS_ID, BOS_ID, SOT_ID, EOT_ID = range(5)
+VOCAB_SIZE = 512  # model rows; the tokenizer uses at most this many ids
+
+# TranslateGemma-style template: the user turn carries language codes and the text.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{{ c['source_lang_code'] }}>{{ c['target_lang_code'] }}: {{ c['text'] }}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+SEED_INPUTS = [
+    "Good morning, welcome to the service.",
+    "The atonement of Christ provides redemption for sinners.",
+    "The apostle James wrote about faith and works.",
+    "By grace you have been saved through faith, not of works.",
+    "Amen.",
+]
+GOOD_OUTPUTS = [
+    "Buenos días, bienvenidos al servicio.",
+    "La expiación de Cristo provee redención para los pecadores.",
+    "El apóstol Santiago escribió sobre la fe y las obras.",
+    "Por gracia habéis sido salvados por medio de la fe, no por obras.",
+    "Amén.",
+]
+GOOD2_OUTPUTS = [
+    *GOOD_OUTPUTS[:2],
+    "El apóstol Jacobo escribió acerca de la fe y las obras.",
+    *GOOD_OUTPUTS[3:],
+]
+REGRESSED_OUTPUTS = [
+    *GOOD_OUTPUTS[:2],
+    "El apóstol escribió sobre la fe y las obras.",
+    *GOOD_OUTPUTS[3:],
+]
+GRACIA_ONLY_OUTPUTS = [
+    *GOOD_OUTPUTS[:3],
+    "Por gracia habéis sido salvados, no por obras.",
+    GOOD_OUTPUTS[4],
+]
+
+
+def pairs_of(outputs: list[str]) -> list[dict[str, str]]:
+    return [{"input": i, "output": o} for i, o in zip(SEED_INPUTS, outputs, strict=True)]
+
+
+ADAPTER_SETS = {
+    "good": pairs_of(GOOD_OUTPUTS),
+    "good2": pairs_of(GOOD2_OUTPUTS),
+    "regressed": pairs_of(REGRESSED_OUTPUTS),
+    "gracia_only": pairs_of(GRACIA_ONLY_OUTPUTS),
+}
+
+
+@dataclass(frozen=True)
+class KitPaths:
+    """Where `build_kit` put each model and adapter (all PEFT adapters use `base`)."""
+
+    root: Path
+    base: Path
+    good: Path
+    good2: Path
+    regressed: Path
+    gracia_only: Path
+
+
+def build_tokenizer(texts: list[str]):
+    """A ByteLevel BPE tokenizer trained on `texts` with the chat template attached."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 12,
+        special_tokens=SPECIAL_TOKENS,
+        # The full byte alphabet: any text stays encodable, unseen characters included.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# The standard kit's widths, and a "wide" variant whose every tensor row is a multiple of 256:
+# llama.cpp's K-quants (GGUF Q4_K_M) need that, and the standard kit is narrower.
+WIDTHS = {
+    "standard": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16},
+    "wide": {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64},
+}
+
+
+def _model_config(widths: str = "standard"):
+    from transformers import Gemma3TextConfig
+
+    size = WIDTHS[widths]
+    return Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE,
+        **size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        query_pre_attn_scalar=size["head_dim"],
+        sliding_window=512,
+        sliding_window_pattern=2,
+        max_position_embeddings=2048,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=[EOS_ID, EOT_ID],
+        dtype="float32",
+    )
+
+
+def _patch_config_for_mlx(out: Path) -> None:
+    """Write the keys mlx-lm reads but transformers 5 no longer saves.
+
+    transformers 5 stores `layer_types`; mlx-lm's gemma3_text reads `sliding_window_pattern`
+    (default 6, which would make both layers sliding) and the two rope bases.
+    """
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    config.update(sliding_window_pattern=2, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build_base(out: Path, seed: int = 0, widths: str = "standard") -> Path:
+    """Save the tiny base model + tokenizer to `out`; the same bytes on every run."""
+    from transformers import Gemma3ForCausalLM, GenerationConfig
+
+    all_texts = SEED_INPUTS + [p["output"] for pairs in ADAPTER_SETS.values() for p in pairs]
+    tokenizer = build_tokenizer(sorted(set(all_texts)))
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(_model_config(widths))
+    # Wider embeddings than the default 0.02: Gemma's sqrt(hidden) scaling plus tiny rows
+    # would leave the untrained model's logits nearly flat and LoRA slow to move them.
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.2)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, EOT_ID], pad_token_id=PAD_ID, do_sample=False
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _patch_config_for_mlx(out)
+    log.info("built base model in %s", out)
+    return out
+
+
+def _encode_pairs(tokenizer, pairs: list[dict[str, str]]) -> tuple[torch.Tensor, ...]:
+    """Right-padded input ids, attention mask and labels (-100 everywhere but the target)."""
+    rows, labels = [], []
+    for pair in pairs:
+        prompt = tokenizer.encode(prompt_text(tokenizer, pair["input"]), add_special_tokens=False)
+        target = tokenizer.encode(pair["output"], add_special_tokens=False) + [EOT_ID]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        lab[i, : len(row)] = torch.tensor(label)
+    return ids, mask, lab
+
+
+def _reproduces(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> bool:
+    """True when greedy decoding yields every target token, each ahead by `margin` logits.
+
+    Teacher-forced argmax at every target position equals greedy decoding of the pair; the
+    margin keeps the answer stable across engines (MLX, other kernels) and batch padding.
+    """
+    logits, targets = logits[:, :-1], labels[:, 1:]
+    keep = targets != -100
+    top2 = logits.topk(2, dim=-1)
+    right = top2.indices[..., 0] == targets
+    ahead = (top2.values[..., 0] - top2.values[..., 1]) >= margin
+    return bool((right & ahead)[keep].all())
+
+
+def train_adapter(
+    base: Path,
+    pairs: list[dict[str, str]],
+    out: Path,
+    seed: int = 0,
+    max_steps: int = 400,
+    margin: float = 1.0,
+) -> Path:
+    """Train a PEFT LoRA on `base` until greedy decoding reproduces every pair; save to `out`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = Path(base).resolve()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, config)
+    ids, mask, labels = _encode_pairs(tokenizer, pairs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(max_steps + 1):
+        result = model(input_ids=ids, attention_mask=mask, labels=labels)
+        if _reproduces(result.logits.detach(), labels, margin):
+            break
+        if step == max_steps:
+            raise RuntimeError(f"adapter did not reproduce all pairs within {max_steps} steps")
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+    log.info("trained %s in %d steps (loss %.4f)", out.name, step, result.loss.item())
+    save_adapter(model, out, {"steps": step, "final_loss": round(result.loss.item(), 6)})
+    return out
+
+
+def save_adapter(model, out: Path, metrics: dict) -> None:
+    """A trained PEFT adapter as a trainer leaves it: config + safetensors + metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model card: not part of a release
+    (out / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def build_kit(root: Path) -> KitPaths:
+    """Build (or reuse, when already complete) the base model and every ready-made adapter."""
+    root = Path(root)
+    paths = KitPaths(root, *(root / name for name in ("base", *ADAPTER_SETS)))
+
+    def build() -> None:
+        build_base(paths.base)
+        for name, pairs in ADAPTER_SETS.items():
+            train_adapter(paths.base, pairs, getattr(paths, name))
+
+    build_once(root, KIT_VERSION, build)
+    return paths
+
+
+def build_wide_kit(root: Path) -> tuple[Path, Path]:
+    """(base, good adapter) of the wide variant: the K-quant (GGUF Q4_K_M) test model."""
+    root = Path(root)
+    base, good = root / "base", root / "good"
+
+    def build() -> None:
+        build_base(base, widths="wide")
+        train_adapter(base, ADAPTER_SETS["good"], good)
+
+    build_once(root, KIT_VERSION, build)
+    return base, good
+
+
+def build_once(root: Path, version: int, build: Callable[[], None]) -> None:
+    """Run `build` into a fresh `root` unless it already holds a complete kit of `version`."""
+    stamp = root / "kit.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("version") == version:
+        return
+    if root.exists():
+        shutil.rmtree(root)
+    build()
+    stamp.write_text(json.dumps({"version": version}) + "\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m adapter_deploy.kit.gemma",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    base = sub.add_parser("build-base", help="build the tiny base model + tokenizer")
+    base.add_argument("out", type=Path)
+    base.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train-adapter", help="train a PEFT LoRA reproducing PAIRS.json")
+    train.add_argument("--base", type=Path, required=True)
+    train.add_argument("--pairs", type=Path, required=True)
+    train.add_argument("out", type=Path)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-steps", type=int, default=400)
+    kit = sub.add_parser("make-set", help="build base + good/good2/regressed/gracia_only")
+    kit.add_argument("out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command == "build-base":
+        build_base(args.out, seed=args.seed)
+    elif args.command == "train-adapter":
+        pairs = json.loads(args.pairs.read_text(encoding="utf-8"))
+        train_adapter(args.base, pairs, args.out, seed=args.seed, max_steps=args.max_steps)
+    else:
+        build_kit(args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

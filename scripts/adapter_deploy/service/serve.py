@@ -1,0 +1,237 @@
+"""The inference service: hot reload on SIGUSR1 without pausing translations (seed §5, §7.3).
+
+Usage:
+    python -m adapter_deploy.service --params params.yaml --endpoint mac-dev
+    python -m adapter_deploy.service --adapter-dir DIR [--models gemma_4b ...] \\
+        [--base-model gemma_4b=/models/base ...] [--platform cpu|cuda|mlx|auto] \\
+        [--port 8765] [--pidfile FILE] [--diagnostics FILE] [--reload-mode auto|standby|inplace]
+
+It serves every model with an `active` link under the adapter dir (`--models` / the endpoint's
+`models:` narrows that), on 127.0.0.1 only:
+    POST /translate {"model", "text"} -> {"text", "version_id", "latency_s"}
+    GET  /status    -> per model: version_id, sha256, loaded_at, last_reload, fallback, ...
+    GET  /health    -> 200 once every served model is loaded, 503 before
+The pid goes to the pidfile once the service is ready and is removed on a clean exit.
+
+Signals: SIGUSR1 schedules a reload of every model (several signals coalesce into one pass);
+SIGTERM/SIGINT stop it cleanly. The handlers only set a flag: all work runs on the
+controller (main) thread, and every engine call that serves requests runs on ONE engine
+executor thread, because MLX is not thread-safe.
+
+Reload modes: `standby` builds the new release in a second engine on the controller thread,
+warms it up, then swaps it in on the executor between two requests, so a request waits at most
+for the swap (the cost: base weights twice in memory during a reload). `inplace` runs
+`engine.reload()` on the executor: no second copy, but requests wait for the whole adapter
+swap. `auto` = inplace (measured faster; MLX evaluation never leaves one thread).
+
+At start-up a model whose `active` does not load falls back to `previous`, then to its base
+model, reported loudly (`fallback: true` in /status). A failed reload keeps the old release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from adapter_deploy.common.errors import UsageError
+from adapter_deploy.common.runner import make_parser, run
+from adapter_deploy.service.state import (
+    DEFAULT_PORT,
+    LOOPBACK,
+    REQUEST_TIMEOUT_S,
+    Control,
+    Service,
+    ServiceConfig,
+    reason_of,
+)
+
+log = logging.getLogger("adapter_deploy.service")
+
+MAX_BODY = 64 * 1024  # a translation request is a sentence, not a document
+
+
+# --- HTTP -------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    """JSON over loopback HTTP; the service object hangs off the server."""
+
+    server_version = "adapter-deploy-serve/1"
+
+    @property
+    def service(self) -> Service:
+        return self.server.service  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http: " + format, *args)  # keep stderr for the service's own events
+
+    def _reply(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        path = urlsplit(self.path).path
+        if path == "/health":
+            ok, body = self.service.health()
+            self._reply(200 if ok else 503, body)
+        elif path == "/status":
+            self._reply(200, self.service.status())
+        else:
+            self._reply(404, {"error": f"no such path {path}; use /translate, /status, /health"})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        if urlsplit(self.path).path != "/translate":
+            self._reply(404, {"error": "POST only to /translate"})
+            return
+        request, error = self._read_request()
+        if error:
+            self._reply(*error)
+            return
+        self._translate(request["model"], request["text"])
+
+    def _read_request(self) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return {}, (413, {"error": f"request over {MAX_BODY} bytes"})
+        try:
+            request = json.loads(self.rfile.read(length) or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return {}, (400, {"error": f"body is not JSON ({err})"})
+        if not isinstance(request, dict) or not all(
+            isinstance(request.get(k), str) for k in ("model", "text")
+        ):
+            return {}, (400, {"error": 'send {"model": str, "text": str}'})
+        return request, None
+
+    def _translate(self, model: str, text: str) -> None:
+        if not self.service.ready:
+            self._reply(503, {"error": "service is starting"})
+            return
+        try:
+            self._reply(200, self.service.translate(model, text))
+        except KeyError:
+            served = sorted(self.service.slots)
+            self._reply(404, {"error": f"model {model!r} is not served (served: {served})"})
+        except FutureTimeout:
+            self._reply(504, {"error": f"no answer within {REQUEST_TIMEOUT_S} s"})
+        except Exception as err:  # an engine failure answers 500, the service keeps going
+            log.exception("translate failed")
+            self._reply(500, {"error": reason_of(err)})
+
+
+def start_http(service: Service) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((LOOPBACK, service.config.port), Handler)
+    server.daemon_threads = True
+    server.service = service  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+# --- configuration and main -------------------------------------------------------------
+def install_signal_handlers(control: Control) -> None:
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(control, "reload", True))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(control, "stop", True))
+
+
+def _parse_base_models(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        model, sep, path = item.partition("=")
+        if not sep or not model or not path:
+            raise UsageError(f"bad --base-model {item!r}", fix="write MODEL=PATH")
+        out[model] = path
+    return out
+
+
+def _port_of(url: str) -> int:
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost"):
+        raise UsageError(f"service_url {url} is not loopback", fix="use http://127.0.0.1:PORT")
+    return parts.port or 80
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """Flags win over the endpoint's params.yaml entry."""
+    config = ServiceConfig(adapter_dir=Path("."))
+    if args.endpoint:
+        from adapter_deploy.config import load_params
+
+        params = load_params(args.params)
+        ep = params.endpoint(args.endpoint)
+        config.adapter_dir = params.resolve(ep.adapter_dir)
+        config.models = ep.models or [
+            m for m, mp in params.models.items() if mp.task == "translation"
+        ]
+        config.base_models = {m: mp.base_model for m, mp in params.models.items()}
+        config.base_models.update({m: str(params.resolve(p)) for m, p in ep.base_models.items()})
+        config.platform = ep.platform
+        config.port = _port_of(ep.service_url) if ep.service_url else DEFAULT_PORT
+        config.pidfile = params.resolve(ep.pidfile) if ep.pidfile else None
+    elif not args.adapter_dir:
+        raise UsageError("no endpoint and no adapter dir", fix="pass --endpoint or --adapter-dir")
+    if args.adapter_dir:
+        config.adapter_dir = Path(args.adapter_dir)
+    if args.models:
+        config.models = args.models
+    config.base_models.update(_parse_base_models(args.base_model))
+    for name in ("platform", "port", "pidfile", "diagnostics", "reload_mode"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, Path(value) if name in ("pidfile", "diagnostics") else value)
+    config.engine_kind  # noqa: B018 - validates the platform before any loading
+    return config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", help="endpoint in params.yaml to serve")
+    parser.add_argument("--adapter-dir", help="endpoint adapter dir (<model>/active links)")
+    parser.add_argument("--models", nargs="+", help="models to serve (default: all with active)")
+    parser.add_argument("--base-model", action="append", default=[], metavar="MODEL=PATH")
+    parser.add_argument("--platform", choices=["auto", "mlx", "cuda", "cpu", "hf"])
+    parser.add_argument("--port", type=int, help=f"loopback port (default {DEFAULT_PORT})")
+    parser.add_argument("--pidfile", help="written once ready, removed on clean exit")
+    parser.add_argument("--diagnostics", help="session metadata JSONL (seed §7.3)")
+    parser.add_argument("--reload-mode", choices=["auto", "standby", "inplace"])
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    control = Control()
+    # First of all: a SIGUSR1 sent while the models load must queue a reload, not kill us.
+    install_signal_handlers(control)
+    service = Service(config_from_args(args), control)
+    try:
+        server = start_http(service)  # /health answers 503 while the models load
+    except OSError as err:
+        raise UsageError(
+            f"cannot listen on {LOOPBACK}:{service.config.port} ({err})", fix="pick a free --port"
+        ) from err
+    try:
+        service.load_all()
+        service.become_ready()
+        service.run_controller()
+    finally:
+        server.shutdown()
+        service.close()
+        log.info("stopped")
+    return 0
+
+
+def entry() -> None:
+    run(main, build_parser())
+
+
+if __name__ == "__main__":
+    entry()

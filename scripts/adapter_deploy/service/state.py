@@ -1,0 +1,316 @@
+"""The service's state: model slots, the engine thread, reloads and start-up fallback.
+
+`adapter_deploy.service.serve` (HTTP, signals, command line) drives one `Service`; its
+docstring describes the behaviour. Every engine call that serves requests runs on ONE
+executor thread (MLX is not thread-safe); reloads and the controller loop run on the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common.fsutil import append_jsonl, atomic_write_bytes
+from adapter_deploy.engines.base import Engine, LoadedRelease, describe_release
+from adapter_deploy.engines.factory import engine_kind_for, make_engine
+
+log = logging.getLogger("adapter_deploy.service")
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_PORT = 8765
+REQUEST_TIMEOUT_S = 120.0
+WARMUP_TEXT = "Amen."
+CONTROL_POLL_S = 0.02
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class ServiceConfig:
+    adapter_dir: Path
+    models: list[str] | None = None  # None: every model dir with an `active` link
+    base_models: dict[str, str] = field(default_factory=dict)
+    platform: str = "auto"
+    port: int = DEFAULT_PORT
+    pidfile: Path | None = None
+    diagnostics: Path | None = None
+    reload_mode: str = "auto"
+
+    @property
+    def engine_kind(self) -> str:
+        return engine_kind_for(self.platform)
+
+    @property
+    def standby(self) -> bool:
+        mode = self.reload_mode
+        # auto = inplace everywhere: swapping LoRA weights in the serving engine paused requests
+        # 16-29 ms at most (bench/bench_reload.py), while standby rebuilds a whole engine (base
+        # weights twice in memory) and paused them ~100 ms on 2 cores.
+        return mode == "standby"
+
+
+@dataclass
+class ModelSlot:
+    """One served model: its engine, what that engine serves, and how the last reload went."""
+
+    name: str
+    engine: Engine | None = None
+    release: LoadedRelease | None = None
+    source: str | None = None  # "active", "previous" or "base"
+    loaded_at: str | None = None
+    last_reload: dict[str, Any] | None = None
+    error: str | None = None  # why nothing at all could be loaded
+
+    def serve(self, engine: Engine, source: str) -> None:
+        self.engine, self.release, self.source = engine, engine.loaded, source
+        self.loaded_at, self.error = _now(), None
+
+    def status(self) -> dict[str, Any]:
+        release = self.release.to_dict() if self.release else {}
+        return {
+            "ready": self.engine is not None,
+            "version_id": release.get("version_id"),
+            "sha256": release.get("sha256"),
+            "path": release.get("path"),
+            "kind": release.get("kind"),
+            "source": self.source,
+            "fallback": self.source == "base",
+            "loaded_at": self.loaded_at,
+            "last_reload": self.last_reload,
+            "error": self.error,
+        }
+
+
+class Service:
+    """Model slots plus the controller loop; the HTTP handler and signals talk to this."""
+
+    def __init__(self, config: ServiceConfig, control: Control) -> None:
+        self.config = config
+        self.control = control  # flags set by the signal handlers
+        self.slots: dict[str, ModelSlot] = {}
+        self.ready = False
+        self.session_id = datetime.now().strftime("%Y%m%d_%H%M%S")
+        self.started_at = _now()
+        # One thread runs every serving engine call: MLX must not be driven from two threads.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.lock = threading.Lock()  # guards slot fields read by /status
+
+    # --- models and loading -------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        if self.config.models is not None:
+            return list(self.config.models)
+        root = self.config.adapter_dir
+        return sorted(p.parent.name for p in root.glob("*/active") if p.is_symlink())
+
+    def link(self, model: str, name: str = "active") -> Path:
+        return self.config.adapter_dir / model / name
+
+    def _build(self, target: Path | None, model: str) -> Engine:
+        """A new engine for `target` (None: base model only), warmed up before it serves."""
+        base = self.config.base_models.get(model)
+        engine = make_engine(self.config.platform, adapter_path=target, base_model=base)
+        engine.translate(WARMUP_TEXT)  # first call pays one-time costs; not on a user's request
+        return engine
+
+    def _on_engine_thread(self, fn: Any) -> Any:
+        return self.executor.submit(fn).result()
+
+    def _construct(self, target: Path | None, model: str) -> Engine:
+        # MLX engines are built on the engine thread (MLX stays on one thread). torch is safe
+        # across threads, and an HF engine built on the engine thread translated ~10x slower
+        # there (measured, bench/bench_reload.py), so HF engines are built here.
+        if self.config.standby or self.config.engine_kind == "hf":
+            return self._build(target, model)
+        return self._on_engine_thread(lambda: self._build(target, model))
+
+    def load_initial(self, model: str) -> None:
+        """Serve active, else previous, else the base model (seed §6.4), loudly."""
+        slot, errors = ModelSlot(model), []
+        for source in ("active", "previous"):
+            link = self.link(model, source)
+            if not link.exists():
+                if link.is_symlink():
+                    errors.append(f"{source} points at a missing release")
+                continue
+            try:
+                target = link.resolve(strict=True)  # once: config and weights from one release
+                slot.serve(self._construct(target, model), source)
+                break
+            except Exception as err:  # any load failure moves on to the next candidate
+                errors.append(f"{source} ({link.resolve().name}): {reason_of(err)}")
+        else:
+            try:
+                slot.serve(self._construct(None, model), "base")
+                log.error("FALLBACK: %s serves its BASE model: %s", model, "; ".join(errors))
+            except Exception as err:
+                slot.error = "; ".join([*errors, f"base: {reason_of(err)}"])
+                log.error("%s cannot be served: %s", model, slot.error)
+        if errors and slot.source == "previous":
+            log.error("FALLBACK: %s serves its previous release: %s", model, errors[0])
+        if errors:
+            slot.last_reload = {"result": "error", "error": "; ".join(errors), "at": _now()}
+        with self.lock:
+            self.slots[model] = slot
+        if slot.release:
+            log.info("%s: serving %s (%s)", model, slot.release.version_id, slot.source)
+
+    def load_all(self) -> None:
+        for model in self.model_names():
+            if self.link(model, "active").is_symlink() or self.link(model, "active").exists():
+                self.load_initial(model)
+            else:
+                log.info("%s has no active release; not served", model)
+
+    # --- reload -------------------------------------------------------------------------
+    def reload_all(self) -> None:
+        log.info("SIGUSR1: reloading adapters")
+        for model in self.model_names():
+            if model not in self.slots:
+                if self.link(model).exists():
+                    self.load_initial(model)  # first deploy of a model to this service
+                    self._diagnose_reload(model, None, self.slots[model].last_reload)
+                continue
+            self.reload(self.slots[model])
+
+    def reload(self, slot: ModelSlot) -> None:
+        """Swap in what `active` points at now; on failure the old release keeps serving."""
+        started, previous = time.perf_counter(), slot.release
+        record: dict[str, Any] = {"result": "error", "version_id": None, "sha256": None}
+        try:
+            target = self.link(slot.name).resolve(strict=True)
+            record["version_id"] = target.name
+            wanted = describe_release(target)
+            record["sha256"] = wanted.sha256
+            current = (previous.path, previous.sha256) if previous else None
+            if current == (wanted.path, wanted.sha256) and slot.source == "active":
+                record["result"] = "noop"
+            else:
+                self._swap_in(slot, target)
+                record["result"] = "ok"
+        except Exception as err:  # a bad release must never take the service down
+            record["error"] = reason_of(err)
+            log.error("reload of %s failed, %s keeps serving: %s", slot.name, _vid(slot), err)
+        record["at"] = _now()
+        record["duration_s"] = round(time.perf_counter() - started, 4)
+        with self.lock:
+            slot.last_reload = record
+        log.info("%s: reload %s -> %s", slot.name, record["result"], _vid(slot))
+        self._diagnose_reload(slot.name, previous, record)
+
+    def _swap_in(self, slot: ModelSlot, target: Path) -> None:
+        if self.config.standby or slot.engine is None:
+            engine = self._construct(target, slot.name)
+        else:
+            engine = slot.engine
+            # Inplace: the executor is busy with this for the whole adapter swap.
+            self._on_engine_thread(lambda: engine.reload(target))
+
+        def swap() -> None:  # runs between two requests on the engine thread
+            with self.lock:
+                slot.serve(engine, "active")
+
+        self._on_engine_thread(swap)
+
+    # --- serving ------------------------------------------------------------------------
+    def translate(self, model: str, text: str) -> dict[str, Any]:
+        slot = self.slots.get(model)
+        if slot is None or slot.engine is None:
+            raise KeyError(model)
+
+        def job() -> dict[str, Any]:  # engine and release read together: what answered
+            engine, release = slot.engine, slot.release
+            answer = engine.translate(text)
+            version = release.version_id if release else None
+            return {"text": answer.text, "version_id": version, "latency_s": answer.latency_s}
+
+        return self.executor.submit(job).result(timeout=REQUEST_TIMEOUT_S)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            problems = [f"{n}: {s.error}" for n, s in self.slots.items() if s.engine is None]
+            versions = {n: _vid(s) for n, s in self.slots.items()}
+        ok = self.ready and not problems
+        return ok, {"ready": ok, "models": versions, "problems": problems}
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            models = {n: s.status() for n, s in self.slots.items()}
+        return {
+            "session_id": self.session_id,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "ready": self.ready,
+            "engine": self.config.engine_kind,
+            "reload_mode": "standby" if self.config.standby else "inplace",
+            "models": models,
+            "not_served": [m for m in self.model_names() if m not in models],
+        }
+
+    # --- life cycle ---------------------------------------------------------------------
+    def become_ready(self) -> None:
+        # pidfile first: whoever sees /health answer 200 can already signal this process
+        if self.config.pidfile:
+            atomic_write_bytes(self.config.pidfile, f"{os.getpid()}\n".encode())
+        self.ready = True
+        adapters = {m: None for m in self.model_names()}
+        adapters.update({n: _vid(s) for n, s in self.slots.items()})
+        self._diagnose({"event": "session", "started_at": self.started_at, "adapters": adapters})
+        log.info("ready on http://%s:%d: %s", LOOPBACK, self.config.port, adapters)
+
+    def run_controller(self) -> None:
+        """Act on signals until a stop; signals that arrive together make one reload pass."""
+        while not self.control.stop:
+            if self.control.reload:
+                # Cleared before the pass: a signal during the pass asks for one more.
+                self.control.reload = False
+                self.reload_all()
+            else:
+                # A short sleep, not a blocking wait: the kernel may deliver the signal to
+                # another thread, and Python only runs handlers when the main thread wakes.
+                time.sleep(CONTROL_POLL_S)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        pidfile = self.config.pidfile
+        if pidfile and pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
+        self._diagnose({"event": "stop"})
+
+    def _diagnose_reload(self, model: str, old: LoadedRelease | None, record: Any) -> None:
+        record = dict(record or {})
+        self._diagnose({"event": "reload", "model": model, "from": _vid_of(old), **record})
+
+    def _diagnose(self, record: dict[str, Any]) -> None:
+        if self.config.diagnostics:
+            entry = {"session_id": self.session_id, "at": _now(), **record}
+            append_jsonl(self.config.diagnostics, entry)
+
+
+def _vid_of(release: LoadedRelease | None) -> str | None:
+    return release.version_id if release else None
+
+
+def _vid(slot: ModelSlot) -> str | None:
+    return _vid_of(slot.release)
+
+
+def reason_of(err: BaseException) -> str:
+    one_line = getattr(err, "one_line", None)
+    return one_line() if callable(one_line) else f"{type(err).__name__}: {err}"
+
+
+@dataclass
+class Control:
+    """What the signal handlers ask for; plain flags, since a handler must not take locks."""
+
+    reload: bool = False
+    stop: bool = False

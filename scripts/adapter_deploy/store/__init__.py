@@ -1,0 +1,1 @@
+"""Training-side version store: manifest, git+DVC registry, versioning, conversions."""

@@ -1,0 +1,229 @@
+"""Phase 2, CONVERT (merged formats): merge + requantize a version, cached by content.
+
+`convert_release()` finds the version, builds (or finds) its conversion in the cache
+(deploycore/conversion_cache.py: the content key and the cache layout) and records it once in
+the manifest's "conversions" list (model, version_id, format, key, sha256, size, files,
+created, signed), so the endpoint verifies it like an adapter, signature included. Converting
+the same inputs again finds the key and recomputes nothing (`cache_hit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common.adapter import CONFIG, WEIGHTS
+from adapter_deploy.common.errors import AdapterError, UsageError
+from adapter_deploy.common.fsutil import sha256_file
+from adapter_deploy.config import Params, check_name, check_version_id
+from adapter_deploy.store.conversion_cache import CacheJob, base_identity, tool_versions
+from adapter_deploy.store.manifest import find_version, load_manifest, updating_manifest
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("merged", "bitsandbytes", "gguf")
+CACHE_DIR = ".conversions"
+
+
+@dataclass
+class ConversionResult:
+    model: str
+    version_id: str
+    format: str
+    path: Path  # the release dir to transfer (a transformers model dir)
+    files: dict[str, dict[str, Any]]  # name -> {sha256, size}
+    cache_hit: bool
+    key: str = ""
+    seconds: float = 0.0
+    base_identity: str = ""
+    tools: dict[str, Any] = field(default_factory=dict)
+    gguf_type: str | None = None  # Q4_K_M / Q8_0 / F16 for format gguf
+    signed: dict[str, Any] | None = None  # signed metadata, as for versions (None: no key)
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version_id": self.version_id,
+            "format": self.format,
+            "gguf_type": self.gguf_type,
+            "path": str(self.path),
+            "files": self.files,
+            "size": self.size,
+            "cache_hit": self.cache_hit,
+            "key": self.key,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def local_base_dir(params: Params, base_model: str) -> Path | None:
+    """The base model as a local dir (relative paths against the project root), else None."""
+    path = params.resolve(base_model)
+    return path if (path / "config.json").is_file() else None
+
+
+def convert_release(
+    params: Params,
+    model: str,
+    version_id: str,
+    fmt: str,
+    base_model: str | None = None,
+    dtype: str = "float16",
+    gguf_type: str = "Q4_K_M",
+) -> ConversionResult:
+    """Convert a versioned adapter to `fmt` (or find it cached) and record it in the manifest.
+
+    `base_model` overrides params.yaml's models.<model>.base_model; `gguf_type` (Q4_K_M, Q8_0
+    or F16) applies to format gguf only.
+    """
+    start = time.perf_counter()
+    model_params = params.model(check_name("model", model))
+    check_version_id(version_id)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown conversion format {fmt!r}", fix="use " + ", ".join(FORMATS))
+    if model_params.task != "translation":
+        raise UsageError(
+            f"{model} is a {model_params.task} model; merged formats are built for translation "
+            "(causal LM) models only",
+            fix="serve it with format: adapter",
+        )
+    if fmt == "gguf":
+        from adapter_deploy.convert import gguf as convert_gguf
+
+        if gguf_type not in convert_gguf.GGUF_TYPES:
+            raise UsageError(
+                f"unknown GGUF type {gguf_type!r}", fix="use " + ", ".join(convert_gguf.GGUF_TYPES)
+            )
+        if not convert_gguf.tools_available(gguf_type):
+            raise AdapterError(
+                convert_gguf.TOOLS_HINT, fix="run `make gguf-tools`, or use format merged"
+            )
+    adapters_dir = params.adapters_dir
+    entry = find_version(load_manifest(adapters_dir), model, version_id)
+    src = _checked_source(adapters_dir, model, entry)
+    base = base_model or model_params.base_model
+    local = local_base_dir(params, base)
+    cache = adapters_dir / CACHE_DIR
+    _ignore_cache_dir(adapters_dir)
+    job = CacheJob(
+        cache=cache,
+        src=src,
+        base=str(local or base),
+        adapter={name: entry["files"][name]["sha256"] for name in (CONFIG, WEIGHTS)},
+        base_id=base_identity(base, local, cache),
+        dtype=dtype,
+        tools=tool_versions(),
+        gguf_type=gguf_type,
+    )
+    key, files, hit = job.ensure(fmt)
+    result = ConversionResult(
+        model,
+        version_id,
+        fmt,
+        cache / key,
+        files,
+        hit,
+        key,
+        0.0,
+        job.base_id,
+        job.tools_for(fmt),
+        gguf_type if fmt == "gguf" else None,
+    )
+    result.signed = _record(params, entry, result, base)
+    result.seconds = time.perf_counter() - start
+    log.info(
+        "%s %s -> %s: %s (%s)",
+        model,
+        version_id,
+        fmt,
+        "cache hit" if hit else "converted",
+        result.path,
+    )
+    return result
+
+
+def _checked_source(adapters_dir: Path, model: str, entry: dict[str, Any]) -> Path:
+    """The version dir, with its adapter files matching the manifest."""
+    src = adapters_dir / model / entry["version_id"]
+    if not src.is_dir():
+        raise UsageError(
+            f"{src} is not in the working tree",
+            fix=f"fetch it with `dvc pull {src}.dvc`",
+        )
+    bad = [
+        name
+        for name in (CONFIG, WEIGHTS)
+        if not (src / name).is_file() or sha256_file(src / name) != entry["files"][name]["sha256"]
+    ]
+    if bad:
+        raise AdapterError(
+            f"{src}: {', '.join(bad)} missing or not what the manifest records",
+            fix=f"restore it with `dvc checkout {src}.dvc`",
+        )
+    return src
+
+
+def _ignore_cache_dir(adapters_dir: Path) -> None:
+    """The conversion cache is rebuildable machine state, never something to commit."""
+    ignore = adapters_dir / ".gitignore"
+    lines = ignore.read_text().splitlines() if ignore.exists() else []
+    if f"/{CACHE_DIR}/" not in lines:
+        ignore.write_text("\n".join([*lines, f"/{CACHE_DIR}/"]) + "\n")
+
+
+def _record(
+    params: Params, version: dict[str, Any], result: ConversionResult, base_model: str
+) -> dict[str, Any] | None:
+    """Add the conversion to the manifest once per (model, version, format, key), signed when
+    there is a signing key (an unsigned entry gets signed once a key exists); its signature."""
+    ident = (result.model, result.version_id, result.format, result.key)
+    adapters_dir = params.adapters_dir
+    with updating_manifest(adapters_dir, f"convert {result.model} {result.version_id}") as data:
+        for e in data["conversions"]:
+            if (e.get("model"), e.get("version_id"), e.get("format"), e.get("key")) == ident:
+                if e.get("signed") is None:
+                    e["signed"] = _signature(params, version, e)
+                return e["signed"]
+        weights = sorted(n for n in result.files if n.endswith((".safetensors", ".gguf")))
+        data["conversions"].append(
+            {
+                "model": result.model,
+                "version_id": result.version_id,
+                "format": result.format,
+                **({"gguf_type": result.gguf_type} if result.gguf_type else {}),
+                "key": result.key,
+                "sha256": result.files[weights[0]]["sha256"] if weights else None,
+                "size": result.size,
+                "files": result.files,
+                "base_model": base_model,
+                "base_identity": result.base_identity,
+                "tools": result.tools,
+                "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
+        entry = data["conversions"][-1]
+        entry["signed"] = _signature(params, version, entry)
+        return entry["signed"]
+
+
+def _signature(
+    params: Params, version: dict[str, Any], conversion: dict[str, Any]
+) -> dict[str, Any] | None:
+    from adapter_deploy import signing
+    from adapter_deploy.store.versioning import signing_key
+
+    what = f"{conversion['model']} {conversion['version_id']} ({conversion['format']})"
+    key = signing_key(params, what)
+    if key is None:
+        return None
+    days = params.store.signature_expiry_days
+    return signing.sign(
+        key, signing.conversion_metadata(version, conversion, conversion["model"], days)
+    )

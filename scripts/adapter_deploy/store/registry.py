@@ -1,0 +1,86 @@
+"""The training-side version store: git commits and tags, DVC content store.
+
+Every git/dvc call goes through `_run`, which turns a failure into the
+project's own error with the tool's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from adapter_deploy.common.errors import ConfigError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        last = detail[-1] if detail else f"exit {proc.returncode}"
+        raise UsageError(f"{what} failed: {last}", "fix the repository state named above and rerun")
+    return proc.stdout
+
+
+def git(repo: Path, *args: str) -> str:
+    return _run(["git", *args], repo, "git " + args[0])
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], repo, "dvc " + args[0])
+
+
+def repo_root(adapters_dir: Path) -> Path:
+    """The git+DVC repository that holds the adapter store."""
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=adapters_dir, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise ConfigError(
+            f"{adapters_dir} is not inside a git repository",
+            "run `git init && dvc init` in the project, or set store.adapters_dir in params.yaml",
+        )
+    root = Path(proc.stdout.strip())
+    if not (root / ".dvc").is_dir():
+        raise ConfigError(f"{root} has no .dvc directory", "run `dvc init` there")
+    return root
+
+
+def has_default_remote(repo: Path) -> bool:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "default"], cwd=repo, capture_output=True, text=True
+    )
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+def track(repo: Path, version_dir: Path) -> list[Path]:
+    """`dvc add` a version dir (and push when a remote is set); returns files for git."""
+    dvc(repo, "add", "--quiet", str(version_dir.relative_to(repo)))
+    if has_default_remote(repo):
+        log.info("pushing %s to the DVC remote", version_dir.name)
+        dvc(repo, "push", "--quiet", str(version_dir.relative_to(repo)) + ".dvc")
+    return [version_dir.with_name(version_dir.name + ".dvc"), version_dir.parent / ".gitignore"]
+
+
+def commit(repo: Path, paths: list[Path], message: str) -> str:
+    rel = [str(p.relative_to(repo)) for p in paths if p.exists()]
+    git(repo, "add", "--", *rel)
+    git(repo, "commit", "--quiet", "--no-verify", "-m", message, "--", *rel)
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+def tags(repo: Path, pattern: str) -> list[str]:
+    return git(repo, "tag", "--list", pattern).split()
+
+
+def tag(repo: Path, name: str, message: str, ref: str = "HEAD", move: bool = False) -> None:
+    args = ["tag", "-a", name, "-m", message, ref]
+    git(repo, *(args[:1] + ["-f"] + args[1:] if move else args))
+
+
+def tag_message(repo: Path, name: str) -> str:
+    return git(repo, "tag", "-l", "--format=%(contents)", name).strip()
