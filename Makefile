@@ -1,7 +1,7 @@
 # Adapter Deploy: one target per phase, plus deploy/rollback/status/demo/test.
 # Variables reach the scripts as single arguments (exported, then quoted), so a
 # value with spaces or shell characters stays one value and never runs as code.
-# Scripts exit with the documented codes (scripts/deploycore/errors.py); make
+# Scripts exit with the documented codes (adapter_deploy/common/errors.py); make
 # itself exits 2 whenever a recipe fails.
 
 SHELL := /bin/bash
@@ -51,9 +51,10 @@ $(VENV)/.gguf-stamp: $(VENV)/.install-stamp
 test: install gguf-tools ## run the test suite (pytest)
 	$(PY) -m pytest $${PYTEST_ARGS:--q}
 
-lint: install ## ruff check + format check
+lint: install ## ruff check + format check + the layer rule (import-linter)
 	$(PY) -m ruff check scripts engines tests bench
 	$(PY) -m ruff format --check scripts engines tests bench
+	$(VENV)/bin/lint-imports
 
 version: install ## MODEL=gemma_4b CYCLE=1 SRC=dir [METRICS=json]: version an adapter
 	$(PY) scripts/version.py --model "$$MODEL" --cycle "$$CYCLE" --src "$$SRC" \

@@ -27,7 +27,7 @@ class Fleet:
     def deploy(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return run_script("deploy_adapters.py", *args, params=self.params, **kw)
 
-    def slots(self, endpoint: str, model: str = "gemma_4b") -> tuple[str | None, str | None]:
+    def links(self, endpoint: str, model: str = "gemma_4b") -> tuple[str | None, str | None]:
         root = self.endpoints[endpoint] / model
         names = []
         for link in ("active", "previous"):
@@ -139,9 +139,9 @@ def restart_deploy_and_rollback(fleet: Fleet, tmp_path: Path, check_active, **en
     for cycle in ("1", "2"):
         proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep2")
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fleet.slots("ep2") == (v2, v1)
+    assert fleet.links("ep2") == (v2, v1)
     check_active(fleet.endpoints["ep2"] / "gemma_4b" / "active")
     proc = fleet.deploy("--rollback", "--endpoints", "ep2", "--models", "gemma_4b")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fleet.slots("ep2")[0] == v1
+    assert fleet.links("ep2")[0] == v1
     assert restarts.read_text().count("restarted") == 3  # two activations and the rollback

@@ -44,7 +44,7 @@ def _armed(fleet: Fleet, ep: str) -> dict:
 
 def _assert_settled(fleet: Fleet, ep: str, active: str, bad: str) -> None:
     """Where an uninterrupted run ends: `active` serves, verified; `bad` is never picked again."""
-    assert fleet.slots(ep)[0] == active
+    assert fleet.links(ep)[0] == active
     adapter_dir = fleet.endpoints[ep]
     status = json.loads((adapter_dir / "status.json").read_text())["models"]["gemma_4b"]
     assert status["verified"] == active
@@ -57,7 +57,7 @@ def _assert_crashed(fleet: Fleet, point: str, proc) -> None:
     assert proc.returncode == 3, (point, proc.stdout + proc.stderr)
     assert _armed(fleet, "ep1") == {}
     _assert_complete(fleet, "ep1")
-    assert fleet.slots("ep1")[0] in (fleet.versions["cycle1"], fleet.versions["cycle2"])
+    assert fleet.links("ep1")[0] in (fleet.versions["cycle1"], fleet.versions["cycle2"])
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_endpoint_killed_at_every_activation_and_rollback_step_converges(fleet: 
         _assert_crashed(fleet, point, fleet.deploy("--cycle", "2", *GEMMA_EP1))
         again = fleet.deploy("--cycle", "2", *GEMMA_EP1)  # the lock is free; the rerun converges
         assert again.returncode == 0, (point, again.stdout + again.stderr)
-        assert fleet.slots("ep1")[0] == v2
+        assert fleet.links("ep1")[0] == v2
         status = json.loads((ep1 / "status.json").read_text())
         assert status["models"]["gemma_4b"]["verified"] == v2
         # The way back to v1 is a manual rollback: kill the endpoint at each of its steps too.

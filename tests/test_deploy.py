@@ -12,7 +12,7 @@ def test_deploy_cycle1_to_both_endpoints(fleet: Fleet) -> None:
     assert proc.returncode == 0, proc.stderr
     v1 = fleet.versions["cycle1"]
     for ep in ("ep1", "ep2"):
-        assert fleet.slots(ep) == (v1, None)
+        assert fleet.links(ep) == (v1, None)
         release = fleet.endpoints[ep] / "gemma_4b" / "releases" / v1
         assert sorted(p.name for p in release.iterdir()) == [
             "adapter_config.json",
@@ -35,15 +35,15 @@ def test_regressed_aborts_then_cycle2_then_rollback_then_redeploy(fleet: Fleet) 
     proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 4, proc.stderr
     assert "pre-activation health check failed" in proc.stdout + proc.stderr
-    assert fleet.slots("ep1") == (v1, None)
+    assert fleet.links("ep1") == (v1, None)
 
     proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 0, proc.stderr
-    assert fleet.slots("ep1") == (v2, v1)
+    assert fleet.links("ep1") == (v2, v1)
 
     proc = fleet.deploy("--rollback", "--endpoints", "ep1", "--models", "gemma_4b")
     assert proc.returncode == 0, proc.stderr
-    assert fleet.slots("ep1")[0] == v1
+    assert fleet.links("ep1")[0] == v1
 
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -69,7 +69,7 @@ def test_whisper_adapters_deploy_with_a_transcription_check(fleet: Fleet, whispe
     assert pre["all_passed"] and pre["results"][0]["input"].endswith(".wav")
     proc = fleet.deploy("--cycle", "2", "--models", "whisper", "--endpoints", "ep1")
     assert proc.returncode == 4
-    assert fleet.slots("ep1", "whisper") == (good, None)
+    assert fleet.links("ep1", "whisper") == (good, None)
 
 
 def test_cuda_endpoint_with_merged_format_gets_the_converted_release(fleet: Fleet) -> None:

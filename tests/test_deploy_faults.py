@@ -85,7 +85,7 @@ def test_rsync_missing_on_endpoint(fleet: Fleet) -> None:
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 3
     assert "rsync is missing on the endpoint" in proc.stdout + proc.stderr
-    assert fleet.slots("ep1") == (None, None)
+    assert fleet.links("ep1") == (None, None)
 
 
 def test_disk_full_on_endpoint(fleet: Fleet) -> None:
@@ -93,7 +93,7 @@ def test_disk_full_on_endpoint(fleet: Fleet) -> None:
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 3
     assert "endpoint disk is full" in proc.stdout + proc.stderr
-    assert fleet.slots("ep1") == (None, None)
+    assert fleet.links("ep1") == (None, None)
 
 
 def test_checksum_mismatch_is_refused_and_quarantined(fleet: Fleet) -> None:
@@ -106,7 +106,7 @@ def test_checksum_mismatch_is_refused_and_quarantined(fleet: Fleet) -> None:
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 3, proc.stderr
     assert "sha256 differs from the manifest" in proc.stdout + proc.stderr
-    assert fleet.slots("ep1") == (None, None)
+    assert fleet.links("ep1") == (None, None)
     assert not (fleet.endpoints["ep1"] / "gemma_4b" / "releases" / vid).exists()
     assert len(list((fleet.endpoints["ep1"] / "quarantine").iterdir())) == 1
 
@@ -123,7 +123,7 @@ def test_cut_transfer_resumes(fleet: Fleet) -> None:
     assert proc.returncode == 0, proc.stderr
     sent = json.loads(proc.stdout)["endpoints"][0]["models"][0]["bytes_sent"]
     assert 0 < sent < len(whole) // 2
-    assert fleet.slots("ep1")[0] == vid
+    assert fleet.links("ep1")[0] == vid
 
 
 def test_two_deploys_at_once_one_exits_7(fleet: Fleet) -> None:
@@ -168,7 +168,7 @@ def test_dead_service_on_reload_rolls_back(fleet: Fleet, tmp_path: Path) -> None
     proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 5, proc.stderr
     assert "is not running" in proc.stdout + proc.stderr
-    assert fleet.slots("ep1")[0] == v1
+    assert fleet.links("ep1")[0] == v1
     bad = json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "bad.json").read_text())
     assert v2 in bad
 
@@ -289,11 +289,11 @@ def test_damaged_release_is_never_rolled_back_to_and_a_redeploy_repairs_it(fleet
     back = fleet.deploy("--rollback", "--models", "gemma_4b", "--endpoints", "ep1")
     assert back.returncode == 3, back.stdout + back.stderr
     assert f"{v1} is damaged on the endpoint" in back.stderr
-    assert fleet.slots("ep1") == (v2, v1)  # nothing changed
+    assert fleet.links("ep1") == (v2, v1)  # nothing changed
     assert v2 not in json.loads(_read(fleet.endpoints["ep1"] / "gemma_4b" / "bad.json", "{}"))
     again = fleet.deploy("--version", v1, "--models", "gemma_4b", "--endpoints", "ep1")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert fleet.slots("ep1")[0] == v1 and weights.read_bytes() == whole
+    assert fleet.links("ep1")[0] == v1 and weights.read_bytes() == whole
     assert len(list((fleet.endpoints["ep1"] / "quarantine").iterdir())) == 1
 
 

@@ -107,7 +107,7 @@ def test_service_that_never_acknowledges_makes_the_deploy_roll_back(fleet, serve
         proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
         assert proc.returncode == 5, proc.stdout + proc.stderr
         assert f"expected {v2}" in proc.stdout + proc.stderr or v2 in proc.stdout
-        assert fleet.slots("ep1")[0] == v1
+        assert fleet.links("ep1")[0] == v1
         assert _get(f"{url}/status")[1]["models"]["gemma_4b"]["version_id"] == v1
         assert fleet.log()[-1]["status"] == "rolled_back"
     finally:

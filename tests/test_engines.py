@@ -76,7 +76,7 @@ def test_mlx_refuses_a_wrongly_keyed_adapter(kit, tmp_path):
     weights = load_file(str(converted / "adapters.safetensors"))
     renamed = {k.replace("model.layers.", "model.blocks."): v for k, v in weights.items()}
     save_file(renamed, str(converted / "adapters.safetensors"))
-    with pytest.raises(AdapterError, match="no LoRA slot"):
+    with pytest.raises(AdapterError, match="no LoRA layer"):
         MLXGemmaEngine(kit.base, adapter_path=converted)
 
 

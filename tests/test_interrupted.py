@@ -68,11 +68,11 @@ def test_deployer_killed_at_every_phase_is_reconciled(
         assert killed.returncode == -signal.SIGKILL, (point, killed.stdout + killed.stderr)
         assert f"deployer failpoint {point}:" in killed.stderr  # there, not somewhere else
         _assert_complete(ep1)
-        serving = fleet.slots("ep1")[0]
+        serving = fleet.links("ep1")[0]
         assert serving in (fleet.versions[f"cycle{old}"], fleet.versions[f"cycle{new}"]), point
         again = _deploy_after_lock(fleet, "--cycle", str(new), *DEPLOY_EP1)
         assert again.returncode == 0, (point, again.stdout + again.stderr)
-        assert fleet.slots("ep1")[0] == fleet.versions[f"cycle{new}"], point
+        assert fleet.links("ep1")[0] == fleet.versions[f"cycle{new}"], point
         status = json.loads((ep1 / "status.json").read_text())["models"]["gemma_4b"]
         assert status["verified"] == fleet.versions[f"cycle{new}"], point
         _assert_complete(ep1)
@@ -90,16 +90,16 @@ def test_deployer_killed_during_a_manual_rollback_converges(
     for point in failpoints.MANUAL_ROLLBACK_POINTS:
         for cycle in ("1", "2"):
             assert _deploy_after_lock(fleet, "--cycle", cycle, *DEPLOY_EP1).returncode == 0
-        assert fleet.slots("ep1")[0] == v2
+        assert fleet.links("ep1")[0] == v2
         with monkeypatch.context() as env:
             env.setenv(failpoints.DEPLOYER_ENV, point)
             killed = fleet.deploy(*back)
         assert killed.returncode == -signal.SIGKILL, (point, killed.stdout + killed.stderr)
         _assert_complete(ep1)
-        assert fleet.slots("ep1")[0] in (v1, v2), point
+        assert fleet.links("ep1")[0] in (v1, v2), point
         again = _deploy_after_lock(fleet, *back)
         assert again.returncode == 0, (point, again.stdout + again.stderr)
-        assert fleet.slots("ep1")[0] == v1, point
+        assert fleet.links("ep1")[0] == v1, point
         _assert_nothing_unverified(fleet)
         assert v2 in json.loads((ep1 / "gemma_4b" / "bad.json").read_text()), point
 
@@ -116,13 +116,13 @@ def test_failed_reload_after_a_cut_deploy_goes_back_to_the_verified_release(
         env.setenv(failpoints.DEPLOYER_ENV, "deploy.after_activate")
         killed = fleet.deploy("--cycle", "2", *DEPLOY_EP1)
     assert killed.returncode == -signal.SIGKILL
-    assert fleet.slots("ep1") == (v2, v1)
+    assert fleet.links("ep1") == (v2, v1)
     pidfile = tmp_path / "service.pid"
     pidfile.write_text("999999\n")  # no such process: the reload fails
     fleet.set_endpoint("ep1", reload_method="sigusr1", pidfile=str(pidfile))
     failed = _deploy_after_lock(fleet, "--cycle", "4", *DEPLOY_EP1)
     assert failed.returncode == 5, failed.stdout + failed.stderr
-    assert fleet.slots("ep1")[0] == v1
+    assert fleet.links("ep1")[0] == v1
     bad = json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "bad.json").read_text())
     assert v4 in bad
     _assert_nothing_unverified(fleet)
@@ -203,7 +203,7 @@ def test_network_cut_mid_transfer_then_resume(fleet: Fleet, kit, sshd, tmp_path:
         cut = fleet.deploy(*args)
         assert cut.returncode == 3, cut.stdout + cut.stderr
         assert "ep1" in json.loads(cut.stdout)["endpoints"][0]["error"]
-        assert fleet.slots("ep1") == (None, None)  # nothing activated before verification
+        assert fleet.links("ep1") == (None, None)  # nothing activated before verification
         partial = fleet.endpoints["ep1"] / "incoming" / "gemma_4b" / v4 / ".rsync-partial"
         kept = sum(p.stat().st_size for p in partial.iterdir()) if partial.is_dir() else 0
         relay.budget, relay.relayed = None, 0
@@ -211,7 +211,7 @@ def test_network_cut_mid_transfer_then_resume(fleet: Fleet, kit, sshd, tmp_path:
         again = fleet.deploy(*args)
         resumed = relay.relayed
         assert again.returncode == 0, again.stdout + again.stderr
-        assert fleet.slots("ep1")[0] == v4
+        assert fleet.links("ep1")[0] == v4
         model = json.loads(again.stdout)["endpoints"][0]["models"][0]
         assert model["status"] == "success"
         # Everything the rerun moved (ssh handshake, session, rsync) stays well under one
@@ -242,7 +242,7 @@ def test_stalled_link_gives_up_within_timeouts_and_leaves_no_processes(
         elapsed = time.monotonic() - started
         assert proc.returncode == 3, proc.stdout + proc.stderr
         assert elapsed < 60  # ServerAliveInterval 5 s x 3 (+ start-up), not forever
-        assert fleet.slots("ep1") == (None, None)
+        assert fleet.links("ep1") == (None, None)
         time.sleep(1)
         left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
         assert left.stdout.strip() == "", "orphaned ssh/rsync processes"

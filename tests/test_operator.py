@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapter_deploy import protocol as p
 from adapter_deploy.config import load_params
 from adapter_deploy.deploy.remote import Connection, Session
 from fixtures_fleet import Fleet
@@ -27,7 +28,7 @@ def test_make_deploy_status_and_bare_rollback(fleet: Fleet) -> None:
     for cycle in ("1", "2"):
         proc = make(fleet, "deploy", f"CYCLE={cycle}", "ENDPOINT=ep1 ep2", "MODELS=gemma_4b")
         assert proc.returncode == 0, proc.stderr
-    assert fleet.slots("ep1") == fleet.slots("ep2") == (v2, v1)
+    assert fleet.links("ep1") == fleet.links("ep2") == (v2, v1)
     link = fleet.endpoints["ep1"].parent / "fine_tuned_gemma_mi_A"
     assert os.path.realpath(link) == str(fleet.endpoints["ep1"] / "gemma_4b" / "releases" / v2)
 
@@ -42,7 +43,7 @@ def test_make_deploy_status_and_bare_rollback(fleet: Fleet) -> None:
     proc = make(fleet, "rollback")
     assert proc.returncode == 0, proc.stderr
     assert "undoing deploy" in proc.stdout and "gemma_4b on ep1, ep2" in proc.stdout
-    assert fleet.slots("ep1")[0] == fleet.slots("ep2")[0] == v1
+    assert fleet.links("ep1")[0] == fleet.links("ep2")[0] == v1
     assert fleet.log()[-1]["action"] == "rollback"
 
     # v2 was rolled back from: a rollback's own choice skips it now
@@ -52,7 +53,7 @@ def test_make_deploy_status_and_bare_rollback(fleet: Fleet) -> None:
     # ... but TO= names it explicitly, and an explicit deploy runs every check again
     proc = make(fleet, "rollback", "ENDPOINT=ep1", "MODELS=gemma_4b", f"TO={v2}")
     assert proc.returncode == 0, proc.stderr
-    assert fleet.slots("ep1")[0] == v2
+    assert fleet.links("ep1")[0] == v2
 
 
 def test_nothing_to_roll_back(fleet: Fleet) -> None:
@@ -69,7 +70,7 @@ def test_phases_one_by_one_are_safe_to_rerun(fleet: Fleet) -> None:
     for phase in ("transfer", "transfer", "precheck", "activate", "activate", "verify"):
         proc = run_script("phase.py", phase, *args, params=fleet.params)
         assert proc.returncode == 0, (phase, proc.stderr)
-    assert fleet.slots("ep1") == (v1, None)
+    assert fleet.links("ep1") == (v1, None)
     again = json.loads(run_script("phase.py", "transfer", *args, params=fleet.params).stdout)
     assert again["endpoints"][0]["models"][0]["bytes_sent"] == 0
     proc = run_script(
@@ -101,12 +102,20 @@ def test_releases_are_pruned_to_keep_but_never_active_or_previous(fleet: Fleet) 
 def test_bootstrap_copies_the_project(fleet: Fleet, tmp_path: Path) -> None:
     target = tmp_path / "endpoint-checkout"
     fleet.set_endpoint("ep1", project_dir=str(target))
+    # The fleet's params file lives in a store without code: it names the checkout to send.
     proc = run_script("bootstrap.py", "--endpoints", "ep1", "--no-install", params=fleet.params)
+    assert proc.returncode == 2 and "not an Adapter Deploy checkout" in proc.stderr
+    args = ("--endpoints", "ep1", "--no-install", "--from", str(ROOT))
+    proc = run_script("bootstrap.py", *args, params=fleet.params)
     assert proc.returncode == 0, proc.stderr
-    assert (target / "scripts" / "endpoint.py").is_file() and (target / "engines").is_dir()
+    package = target / "scripts" / "adapter_deploy"
+    assert (package / "agent" / "__main__.py").is_file() and (target / "engines").is_dir()
+    assert (package / "service").is_dir() and (target / "pyproject.toml").is_file()
+    assert not (package / "kit").exists(), "test kits are never shipped to endpoints"
     assert not (target / ".git").exists() and not (target / "adapters").exists()
+    assert not (target / "tests").exists()
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
-    assert proc.returncode == 0, proc.stderr  # the endpoint side now runs from that checkout
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
@@ -127,7 +136,7 @@ def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
             except Exception:
                 assert time.monotonic() < deadline, "lock never released"
                 time.sleep(0.2)
-        assert second.request("hello")["pid"] > 0
+        assert second.call(p.Hello())["pid"] > 0
         second.close()
 
 

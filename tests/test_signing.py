@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from adapter_deploy import protocol as p
 from adapter_deploy.config import load_params
 from adapter_deploy.deploy.remote import Connection, Session
 from adapter_deploy.signing import (
@@ -90,7 +91,7 @@ def test_trusting_endpoint_takes_signed_and_refuses_the_rest(fleet: Fleet, kit, 
     assert proc.returncode == 0, proc.stderr
     ok = fleet.deploy("--cycle", "5", "--models", "gemma_4b", "--endpoints", "ep1")
     assert ok.returncode == 0, ok.stderr
-    assert fleet.slots("ep1")[0] == signed_v
+    assert fleet.links("ep1")[0] == signed_v
 
     unsigned = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
     assert unsigned.returncode == 2 and "is unsigned" in unsigned.stdout + unsigned.stderr
@@ -106,7 +107,7 @@ def test_trusting_endpoint_takes_signed_and_refuses_the_rest(fleet: Fleet, kit, 
     version(fleet.store, fleet.params, kit.good, 7)
     expired = fleet.deploy("--cycle", "7", "--models", "gemma_4b", "--endpoints", "ep1")
     assert expired.returncode == 2 and "expired" in expired.stdout + expired.stderr
-    assert fleet.slots("ep1")[0] == signed_v  # nothing refused ever became active
+    assert fleet.links("ep1")[0] == signed_v  # nothing refused ever became active
     releases = fleet.endpoints["ep1"] / "gemma_4b" / "releases"
     assert sorted(p.name for p in releases.iterdir()) == [signed_v]
 
@@ -130,8 +131,8 @@ def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) ->
     with tempfile.TemporaryDirectory() as control:
         conn = Connection("ep1", params.endpoint("ep1"), Path(control))
         session = Session(conn, str(fleet.endpoints["ep1"]))
-        prep = session.request(
-            "prepare", model="gemma_4b", version_id=old, files=entry["files"], size=1
+        prep = session.call(
+            p.Prepare(model="gemma_4b", version_id=old, files=entry["files"], size=1)
         )
         conn.push(
             [fleet.store.adapters / "gemma_4b" / old / n for n in entry["files"]],
@@ -139,13 +140,14 @@ def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) ->
             progress=False,
         )
         with pytest.raises(SignatureRefused, match="rollback attack"):
-            session.request(
-                "stage",
-                model="gemma_4b",
-                version_id=old,
-                files=entry["files"],
-                signed=entry["signed"],
-                explicit=False,
+            session.call(
+                p.Stage(
+                    model="gemma_4b",
+                    version_id=old,
+                    files=entry["files"],
+                    signed=entry["signed"],
+                    explicit=False,
+                )
             )
         session.close()
     # the operator's explicit deploy of the older cycle is a requested rollback: allowed
@@ -167,7 +169,7 @@ def test_conversions_are_signed_and_a_trusting_merged_endpoint_takes_them(
     assert run_script("trust.py", "--endpoints", "ep2", params=fleet.params).returncode == 0
     proc = fleet.deploy("--cycle", "5", "--models", "gemma_4b", "--endpoints", "ep2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fleet.slots("ep2")[0] == signed_v
+    assert fleet.links("ep2")[0] == signed_v
     assert (fleet.endpoints["ep2"] / "gemma_4b" / "active" / "config.json").is_file()
     conversion = next(
         c for c in fleet.store.manifest()["conversions"] if c["version_id"] == signed_v

@@ -146,6 +146,19 @@ class Params(_Strict):
             )
         return self.endpoints[name]
 
+    def check_endpoints(self, names: list[str]) -> None:
+        """Every name is a known endpoint; the unknown ones named at once."""
+        for name in names:
+            check_name("endpoint", name)
+        unknown = [n for n in names if n not in self.endpoints]
+        if unknown:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise UsageError(
+                f"unknown endpoint{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))} (known: {known})",
+                f"add it under endpoints: in {self.source.name} or pick a known one",
+            )
+
     def resolve(self, path: str) -> Path:
         """A path from params: ~ expanded, relative ones against the params file's directory."""
         p = Path(os.path.expanduser(path))

@@ -1,4 +1,4 @@
-"""Endpoint slots: immutable verified releases, atomic active/previous links.
+"""Endpoint kept: immutable verified releases, atomic active/previous links.
 
     <adapter_dir>/<model>/releases/<version_id>/   read-only, verified files
     <adapter_dir>/<model>/active   -> releases/<id>
@@ -28,7 +28,7 @@ from adapter_deploy.common.fsutil import atomic_write_json, fsync_dir, sha256_fi
 RSYNC_PARTIAL = ".rsync-partial"
 
 
-class ModelSlots:
+class ModelReleases:
     """One model's releases and links under an endpoint's adapter_dir."""
 
     def __init__(self, adapter_dir: Path, model: str) -> None:
@@ -132,58 +132,58 @@ def _make_read_only(directory: Path) -> None:
     directory.chmod(0o555)
 
 
-def _quarantine(slots: ModelSlots, source: Path, version_id: str) -> Path:
-    dest = slots.adapter_dir / "quarantine" / f"{slots.model}-{version_id}-{int(time.time())}"
+def _quarantine(kept: ModelReleases, source: Path, version_id: str) -> Path:
+    dest = kept.adapter_dir / "quarantine" / f"{kept.model}-{version_id}-{int(time.time())}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     source.rename(dest)
     return dest
 
 
-def discard_incoming(slots: ModelSlots, version_id: str) -> None:
+def discard_incoming(kept: ModelReleases, version_id: str) -> None:
     """A refused transfer goes to quarantine, never into releases/."""
-    incoming = slots.incoming(version_id)
+    incoming = kept.incoming(version_id)
     if incoming.is_dir():
-        _quarantine(slots, incoming, version_id)
+        _quarantine(kept, incoming, version_id)
 
 
-def prepare_incoming(slots: ModelSlots, version_id: str) -> Path:
+def prepare_incoming(kept: ModelReleases, version_id: str) -> Path:
     """Create the private landing dir for a transfer (kept across runs, so rsync resumes)."""
-    incoming = slots.incoming(version_id)
+    incoming = kept.incoming(version_id)
     incoming.mkdir(parents=True, exist_ok=True)
-    os.chmod(slots.adapter_dir / "incoming", 0o700)
+    os.chmod(kept.adapter_dir / "incoming", 0o700)
     return incoming
 
 
-def stage(slots: ModelSlots, version_id: str, files: dict[str, dict[str, Any]]) -> str:
+def stage(kept: ModelReleases, version_id: str, files: dict[str, dict[str, Any]]) -> str:
     """Turn a verified transfer into releases/<id>. Returns 'present' or 'staged'."""
-    release = slots.release(version_id)
+    release = kept.release(version_id)
     if release.is_dir() and not file_problems(release, files):
-        slots.record_files(version_id, files)
+        kept.record_files(version_id, files)
         return "present"
     if release.is_dir():
         release.chmod(0o755)
-        _quarantine(slots, release, version_id)
-    incoming = slots.incoming(version_id)
+        _quarantine(kept, release, version_id)
+    incoming = kept.incoming(version_id)
     if not incoming.is_dir():
         raise UsageError(
-            f"{slots.model} {version_id} was not transferred to this endpoint",
+            f"{kept.model} {version_id} was not transferred to this endpoint",
             "run the transfer phase first (make transfer / deploy)",
         )
     problems = file_problems(incoming, files)
     if problems:
-        where = _quarantine(slots, incoming, version_id)
+        where = _quarantine(kept, incoming, version_id)
         raise ChecksumMismatch(
-            f"{slots.model} {version_id} failed verification on the endpoint: "
+            f"{kept.model} {version_id} failed verification on the endpoint: "
             + "; ".join(problems)
             + f" (quarantined in {where})",
             "run the deploy again to resend it; if it repeats, check the endpoint's disk",
         )
     shutil.rmtree(incoming / RSYNC_PARTIAL, ignore_errors=True)
-    slots.releases.mkdir(parents=True, exist_ok=True)
+    kept.releases.mkdir(parents=True, exist_ok=True)
     _make_read_only(incoming)
     incoming.rename(release)
-    fsync_dir(slots.releases)
-    slots.record_files(version_id, files)
+    fsync_dir(kept.releases)
+    kept.record_files(version_id, files)
     return "staged"
 
 
@@ -196,54 +196,54 @@ def point(link: Path, target: Path) -> None:
     fsync_dir(link.parent)
 
 
-def activate(slots: ModelSlots, version_id: str) -> tuple[str | None, str]:
+def activate(kept: ModelReleases, version_id: str) -> tuple[str | None, str]:
     """active -> releases/<id>, previous -> what was active. Returns (old, new)."""
-    release = slots.release(version_id)
+    release = kept.release(version_id)
     if not release.is_dir():
         raise UsageError(
-            f"{slots.model} {version_id} is not a verified release on this endpoint",
+            f"{kept.model} {version_id} is not a verified release on this endpoint",
             "transfer it first",
         )
-    old = slots.active_id()
+    old = kept.active_id()
     if old == version_id:
         return old, version_id
-    if old is not None and slots.release(old).is_dir():
-        point(slots.previous, slots.release(old))
-    point(slots.active, release)
+    if old is not None and kept.release(old).is_dir():
+        point(kept.previous, kept.release(old))
+    point(kept.active, release)
     return old, version_id
 
 
-def rollback_target(slots: ModelSlots, to: str | None) -> str:
+def rollback_target(kept: ModelReleases, to: str | None) -> str:
     """The release a rollback goes to: `to`, or previous; never a release marked bad."""
-    current = slots.active_id()
+    current = kept.active_id()
     if to is not None:
-        if not slots.release(to).is_dir():
-            kept = ", ".join(slots.release_ids()) or "none"
+        if not kept.release(to).is_dir():
+            kept = ", ".join(kept.release_ids()) or "none"
             raise NothingToRollBack(
-                f"{slots.model} has no kept release {to!r} (kept: {kept})",
+                f"{kept.model} has no kept release {to!r} (kept: {kept})",
                 "pick one of the kept releases",
             )
-        return _intact(slots, to)
-    bad = slots.bad()
-    candidates = [slots.previous_id()] + list(reversed(slots.release_ids()))
+        return _intact(kept, to)
+    bad = kept.bad()
+    candidates = [kept.previous_id()] + list(reversed(kept.release_ids()))
     for candidate in candidates:
         if candidate and candidate != current and candidate not in bad:
-            if slots.release(candidate).is_dir():
-                return _intact(slots, candidate)
+            if kept.release(candidate).is_dir():
+                return _intact(kept, candidate)
     raise NothingToRollBack(
-        f"{slots.model} has no release to roll back to (active: {current})",
+        f"{kept.model} has no release to roll back to (active: {current})",
         "deploy a known-good version instead",
     )
 
 
-def _intact(slots: ModelSlots, version_id: str) -> str:
+def _intact(kept: ModelReleases, version_id: str) -> str:
     """`version_id` when its files are still the ones verified at staging, else refuse: a
     rollback must never put a damaged release in service."""
-    files = slots.recorded_files().get(version_id)
-    problems = file_problems(slots.release(version_id), files) if files else []
+    files = kept.recorded_files().get(version_id)
+    problems = file_problems(kept.release(version_id), files) if files else []
     if problems:
         raise ChecksumMismatch(
-            f"{slots.model} {version_id} is damaged on the endpoint ({'; '.join(problems)}); "
+            f"{kept.model} {version_id} is damaged on the endpoint ({'; '.join(problems)}); "
             "nothing was changed",
             f"deploy it again (make deploy VERSION={version_id}) to resend and re-verify it, "
             "or roll back to another release with TO=<version_id>",
@@ -251,34 +251,34 @@ def _intact(slots: ModelSlots, version_id: str) -> str:
     return version_id
 
 
-def set_links(slots: ModelSlots, active: str | None, previous: str | None) -> None:
+def set_links(kept: ModelReleases, active: str | None, previous: str | None) -> None:
     """Put both links back exactly (used by rollback and automatic rollback).
 
     No earlier release means no adapter at all: the service serves its base model.
     """
     if active is None:
-        slots.active.unlink(missing_ok=True)
-        fsync_dir(slots.root)
+        kept.active.unlink(missing_ok=True)
+        fsync_dir(kept.root)
         return
-    point(slots.active, slots.release(active))
-    if previous and slots.release(previous).is_dir():
-        point(slots.previous, slots.release(previous))
+    point(kept.active, kept.release(active))
+    if previous and kept.release(previous).is_dir():
+        point(kept.previous, kept.release(previous))
 
 
-def prune(slots: ModelSlots, keep: int) -> list[str]:
+def prune(kept: ModelReleases, keep: int) -> list[str]:
     """Delete the oldest releases beyond `keep`; never active or previous."""
-    protected = {slots.active_id(), slots.previous_id()}
-    ids = slots.release_ids()
+    protected = {kept.active_id(), kept.previous_id()}
+    ids = kept.release_ids()
     removable = [r for r in ids if r not in protected]
     excess = max(0, len(ids) - keep)
     removed = []
     for version_id in removable[:excess]:
-        path = slots.release(version_id)
+        path = kept.release(version_id)
         path.chmod(0o755)
         for p in path.iterdir():
             p.chmod(0o644)
         shutil.rmtree(path)
-        slots.record_files(version_id, None)
+        kept.record_files(version_id, None)
         removed.append(version_id)
     return removed
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy.agent.releases import ModelSlots
+from adapter_deploy.agent.releases import ModelReleases
 from adapter_deploy.common.fsutil import atomic_write_bytes, atomic_write_json
 from adapter_deploy.signing import SignatureRefused, key_id
 
@@ -37,22 +37,22 @@ def _order(metadata: dict[str, Any]) -> tuple[int, str]:
     return int(metadata["cycle"]), str(metadata["created"])
 
 
-def check_not_older(slots: ModelSlots, metadata: dict[str, Any], explicit: bool) -> None:
+def check_not_older(kept: ModelReleases, metadata: dict[str, Any], explicit: bool) -> None:
     """Refuse a version older than the newest accepted unless the operator asked for it."""
-    path = slots.root / "accepted.json"
+    path = kept.root / "accepted.json"
     if explicit or not path.exists():
         return
     newest = json.loads(path.read_text())
     if _order(metadata) < _order(newest):
         raise SignatureRefused(
-            f"{slots.model} {metadata['version_id']} is older than accepted "
+            f"{kept.model} {metadata['version_id']} is older than accepted "
             f"{newest['version_id']} (rollback attack?)",
             "roll back explicitly with make rollback or make deploy CYCLE=<older>",
         )
 
 
-def record_accepted(slots: ModelSlots, metadata: dict[str, Any]) -> None:
-    path = slots.root / "accepted.json"
+def record_accepted(kept: ModelReleases, metadata: dict[str, Any]) -> None:
+    path = kept.root / "accepted.json"
     newest = json.loads(path.read_text()) if path.exists() else None
     if newest is None or _order(metadata) > _order(newest):
         keep = {k: metadata[k] for k in ("version_id", "cycle", "created")}

@@ -16,35 +16,16 @@ the same inputs again recompute nothing. Each conversion is recorded in adapters
 import argparse
 import json
 
-from adapter_deploy.common.errors import UsageError
+from adapter_deploy import api
 from adapter_deploy.common.runner import make_parser, run
-from adapter_deploy.config import check_version_id, load_params
-from adapter_deploy.store.conversions import FORMATS, convert_release
-from adapter_deploy.store.manifest import find_version, load_manifest, newest_of_cycle
-
-
-def pick_version(params, model: str, cycle: int | None, version: str | None) -> str:
-    """--version (checked against --cycle when both are given), else the cycle's newest."""
-    params.model(model)
-    manifest = load_manifest(params.adapters_dir)
-    if version is None:
-        if cycle is None:
-            raise UsageError("name a version", fix="pass --cycle N or --version ID")
-        return newest_of_cycle(manifest, model, cycle)["version_id"]
-    entry = find_version(manifest, model, check_version_id(version))
-    if cycle is not None and entry["cycle"] != cycle:
-        raise UsageError(
-            f"{version} belongs to cycle {entry['cycle']}, not {cycle}",
-            fix="drop --cycle or pass the matching one",
-        )
-    return version
+from adapter_deploy.config import load_params
+from adapter_deploy.store.conversions import FORMATS
 
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    version_id = pick_version(params, args.model, args.cycle, args.version)
-    result = convert_release(
-        params, args.model, version_id, args.format, dtype=args.dtype, gguf_type=args.gguf_type
+    result = api.convert(
+        params, args.model, args.cycle, args.version, args.format, args.dtype, args.gguf_type
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

@@ -12,12 +12,10 @@ deployed, rolled back or refused according to the deploy log.
 import argparse
 import json
 
-from adapter_deploy.cli.table import render
-from adapter_deploy.common.fsutil import read_jsonl
+from adapter_deploy import api
+from adapter_deploy.cli.render import render
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
-from adapter_deploy.deploy.records import DEPLOY_LOG
-from adapter_deploy.store.manifest import load_manifest, versions_of
 
 COLUMNS = ("version id", "cycle", "date", "final_loss", "eval_wer", "deployments")
 
@@ -31,33 +29,8 @@ def _trend(value: object, before: object) -> str:
     return f"{value:g} ({value - before:+.3g}){mark}"
 
 
-def deployments_of(log: list[dict], model: str, version_id: str) -> list[str]:
-    seen = []
-    for e in log:
-        per_model = e.get("per_model", {}).get(model)
-        if e.get("versions", {}).get(model) == version_id and per_model:
-            seen.append(f"{e['action']}@{e['endpoint']}:{per_model['status']}")
-    return seen
-
-
-def history(params, models: list[str]) -> dict[str, list[dict]]:
-    manifest = load_manifest(params.adapters_dir)
-    log = read_jsonl(params.adapters_dir / DEPLOY_LOG)
-    result = {}
-    for model in models:
-        rows = []
-        for v in versions_of(manifest, model):
-            rows.append({**v, "deployments": deployments_of(log, model, v["version_id"])})
-        result[model] = rows
-    return result
-
-
 def main(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    models = [args.model] if args.model else sorted(params.models)
-    for m in models:
-        params.model(m)
-    data = history(params, models)
+    data = api.history(load_params(args.params), args.model)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

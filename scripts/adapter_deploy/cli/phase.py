@@ -14,22 +14,19 @@ roll back (use make rollback).
 
 import argparse
 
-from adapter_deploy.cli.summary import print_outcomes
-from adapter_deploy.common.errors import UsageError
+from adapter_deploy import api
+from adapter_deploy.cli.render import print_run
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
-from adapter_deploy.deploy.phases import PHASES, run_phase
-from adapter_deploy.deploy.plan import choose_releases
+from adapter_deploy.deploy.phases import PHASES
 
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    if not args.endpoints:
-        raise UsageError("no endpoint given", "pass --endpoints NAME (ENDPOINT=NAME)")
-    models = args.models or sorted(params.models)
-    chosen = choose_releases(params, models, args.cycle, args.version)
-    outcomes = run_phase(params, args.phase, args.endpoints, chosen)
-    return print_outcomes(args.phase, outcomes, args.json)
+    result = api.phase(
+        params, args.phase, args.endpoints or [], args.models, args.cycle, args.version
+    )
+    return print_run(result, args.json)
 
 
 def cli() -> argparse.ArgumentParser:

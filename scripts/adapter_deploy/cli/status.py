@@ -12,22 +12,21 @@ an endpoint cannot be reached (the others are still shown).
 import argparse
 import json
 
-from adapter_deploy.cli.table import render
+from adapter_deploy import api
+from adapter_deploy.cli.render import render
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
-from adapter_deploy.deploy.fleet_status import COLUMNS, fleet_status, status_rows
+from adapter_deploy.deploy.fleet_status import COLUMNS, status_rows
 
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    endpoints = args.endpoints or sorted(params.endpoints)
-    statuses = fleet_status(params, endpoints)
-    code = max([0, *(s.get("exit_code", 0) for s in statuses)])
+    result = api.status(params, args.endpoints)
     if args.json:
-        print(json.dumps({"exit_code": code, "endpoints": statuses}, indent=2))
+        print(json.dumps({"exit_code": result.exit_code, "endpoints": result.endpoints}, indent=2))
     else:
-        print(render("status", COLUMNS, status_rows(statuses)), end="")
-    return code
+        print(render("status", COLUMNS, status_rows(result.endpoints)), end="")
+    return result.exit_code
 
 
 def cli() -> argparse.ArgumentParser:

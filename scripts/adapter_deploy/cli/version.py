@@ -17,14 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
+from adapter_deploy import api
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
-from adapter_deploy.store.versioning import version_adapter
 
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    result = version_adapter(
+    result = api.version(
         params,
         args.model,
         args.cycle,

@@ -8,10 +8,10 @@ Usage:
 import argparse
 import json
 
-from adapter_deploy.cli.table import render
+from adapter_deploy import api
+from adapter_deploy.cli.render import render
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
-from adapter_deploy.store.manifest import load_manifest, versions_of
 
 COLUMNS = ("version id", "cycle", "date", "sha8", "final_loss", "eval_wer")
 
@@ -31,12 +31,7 @@ def rows_for(versions: list[dict]) -> list[list[object]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    models = [args.model] if args.model else sorted(params.models)
-    for m in models:
-        params.model(m)
-    manifest = load_manifest(params.adapters_dir)
-    listing = {m: versions_of(manifest, m) for m in models}
+    listing = api.versions(load_params(args.params), args.model)
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0

@@ -49,6 +49,14 @@ class SignatureRefused(UsageError):
     """Signed metadata an endpoint must not accept: the release is refused."""
 
 
+class ProtocolMismatch(UsageError):
+    """The endpoint's agent speaks another protocol version than the deployer."""
+
+
+class ProtocolError(UsageError):
+    """A request the agent cannot read: unknown operation, missing or unknown fields."""
+
+
 class RemoteError(AdapterDeployError):
     exit_code = 3
 

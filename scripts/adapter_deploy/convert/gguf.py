@@ -23,13 +23,13 @@ from typing import Any
 
 from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.engines.base import read_json
+from adapter_deploy.engines.llamacpp_engine import TOOLS_HINT
 
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("Q4_K_M", "Q8_0", "F16")
 DEFAULT_GGUF_TYPE = "Q4_K_M"
 GGUF_FILE = "model.gguf"
-TOOLS_HINT = "gguf conversion needs llama.cpp's tools: pip install llama-cpp-python gguf"
 # transformers model_type -> GGUF architecture. "gemma3" is the multimodal checkpoint
 # (Gemma3ForConditionalGeneration, e.g. TranslateGemma): its language model is written and
 # the vision tower left out; llama.cpp keeps vision in a separate mmproj file, and

@@ -6,7 +6,7 @@
                   BitsAndBytesConfig. It is NOT a `quantization_config` in config.json (that
                   tells transformers the weights are already quantized); HFEngine applies it
                   only where CUDA is present and loads the fp16 weights unquantized elsewhere
-    gguf          engines/convert_gguf.py (one .gguf file, written from the merged weights)
+    gguf          adapter_deploy.convert.gguf (one .gguf file, written from the merged weights)
 
 `merge_adapter()` refuses an adapter whose tensors do not all land in the base (the same check
 HFEngine runs), so a wrongly keyed adapter never becomes a "merged" copy of the base model.
@@ -14,33 +14,22 @@ HFEngine runs), so a wrongly keyed adapter never becomes a "merged" copy of the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.engines.base import (
     PEFT_WEIGHTS,
     adapter_kind,
     base_model_of,
-    read_json,
     safetensors_names,
 )
+from adapter_deploy.engines.quantization import BNB_4BIT_NF4, QUANTIZATION_FILE
 
 log = logging.getLogger(__name__)
 
 MERGED_DTYPES = ("float16", "bfloat16", "float32")
-QUANTIZATION_FILE = "quantization.json"
-# The load-time quantization a bitsandbytes release asks for (keys of BitsAndBytesConfig).
-BNB_4BIT_NF4: dict[str, Any] = {
-    "method": "bitsandbytes",
-    "load_in_4bit": True,
-    "bnb_4bit_quant_type": "nf4",
-    "bnb_4bit_compute_dtype": "float16",
-    "bnb_4bit_use_double_quant": True,
-}
 
 
 def merge_adapter(
@@ -94,33 +83,3 @@ def write_bnb_quantization(out_dir: str | Path) -> Path:
     path = Path(out_dir) / QUANTIZATION_FILE
     path.write_text(json.dumps(BNB_4BIT_NF4, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def read_quantization(model_dir: str | Path) -> dict[str, Any] | None:
-    """The load-time quantization a release asks for, or None when it has none."""
-    path = Path(model_dir) / QUANTIZATION_FILE
-    if not path.is_file():
-        return None
-    spec = read_json(path)
-    if spec.get("method") != "bitsandbytes":
-        raise AdapterError(
-            f"{path} names quantization method {spec.get('method')!r}",
-            fix="only bitsandbytes load-time quantization is supported; reconvert the release",
-        )
-    return spec
-
-
-def bnb_config(spec: dict[str, Any]):
-    """A transformers BitsAndBytesConfig from a quantization.json spec (CUDA only)."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise AdapterError(
-            "this release loads 4-bit with bitsandbytes, which is not installed",
-            fix="pip install bitsandbytes on the CUDA endpoint",
-        )
-    kwargs = {k: v for k, v in spec.items() if k != "method"}
-    if isinstance(kwargs.get("bnb_4bit_compute_dtype"), str):
-        kwargs["bnb_4bit_compute_dtype"] = getattr(torch, kwargs["bnb_4bit_compute_dtype"])
-    return BitsAndBytesConfig(**kwargs)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy import protocol as p
 from adapter_deploy.common.errors import (
     AdapterDeployError,
     RemoteError,
@@ -35,8 +36,8 @@ from adapter_deploy.deploy.steps import EndpointRun
 log = logging.getLogger(__name__)
 
 
-def _needs_transfer(release: Release, slots: dict[str, Any]) -> bool:
-    return not (slots.get("active") == release.version_id == slots.get("verified"))
+def _needs_transfer(release: Release, on_endpoint: dict[str, Any]) -> bool:
+    return not (on_endpoint.get("active") == release.version_id == on_endpoint.get("verified"))
 
 
 def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: AdapterDeployError):
@@ -83,17 +84,20 @@ def deploy_endpoint(
     params: Params, name: str, chosen: list[Release], control_dir: Path, progress: bool
 ) -> EndpointOutcome:
     with endpoint_run(params, name, control_dir, progress) as (run, outcome):
-        hello = run.open().request("hello", models=[r.model for r in chosen])
+        hello = run.open().call(p.Hello(models=[r.model for r in chosen]))
         if not hello["rsync"] and not run.conn.local:
             raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
         prepared = [for_endpoint(params, run.ep, r) for r in chosen]
-        slots = hello["models"]
+        on_endpoint = hello["models"]
         run.push_all(
-            [r for r in prepared if _needs_transfer(r, slots[r.model])], params.adapters_dir
+            [r for r in prepared if _needs_transfer(r, on_endpoint[r.model])], params.adapters_dir
         )
         for r in prepared:
             per_model(
-                outcome, r.model, r.version_id, lambda r=r: run.deploy_model(r, slots[r.model])
+                outcome,
+                r.model,
+                r.version_id,
+                lambda r=r: run.deploy_model(r, on_endpoint[r.model]),
             )
     return outcome
 
@@ -114,8 +118,6 @@ def deploy(
     chosen: list[Release],
     progress: bool = False,
 ) -> list[EndpointOutcome]:
-    for name in endpoints:
-        params.endpoint(name)
     return run_parallel(
         params,
         endpoints,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy import protocol as p
 from adapter_deploy.common.errors import AdapterDeployError
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.fleet import run_parallel
@@ -19,7 +20,7 @@ def endpoint_status(params: Params, name: str, control_dir: Path) -> dict[str, A
     try:
         session = Session(conn, ep.adapter_dir, read_only=True)
         try:
-            return {"endpoint": name, **session.request("status", service_url=ep.service_url)}
+            return {"endpoint": name, **session.call(p.Status(service_url=ep.service_url))}
         finally:
             session.close()
     except AdapterDeployError as err:
@@ -29,8 +30,6 @@ def endpoint_status(params: Params, name: str, control_dir: Path) -> dict[str, A
 
 
 def fleet_status(params: Params, endpoints: list[str]) -> list[dict[str, Any]]:
-    for name in endpoints:
-        params.endpoint(name)
     return run_parallel(params, endpoints, lambda n, ctl: endpoint_status(params, n, ctl))
 
 

@@ -62,8 +62,6 @@ def _phase_endpoint(
 def run_phase(
     params: Params, phase: str, endpoints: list[str], chosen: list[Release]
 ) -> list[EndpointOutcome]:
-    for name in endpoints:
-        params.endpoint(name)
     return run_parallel(
         params, endpoints, lambda name, ctl: _phase_endpoint(params, name, phase, chosen, ctl)
     )

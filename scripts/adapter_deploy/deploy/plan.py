@@ -11,7 +11,8 @@ from typing import Any
 
 from adapter_deploy.common.errors import UsageError
 from adapter_deploy.config import EndpointParams, Params
-from adapter_deploy.store.manifest import find_version, load_manifest, newest_of_cycle
+from adapter_deploy.protocol import Reload
+from adapter_deploy.store.manifest import load_manifest, pick_version
 
 DEFAULT_LINKS = {
     "fine_tuned_whisper_mi": "whisper",
@@ -73,12 +74,7 @@ def choose_releases(
     chosen = []
     for model in models:
         params.model(model)
-        if version:
-            entry = find_version(manifest, model, version)
-        elif cycle is not None:
-            entry = newest_of_cycle(manifest, model, cycle)
-        else:
-            raise UsageError("no cycle given", "pass CYCLE=<n> (or --cycle N)")
+        entry = pick_version(manifest, model, cycle, version)
         local = params.adapters_dir / model / entry["version_id"]
         release = Release(
             model, entry["version_id"], entry["cycle"], entry["files"], local, entry.get("signed")
@@ -126,12 +122,8 @@ def base_model_for(params: Params, ep: EndpointParams, model: str) -> str:
     return ep.base_models.get(model) or params.models[model].base_model
 
 
-def reload_spec(ep: EndpointParams) -> dict[str, Any]:
-    return {
-        "method": ep.reload_method,
-        "pidfile": ep.pidfile,
-        "restart_command": ep.restart_command,
-    }
+def reload_spec(ep: EndpointParams) -> Reload:
+    return Reload(ep.reload_method, ep.pidfile, ep.restart_command)
 
 
 def links_for(ep: EndpointParams) -> dict[str, str]:

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy import protocol
 from adapter_deploy.common import errors
 from adapter_deploy.common.errors import DiskFull, RemoteError
 from adapter_deploy.config import EndpointParams
@@ -231,7 +232,7 @@ def _bytes_sent(stats: str) -> int:
 
 
 class Session:
-    """One endpoint session process; request() sends JSON and returns the result."""
+    """One endpoint agent session; `call()` sends a typed request and returns its result."""
 
     def __init__(self, conn: Connection, adapter_dir: str, read_only: bool = False) -> None:
         self.conn = conn
@@ -245,7 +246,13 @@ class Session:
             stderr=self._stderr,
             text=True,
         )
-        self._receive()  # the ready line, or the reason there is none (e.g. locked)
+        ready = self._receive()  # the ready line, or the reason there is none (e.g. locked)
+        try:
+            protocol.check_ready(conn.name, ready)
+        except errors.ProtocolMismatch:
+            self.close()  # releases the endpoint's lock before anything is sent
+            raise
+        self.agent_version = ready.get("version")
 
     def _receive(self) -> Any:
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -262,10 +269,11 @@ class Session:
             raise cls(f"{self.conn.name}: {err['message']}", err.get("fix"))
         return reply["result"]
 
-    def request(self, op: str, **args: Any) -> Any:
+    def call(self, request: protocol.Request) -> Any:
+        """Send one typed request; its result, or the endpoint's error raised here."""
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.write(protocol.encode(request) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # _receive explains why the endpoint went away

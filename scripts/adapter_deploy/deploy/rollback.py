@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adapter_deploy import protocol as p
 from adapter_deploy.common import failpoints
 from adapter_deploy.common.errors import (
     HealthCheckFailed,
@@ -30,16 +31,16 @@ from adapter_deploy.deploy.steps import EndpointRun
 
 def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcome:
     assert run.session
-    choice = run.session.request("rollback_target", model=model, to=to)
+    choice = run.session.call(p.RollbackTarget(model=model, to=to))
     current, target = choice["from"], choice["to"]
     out = ModelOutcome(model, target, previous=current)
     # Marked before the links move: a rollback cut after the flip is rerun from the target,
     # where it no longer knows what it rolled back from.
     if current and current != target:
-        run.session.request("mark_bad", model=model, version_id=current, reason="rolled back")
+        run.session.call(p.MarkBad(model=model, version_id=current, reason="rolled back"))
     failpoints.deployer("manual_rollback.after_mark_bad")
-    run.session.request(
-        "restore", model=model, active=target, previous=current, reload=reload_spec(run.ep)
+    run.session.call(
+        p.Restore(model=model, active=target, previous=current, reload=reload_spec(run.ep))
     )
     failpoints.deployer("manual_rollback.after_links")
     out.phases.append("activate")
@@ -64,7 +65,7 @@ def rollback_endpoint(
     params: Params, name: str, models: list[str] | None, to: str | None, control_dir: Path
 ) -> EndpointOutcome:
     with endpoint_run(params, name, control_dir) as (run, outcome):
-        hello = run.open().request("hello", models=models)
+        hello = run.open().call(p.Hello(models=models))
         chosen = models or sorted(m for m, s in hello["models"].items() if s["active"])
         if not chosen:
             raise NothingToRollBack(f"{name} has nothing deployed", "deploy a version first")

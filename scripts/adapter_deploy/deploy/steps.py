@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy import protocol as p
 from adapter_deploy.common import failpoints
 from adapter_deploy.common.errors import DiskFull, HealthCheckFailed, ReloadFailed
 from adapter_deploy.config import Params
@@ -54,17 +55,18 @@ class EndpointRun:
 
     def health(self, model: str, version_id: str | None, via_service: bool) -> dict[str, Any]:
         assert self.session
-        return self.session.request(
-            "health",
-            model=model,
-            version_id=version_id,
-            base_model=base_model_for(self.params, self.ep, model),
-            engine=engine_kind(self.params, self.ep),
-            latency_limit=self.params.health_check.latency_limit_s,
-            service_url=self.ep.service_url if via_service else None,
-            task=self.params.models[model].task,
-            sentences=self.sentences_path(model),
-            reload_timeout=self.params.health_check.reload_timeout_s,
+        return self.session.call(
+            p.Health(
+                model=model,
+                version_id=version_id,
+                base_model=base_model_for(self.params, self.ep, model),
+                engine=engine_kind(self.params, self.ep),
+                latency_limit=self.params.health_check.latency_limit_s,
+                service_url=self.ep.service_url if via_service else None,
+                task=self.params.models[model].task,
+                sentences=self.sentences_path(model),
+                reload_timeout=self.params.health_check.reload_timeout_s,
+            )
         )
 
     def sentences_path(self, model: str) -> str | None:
@@ -86,13 +88,14 @@ class EndpointRun:
 
     def _prepare(self, release: Release) -> dict[str, Any]:
         assert self.session
-        return self.session.request(
-            "prepare",
-            model=release.model,
-            version_id=release.version_id,
-            files=release.files,
-            size=release.size,
-            reserve=self.ep.min_free_bytes,
+        return self.session.call(
+            p.Prepare(
+                model=release.model,
+                version_id=release.version_id,
+                files=release.files,
+                size=release.size,
+                reserve=self.ep.min_free_bytes,
+            )
         )
 
     def push_all(self, chosen: list[Release], store: Path) -> None:
@@ -131,8 +134,8 @@ class EndpointRun:
             return self.conn.push(files, dest, self.progress, relative=relative)
         except DiskFull:
             for release in batch:
-                self.session.request(
-                    "drop_incoming", model=release.model, version_id=release.version_id
+                self.session.call(
+                    p.DropIncoming(model=release.model, version_id=release.version_id)
                 )
             raise
 
@@ -151,13 +154,14 @@ class EndpointRun:
             out.bytes_sent = self._push([release], files, prep["incoming"])
         # Every deploy here is the operator's explicit choice of version, so an older one
         # is an explicitly requested rollback, not a rollback attack.
-        staged = self.session.request(
-            "stage",
-            model=release.model,
-            version_id=release.version_id,
-            files=release.files,
-            signed=release.signed,
-            explicit=True,
+        staged = self.session.call(
+            p.Stage(
+                model=release.model,
+                version_id=release.version_id,
+                files=release.files,
+                signed=release.signed,
+                explicit=True,
+            )
         )
         self.say(release.model, "transfer", f"{staged['result']}, verified ({out.bytes_sent} B)")
         out.phases.append("transfer")
@@ -178,17 +182,18 @@ class EndpointRun:
         """Flip and reload; a reload that fails puts `fallback` back at once (default: what
         served, or the last verified release when what served never passed VERIFY)."""
         assert self.session
-        self.session.request("clear_bad", model=release.model, version_id=release.version_id)
-        before = self.session.request("hello", models=[release.model])["models"][release.model]
+        self.session.call(p.ClearBad(model=release.model, version_id=release.version_id))
+        before = self.session.call(p.Hello(models=[release.model]))["models"][release.model]
         out.previous = before["active"]
         fallback = fallback or fallback_for(release, before)
         try:
-            flip = self.session.request(
-                "activate",
-                model=release.model,
-                version_id=release.version_id,
-                reload=reload_spec(self.ep),
-                links=links_for(self.ep),
+            flip = self.session.call(
+                p.Activate(
+                    model=release.model,
+                    version_id=release.version_id,
+                    reload=reload_spec(self.ep),
+                    links=links_for(self.ep),
+                )
             )
         except ReloadFailed as err:
             out.status, out.error, out.exit_code = "rolled_back", err.one_line(), err.exit_code
@@ -223,15 +228,16 @@ class EndpointRun:
     def restore(self, model: str, active: str | None, previous: str | None, bad: str) -> None:
         """Automatic rollback: links back, re-signal, verify the old release."""
         assert self.session
-        self.session.request("mark_bad", model=model, version_id=bad, reason="failed verify")
+        self.session.call(p.MarkBad(model=model, version_id=bad, reason="failed verify"))
         failpoints.deployer("rollback.after_mark_bad")
         try:
-            self.session.request(
-                "restore",
-                model=model,
-                active=active,
-                previous=previous,
-                reload=reload_spec(self.ep),
+            self.session.call(
+                p.Restore(
+                    model=model,
+                    active=active,
+                    previous=previous,
+                    reload=reload_spec(self.ep),
+                )
             )
         except ReloadFailed as err:
             log.error("[%s] %s links restored, but reload failed: %s", self.name, model, err)
@@ -248,7 +254,7 @@ class EndpointRun:
     def mark_verified(self, model: str, version_id: str) -> None:
         """Remember on the endpoint that what `active` points at passed VERIFY."""
         assert self.session
-        self.session.request("record", model=model, verified=version_id)
+        self.session.call(p.Record(model=model, verified=version_id))
 
     def _fail(self, out: ModelOutcome, status: str, why: str, result: dict[str, Any]) -> None:
         out.status = status
@@ -260,13 +266,13 @@ class EndpointRun:
         out.exit_code = HealthCheckFailed.exit_code
         log.warning("[%s] %s %s: %s", self.name, out.model, status.upper(), out.error)
 
-    def deploy_model(self, release: Release, slots: dict[str, Any]) -> ModelOutcome:
+    def deploy_model(self, release: Release, on_endpoint: dict[str, Any]) -> ModelOutcome:
         out = ModelOutcome(release.model, release.version_id)
-        active, previous = slots.get("active"), slots.get("previous")
-        before = fallback_for(release, slots)
+        active, previous = on_endpoint.get("active"), on_endpoint.get("previous")
+        before = fallback_for(release, on_endpoint)
         trusted = before["active"] != active
-        if active == release.version_id and release.version_id not in slots["bad"]:
-            if slots.get("verified") == release.version_id:
+        if active == release.version_id and release.version_id not in on_endpoint["bad"]:
+            if on_endpoint.get("verified") == release.version_id:
                 out.status, out.previous = "unchanged", previous
                 self.say(release.model, "unchanged", f"{release.version_id} already active")
                 return out
@@ -287,24 +293,28 @@ class EndpointRun:
             self.verify(release, out, before)
         if out.status == "success":
             assert self.session
-            self.session.request("prune", model=release.model, keep=self.params.release.keep)
+            self.session.call(p.Prune(model=release.model, keep=self.params.release.keep))
         return out
 
 
-def fallback_for(release: Release, slots: dict[str, Any]) -> dict[str, Any]:
+def fallback_for(release: Release, on_endpoint: dict[str, Any]) -> dict[str, Any]:
     """Where a failed ACTIVATE or VERIFY of `release` goes back to: what serves now, unless
     that never passed VERIFY (an earlier run was cut after ACTIVATE or in the middle of a
     rollback) and a verified release is still kept: then that one."""
-    active, previous = slots.get("active"), slots.get("previous")
-    trusted = _last_verified(slots)
+    active, previous = on_endpoint.get("active"), on_endpoint.get("previous")
+    trusted = _last_verified(on_endpoint)
     if active is not None and trusted not in (None, active, release.version_id):
         return {"active": trusted, "previous": None}
     return {"active": active, "previous": previous}
 
 
-def _last_verified(slots: dict[str, Any]) -> str | None:
+def _last_verified(on_endpoint: dict[str, Any]) -> str | None:
     """The release the endpoint last recorded as verified, if it is kept and not marked bad."""
-    verified = slots.get("verified")
-    if verified and verified in slots.get("releases", ()) and verified not in slots["bad"]:
+    verified = on_endpoint.get("verified")
+    if (
+        verified
+        and verified in on_endpoint.get("releases", ())
+        and verified not in on_endpoint["bad"]
+    ):
         return verified
     return None

@@ -61,7 +61,7 @@ def _load_causal_lm(path: str, device: str):
 
 def _quantization_kwargs(path: str, device: str) -> dict[str, Any]:
     """Load-time quantization a converted release asks for (quantization.json), CUDA only."""
-    from adapter_deploy.convert.merge import bnb_config, read_quantization
+    from adapter_deploy.engines.quantization import bnb_config, read_quantization
 
     spec = read_quantization(path) if Path(path).is_dir() else None
     if spec is None:
@@ -85,7 +85,7 @@ class HFEngine(PeftSwapEngine):
         self.base_model = str(base_model) if base_model else None
         self._lock = threading.RLock()
         self._loaded: LoadedRelease | None = None
-        self._slot = 0  # PEFT adapter names: "r0", "r1", ... so old and new can coexist
+        self._adapter_seq = 0  # PEFT adapter names: "r0", "r1", ... so old and new can coexist
         self.model: Any = None
         if adapter_path is None:
             if not self.base_model:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from adapter_deploy.common.errors import AdapterError
-from adapter_deploy.convert.gguf import TOOLS_HINT
 from adapter_deploy.engines.base import (
     LoadedRelease,
     SwappingEngine,
@@ -28,6 +27,7 @@ from adapter_deploy.engines.base import (
 )
 
 N_CTX = 2048
+TOOLS_HINT = "GGUF releases need llama.cpp's tools: pip install llama-cpp-python gguf"
 
 
 def gguf_file(release_dir: Path) -> Path:

@@ -168,12 +168,12 @@ class MLXGemmaEngine:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        slots = {
+        lora_layers = {
             name: value
             for name, value in tree_flatten(self.model.parameters())
             if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
         }
-        problems = _key_problems(adapter.weights, slots)
+        problems = _key_problems(adapter.weights, lora_layers)
         if problems:
             raise AdapterError(
                 f"adapter {adapter.release.path} does not fit the model: " + "; ".join(problems),
@@ -216,14 +216,16 @@ class MLXGemmaEngine:
             return self.model(mx.array([ids]))[0]
 
 
-def _key_problems(weights: dict[str, Any], slots: dict[str, Any]) -> list[str]:
-    """Every way the adapter tensors fail to match the model's LoRA slots, listed at once."""
+def _key_problems(weights: dict[str, Any], lora_layers: dict[str, Any]) -> list[str]:
+    """Every way the adapter tensors fail to match the model's LoRA layers, listed at once."""
     problems = []
     for name, w in sorted(weights.items()):
-        if name not in slots:
-            problems.append(f"{name} has no LoRA slot in the model")
-        elif tuple(w.shape) != tuple(slots[name].shape):
-            problems.append(f"{name} shape {tuple(w.shape)} != model {tuple(slots[name].shape)}")
+        if name not in lora_layers:
+            problems.append(f"{name} has no LoRA layer in the model")
+        elif tuple(w.shape) != tuple(lora_layers[name].shape):
+            problems.append(
+                f"{name} shape {tuple(w.shape)} != model {tuple(lora_layers[name].shape)}"
+            )
     # lora_b without lora_a would multiply trained B by mlx-lm's random A init.
     for name in weights:
         if name.endswith(".lora_b") and name[: -len("lora_b")] + "lora_a" not in weights:

@@ -25,7 +25,7 @@ class PeftSwapEngine(SwappingEngine):
 
     model: Any
     base_model: str | None
-    _slot: int
+    _adapter_seq: int
     #: (message suffix, fix) for a converted MLX adapter, which transformers cannot load
     mlx_refusal = ("", "use --engine mlx, or the PEFT original with --engine hf")
 
@@ -56,7 +56,7 @@ class PeftSwapEngine(SwappingEngine):
         safetensors_names(path / PEFT_WEIGHTS)
         base = self.base_model or base_model_of(path, None)
         model, companion = self._load_base(base)
-        name = self._next_slot()
+        name = self._next_adapter_name()
         try:
             model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         except Exception as err:  # PEFT raises ValueError/KeyError/SafetensorError/...
@@ -69,7 +69,7 @@ class PeftSwapEngine(SwappingEngine):
 
     def _swap_adapter(self, path: Path) -> None:
         safetensors_names(path / PEFT_WEIGHTS)
-        old, name = self.model.active_adapter, self._next_slot()
+        old, name = self.model.active_adapter, self._next_adapter_name()
         try:
             self.model.load_adapter(str(path), adapter_name=name)
             check_landed(self.model, path, name)
@@ -85,9 +85,9 @@ class PeftSwapEngine(SwappingEngine):
         self.model.delete_adapter(old)
         self.model.eval()
 
-    def _next_slot(self) -> str:
-        self._slot += 1
-        return f"r{self._slot}"
+    def _next_adapter_name(self) -> str:
+        self._adapter_seq += 1
+        return f"r{self._adapter_seq}"
 
 
 def check_landed(model: Any, path: Path, name: str) -> None:

@@ -114,7 +114,7 @@ class WhisperEngine(PeftSwapEngine):
         self.language = language
         self._lock = threading.RLock()
         self._loaded: LoadedRelease | None = None
-        self._slot = 0
+        self._adapter_seq = 0
         self.model: Any = None
         self.processor: Any = None
         if adapter_path is None:

@@ -120,7 +120,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._reply(200, self.service.translate(model, text))
         except KeyError:
-            served = sorted(self.service.slots)
+            served = sorted(self.service.served)
             self._reply(404, {"error": f"model {model!r} is not served (served: {served})"})
         except FutureTimeout:
             self._reply(504, {"error": f"no answer within {REQUEST_TIMEOUT_S} s"})

@@ -1,4 +1,4 @@
-"""The service's state: model slots, the engine thread, reloads and start-up fallback.
+"""The service's state: the served models, the engine thread, reloads and start-up fallback.
 
 `adapter_deploy.service.serve` (HTTP, signals, command line) drives one `Service`; its
 docstring describes the behaviour. Every engine call that serves requests runs on ONE
@@ -59,7 +59,7 @@ class ServiceConfig:
 
 
 @dataclass
-class ModelSlot:
+class ServedModel:
     """One served model: its engine, what that engine serves, and how the last reload went."""
 
     name: str
@@ -91,18 +91,18 @@ class ModelSlot:
 
 
 class Service:
-    """Model slots plus the controller loop; the HTTP handler and signals talk to this."""
+    """The served models plus the controller loop; the HTTP handler and signals talk to this."""
 
     def __init__(self, config: ServiceConfig, control: Control) -> None:
         self.config = config
         self.control = control  # flags set by the signal handlers
-        self.slots: dict[str, ModelSlot] = {}
+        self.served: dict[str, ServedModel] = {}
         self.ready = False
         self.session_id = datetime.now().strftime("%Y%m%d_%H%M%S")
         self.started_at = _now()
         # One thread runs every serving engine call: MLX must not be driven from two threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.lock = threading.Lock()  # guards slot fields read by /status
+        self.lock = threading.Lock()  # guards the served-model fields read by /status
 
     # --- models and loading -------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -134,7 +134,7 @@ class Service:
 
     def load_initial(self, model: str) -> None:
         """Serve active, else previous, else the base model (seed §6.4), loudly."""
-        slot, errors = ModelSlot(model), []
+        served, errors = ServedModel(model), []
         for source in ("active", "previous"):
             link = self.link(model, source)
             if not link.exists():
@@ -143,25 +143,25 @@ class Service:
                 continue
             try:
                 target = link.resolve(strict=True)  # once: config and weights from one release
-                slot.serve(self._construct(target, model), source)
+                served.serve(self._construct(target, model), source)
                 break
             except Exception as err:  # any load failure moves on to the next candidate
                 errors.append(f"{source} ({link.resolve().name}): {reason_of(err)}")
         else:
             try:
-                slot.serve(self._construct(None, model), "base")
+                served.serve(self._construct(None, model), "base")
                 log.error("FALLBACK: %s serves its BASE model: %s", model, "; ".join(errors))
             except Exception as err:
-                slot.error = "; ".join([*errors, f"base: {reason_of(err)}"])
-                log.error("%s cannot be served: %s", model, slot.error)
-        if errors and slot.source == "previous":
+                served.error = "; ".join([*errors, f"base: {reason_of(err)}"])
+                log.error("%s cannot be served: %s", model, served.error)
+        if errors and served.source == "previous":
             log.error("FALLBACK: %s serves its previous release: %s", model, errors[0])
         if errors:
-            slot.last_reload = {"result": "error", "error": "; ".join(errors), "at": _now()}
+            served.last_reload = {"result": "error", "error": "; ".join(errors), "at": _now()}
         with self.lock:
-            self.slots[model] = slot
-        if slot.release:
-            log.info("%s: serving %s (%s)", model, slot.release.version_id, slot.source)
+            self.served[model] = served
+        if served.release:
+            log.info("%s: serving %s (%s)", model, served.release.version_id, served.source)
 
     def load_all(self) -> None:
         for model in self.model_names():
@@ -174,60 +174,60 @@ class Service:
     def reload_all(self) -> None:
         log.info("SIGUSR1: reloading adapters")
         for model in self.model_names():
-            if model not in self.slots:
+            if model not in self.served:
                 if self.link(model).exists():
                     self.load_initial(model)  # first deploy of a model to this service
-                    self._diagnose_reload(model, None, self.slots[model].last_reload)
+                    self._diagnose_reload(model, None, self.served[model].last_reload)
                 continue
-            self.reload(self.slots[model])
+            self.reload(self.served[model])
 
-    def reload(self, slot: ModelSlot) -> None:
+    def reload(self, served: ServedModel) -> None:
         """Swap in what `active` points at now; on failure the old release keeps serving."""
-        started, previous = time.perf_counter(), slot.release
+        started, previous = time.perf_counter(), served.release
         record: dict[str, Any] = {"result": "error", "version_id": None, "sha256": None}
         try:
-            target = self.link(slot.name).resolve(strict=True)
+            target = self.link(served.name).resolve(strict=True)
             record["version_id"] = target.name
             wanted = describe_release(target)
             record["sha256"] = wanted.sha256
             current = (previous.path, previous.sha256) if previous else None
-            if current == (wanted.path, wanted.sha256) and slot.source == "active":
+            if current == (wanted.path, wanted.sha256) and served.source == "active":
                 record["result"] = "noop"
             else:
-                self._swap_in(slot, target)
+                self._swap_in(served, target)
                 record["result"] = "ok"
         except Exception as err:  # a bad release must never take the service down
             record["error"] = reason_of(err)
-            log.error("reload of %s failed, %s keeps serving: %s", slot.name, _vid(slot), err)
+            log.error("reload of %s failed, %s keeps serving: %s", served.name, _vid(served), err)
         record["at"] = _now()
         record["duration_s"] = round(time.perf_counter() - started, 4)
         with self.lock:
-            slot.last_reload = record
-        log.info("%s: reload %s -> %s", slot.name, record["result"], _vid(slot))
-        self._diagnose_reload(slot.name, previous, record)
+            served.last_reload = record
+        log.info("%s: reload %s -> %s", served.name, record["result"], _vid(served))
+        self._diagnose_reload(served.name, previous, record)
 
-    def _swap_in(self, slot: ModelSlot, target: Path) -> None:
-        if self.config.standby or slot.engine is None:
-            engine = self._construct(target, slot.name)
+    def _swap_in(self, served: ServedModel, target: Path) -> None:
+        if self.config.standby or served.engine is None:
+            engine = self._construct(target, served.name)
         else:
-            engine = slot.engine
+            engine = served.engine
             # Inplace: the executor is busy with this for the whole adapter swap.
             self._on_engine_thread(lambda: engine.reload(target))
 
         def swap() -> None:  # runs between two requests on the engine thread
             with self.lock:
-                slot.serve(engine, "active")
+                served.serve(engine, "active")
 
         self._on_engine_thread(swap)
 
     # --- serving ------------------------------------------------------------------------
     def translate(self, model: str, text: str) -> dict[str, Any]:
-        slot = self.slots.get(model)
-        if slot is None or slot.engine is None:
+        served = self.served.get(model)
+        if served is None or served.engine is None:
             raise KeyError(model)
 
         def job() -> dict[str, Any]:  # engine and release read together: what answered
-            engine, release = slot.engine, slot.release
+            engine, release = served.engine, served.release
             answer = engine.translate(text)
             version = release.version_id if release else None
             return {"text": answer.text, "version_id": version, "latency_s": answer.latency_s}
@@ -236,14 +236,14 @@ class Service:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         with self.lock:
-            problems = [f"{n}: {s.error}" for n, s in self.slots.items() if s.engine is None]
-            versions = {n: _vid(s) for n, s in self.slots.items()}
+            problems = [f"{n}: {s.error}" for n, s in self.served.items() if s.engine is None]
+            versions = {n: _vid(s) for n, s in self.served.items()}
         ok = self.ready and not problems
         return ok, {"ready": ok, "models": versions, "problems": problems}
 
     def status(self) -> dict[str, Any]:
         with self.lock:
-            models = {n: s.status() for n, s in self.slots.items()}
+            models = {n: s.status() for n, s in self.served.items()}
         return {
             "session_id": self.session_id,
             "pid": os.getpid(),
@@ -262,7 +262,7 @@ class Service:
             atomic_write_bytes(self.config.pidfile, f"{os.getpid()}\n".encode())
         self.ready = True
         adapters = {m: None for m in self.model_names()}
-        adapters.update({n: _vid(s) for n, s in self.slots.items()})
+        adapters.update({n: _vid(s) for n, s in self.served.items()})
         self._diagnose({"event": "session", "started_at": self.started_at, "adapters": adapters})
         log.info("ready on http://%s:%d: %s", LOOPBACK, self.config.port, adapters)
 
@@ -299,8 +299,8 @@ def _vid_of(release: LoadedRelease | None) -> str | None:
     return release.version_id if release else None
 
 
-def _vid(slot: ModelSlot) -> str | None:
-    return _vid_of(slot.release)
+def _vid(served: ServedModel) -> str | None:
+    return _vid_of(served.release)
 
 
 def reason_of(err: BaseException) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from adapter_deploy.common.errors import ConfigError, UsageError
 from adapter_deploy.common.fsutil import atomic_write_json, file_lock
+from adapter_deploy.common.names import check_version_id
 
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
@@ -69,6 +70,23 @@ def find_version(manifest: dict[str, Any], model: str, version_id: str) -> dict[
         f"{model} has no version {version_id!r} in the manifest",
         "list versions with `make versions MODEL=" + model + "`",
     )
+
+
+def pick_version(
+    manifest: dict[str, Any], model: str, cycle: int | None, version_id: str | None
+) -> dict[str, Any]:
+    """`version_id` (checked against `cycle` when both are given), else the cycle's newest."""
+    if version_id is None:
+        if cycle is None:
+            raise UsageError("no cycle given", "pass CYCLE=<n> (or --cycle N, --version ID)")
+        return newest_of_cycle(manifest, model, cycle)
+    entry = find_version(manifest, model, check_version_id(version_id))
+    if cycle is not None and entry["cycle"] != cycle:
+        raise UsageError(
+            f"{version_id} belongs to cycle {entry['cycle']}, not {cycle}",
+            "drop the cycle or pass the matching one",
+        )
+    return entry
 
 
 def newest_of_cycle(manifest: dict[str, Any], model: str, cycle: int) -> dict[str, Any]:

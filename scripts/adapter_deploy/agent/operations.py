@@ -1,0 +1,231 @@
+"""What the endpoint agent does for each protocol request, on one endpoint's adapter_dir.
+
+One method per request type of `adapter_deploy.protocol`; each takes its request and
+returns a JSON-able dict. Model libraries are imported only for health checks and
+cryptography only where a key is trusted: moving files stays lean.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy import protocol as p
+from adapter_deploy.agent import releases
+from adapter_deploy.agent.releases import ModelReleases
+from adapter_deploy.agent.reload import signal_reload
+from adapter_deploy.agent.status import read_status, record_status
+from adapter_deploy.common import failpoints
+from adapter_deploy.common.clock import utc_now
+from adapter_deploy.common.errors import (
+    AdapterDeployError,
+    RemoteError,
+    SignatureRefused,
+    UsageError,
+)
+from adapter_deploy.common.names import check_name, check_version_id
+
+
+class EndpointSide:
+    """Operations on one endpoint's adapter_dir (what the session dispatches to)."""
+
+    def __init__(self, adapter_dir: Path) -> None:
+        self.adapter_dir = adapter_dir
+
+    def releases_of(self, model: str) -> ModelReleases:
+        return ModelReleases(self.adapter_dir, check_name("model", model))
+
+    def handle(self, request: p.Request) -> dict[str, Any]:
+        handler: Callable[[Any], dict[str, Any]] = getattr(self, request.op)
+        return handler(request)
+
+    def hello(self, req: p.Hello) -> dict[str, Any]:
+        usage = shutil.disk_usage(self.adapter_dir)
+        names = req.models or [
+            d.name for d in self.adapter_dir.iterdir() if (d / "releases").is_dir()
+        ]
+        status = read_status(self.adapter_dir).get("models", {})
+        return {
+            "pid": os.getpid(),
+            "protocol": p.PROTOCOL_VERSION,
+            "rsync": shutil.which("rsync") is not None,
+            "free_bytes": usage.free,
+            "models": {
+                m: {**self.releases_of(m).describe(), "verified": status.get(m, {}).get("verified")}
+                for m in names
+            },
+        }
+
+    def prepare(self, req: p.Prepare) -> dict[str, Any]:
+        kept = self.releases_of(req.model)
+        release = kept.release(check_version_id(req.version_id))
+        if release.is_dir() and not releases.file_problems(release, req.files):
+            return {"present": True, "incoming": None}
+        free = shutil.disk_usage(self.adapter_dir).free
+        if free < req.size + req.reserve:
+            raise RemoteError(
+                f"endpoint disk is full: {free} bytes free under {self.adapter_dir}, "
+                f"need {req.size} plus {req.reserve} kept free",
+                "free space on the endpoint (old releases, caches) and deploy again",
+            )
+        incoming = releases.prepare_incoming(kept, req.version_id)
+        return {"present": False, "incoming": str(incoming)}
+
+    def drop_incoming(self, req: p.DropIncoming) -> dict[str, Any]:
+        """After a full disk, keeping the partial for a resume would keep the disk full."""
+        incoming = self.releases_of(req.model).incoming(check_version_id(req.version_id))
+        shutil.rmtree(incoming, ignore_errors=True)
+        return {}
+
+    def stage(self, req: p.Stage) -> dict[str, Any]:
+        """Verify (signature first, when this endpoint trusts a key) and stage a transfer."""
+        kept = self.releases_of(req.model)
+        check_version_id(req.version_id)
+        trusted = _trusted_keys(self.adapter_dir)
+        if not trusted:
+            result = releases.stage(kept, req.version_id, req.files)
+            record_status(
+                self.adapter_dir,
+                req.model,
+                signature="unsigned: this endpoint trusts no signing key",
+            )
+            return {"result": result, "signed": False}
+        from adapter_deploy import signing
+        from adapter_deploy.agent import trust
+
+        try:
+            metadata = signing.verify(req.signed, trusted, req.model, req.version_id)
+            trust.check_not_older(kept, metadata, req.explicit)
+        except SignatureRefused:
+            releases.discard_incoming(kept, req.version_id)
+            raise
+        # The signed file list, not the request's, decides what may become a release.
+        result = releases.stage(kept, req.version_id, metadata["files"])
+        trust.record_accepted(kept, metadata)
+        return {"result": result, "signed": True}
+
+    def trust(self, req: p.Trust) -> dict[str, Any]:
+        from adapter_deploy.agent import trust
+
+        return {"key_id": trust.install_key(self.adapter_dir, req.public_pem.encode())}
+
+    def health(self, req: p.Health) -> dict[str, Any]:
+        """Health-check a staged release, or the active one (through the service if given)."""
+        from adapter_deploy.health import check_release, load_sentences, run_health_check
+
+        kept = self.releases_of(req.model)
+        if req.version_id:
+            path = kept.release(check_version_id(req.version_id))
+            if not path.is_dir():
+                raise UsageError(
+                    f"{req.model} {req.version_id} was not transferred to this endpoint",
+                    "run the transfer phase first (make transfer)",
+                )
+        else:
+            path = kept.active
+            if failpoints.trigger(self.adapter_dir, "verify") == "fail":
+                return _forced_failure("failpoint verify: post-activation check forced to fail")
+        where = Path(req.sentences) if req.sentences else None
+        limit = req.latency_limit
+        if req.task == "transcription":
+            return check_release(
+                path.resolve(), req.base_model, req.engine, where, limit, task=req.task
+            ).to_dict()
+        chosen = load_sentences(where) if where else None
+        if req.service_url is None:
+            return check_release(
+                path.resolve(), req.base_model, req.engine, chosen, limit
+            ).to_dict()
+        from adapter_deploy.engines.service_client import ServiceEngine, wait_for_version
+
+        # Acknowledged reload: the service must report the release `active` points at now.
+        wait_for_version(req.service_url, req.model, path.resolve().name, req.reload_timeout)
+        engine = ServiceEngine(req.service_url, req.model)
+        return run_health_check(engine, chosen, limit).to_dict()
+
+    def activate(self, req: p.Activate) -> dict[str, Any]:
+        kept = self.releases_of(req.model)
+        failpoints.trigger(self.adapter_dir, "activate.before_flip")
+        old, new = releases.activate(kept, check_version_id(req.version_id))
+        failpoints.trigger(self.adapter_dir, "activate.after_flip")
+        for link, linked_model in req.links.items():
+            if linked_model == req.model:
+                releases.compat_link(self.adapter_dir, link, req.model)
+        reloaded = signal_reload(req.reload)
+        failpoints.trigger(self.adapter_dir, "activate.after_reload")
+        record_status(
+            self.adapter_dir,
+            req.model,
+            active=new,
+            previous=kept.previous_id(),
+            last_reload=reloaded,
+        )
+        return {"old": old, "new": new, "reload": reloaded}
+
+    def restore(self, req: p.Restore) -> dict[str, Any]:
+        kept = self.releases_of(req.model)
+        failpoints.trigger(self.adapter_dir, "restore.before_links")
+        releases.set_links(kept, req.active and check_version_id(req.active), req.previous)
+        failpoints.trigger(self.adapter_dir, "restore.after_links")
+        reloaded = signal_reload(req.reload)
+        previous = kept.previous_id()
+        record_status(
+            self.adapter_dir, req.model, active=req.active, previous=previous, last_reload=reloaded
+        )
+        return {"active": req.active, "previous": previous, "reload": reloaded}
+
+    def rollback_target(self, req: p.RollbackTarget) -> dict[str, Any]:
+        kept = self.releases_of(req.model)
+        return {"from": kept.active_id(), "to": releases.rollback_target(kept, req.to)}
+
+    def mark_bad(self, req: p.MarkBad) -> dict[str, Any]:
+        self.releases_of(req.model).mark_bad(check_version_id(req.version_id), req.reason)
+        return {}
+
+    def clear_bad(self, req: p.ClearBad) -> dict[str, Any]:
+        self.releases_of(req.model).clear_bad(check_version_id(req.version_id))
+        return {}
+
+    def prune(self, req: p.Prune) -> dict[str, Any]:
+        return {"removed": releases.prune(self.releases_of(req.model), req.keep)}
+
+    def record(self, req: p.Record) -> dict[str, Any]:
+        record_status(self.adapter_dir, check_name("model", req.model), verified=req.verified)
+        return {}
+
+    def status(self, req: p.Status) -> dict[str, Any]:
+        status = read_status(self.adapter_dir)
+        hello = self.hello(p.Hello())
+        for model, view in hello["models"].items():
+            entry = status.setdefault("models", {}).setdefault(model, {})
+            entry.update(active_version=view["active"], previous_version=view["previous"])
+            entry["bad"] = sorted(view["bad"])
+        if req.service_url:
+            status["service"] = _service_view(req.service_url)
+        return status
+
+
+def _trusted_keys(adapter_dir: Path) -> dict[str, bytes]:
+    """Trusted public keys; cryptography is imported only where keys are installed."""
+    if not (adapter_dir / "trusted_keys").is_dir():
+        return {}
+    from adapter_deploy.agent.trust import trusted_keys
+
+    return trusted_keys(adapter_dir)
+
+
+def _forced_failure(reason: str) -> dict[str, Any]:
+    return {"all_passed": False, "timestamp": utc_now(), "results": [], "error": reason}
+
+
+def _service_view(url: str) -> dict[str, Any]:
+    """What the running service says it loaded (or why it could not be asked)."""
+    from adapter_deploy.engines.service_client import service_status
+
+    try:
+        return service_status(url, timeout=5)
+    except (AdapterDeployError, OSError) as err:
+        return {"error": str(err)}

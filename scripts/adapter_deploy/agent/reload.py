@@ -1,0 +1,51 @@
+"""Telling the endpoint's inference service that `active` changed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy.common.clock import utc_now
+from adapter_deploy.common.errors import ReloadFailed
+from adapter_deploy.protocol import Reload
+
+
+def signal_reload(reload: Reload) -> dict[str, Any]:
+    """Tell the service to load what `active` points at now."""
+    method, pidfile, restart_command = reload.method, reload.pidfile, reload.restart_command
+    when = utc_now()
+    if method == "none":
+        return {"method": "none", "at": when}
+    if method == "sigusr1":
+        pid = _service_pid(pidfile)
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            raise ReloadFailed(
+                f"service pid {pid} from {pidfile} is not running",
+                "start the inference service (python -m adapter_deploy.service) and deploy again",
+            ) from None
+        return {"method": "sigusr1", "pid": pid, "at": when}
+    command = restart_command or ["systemctl", "restart", "stark-translate"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ReloadFailed(
+            f"restart command {command} failed: {proc.stderr.strip()[-200:]}",
+            "check the service unit on the endpoint (systemctl status)",
+        )
+    return {"method": "restart", "command": command, "at": when}
+
+
+def _service_pid(pidfile: str | None) -> int:
+    if not pidfile:
+        raise ReloadFailed("reload_method sigusr1 needs a pidfile", "set pidfile: in params.yaml")
+    try:
+        return int(Path(pidfile).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        raise ReloadFailed(
+            f"no service pid in {pidfile}",
+            "start the inference service (python -m adapter_deploy.service) and deploy again",
+        ) from None

@@ -1,0 +1,300 @@
+"""What every command does, as functions that return results: the CLIs parse, call, render.
+
+Every policy decision a command makes lives here or below (which releases, quiet hours,
+what a bare rollback undoes, which endpoints exist), never in a CLI. Nothing here prints
+or exits; errors are `adapter_deploy.common.errors` with their exit codes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapter_deploy import protocol
+from adapter_deploy.common import failpoints
+from adapter_deploy.common.errors import NothingToRollBack, UsageError
+from adapter_deploy.common.fsutil import read_jsonl
+from adapter_deploy.common.names import check_version_id
+from adapter_deploy.config import Params
+from adapter_deploy.deploy import fleet, quiet
+from adapter_deploy.deploy.alerts import send_alerts
+from adapter_deploy.deploy.fleet_status import fleet_status
+from adapter_deploy.deploy.phases import run_phase
+from adapter_deploy.deploy.plan import EndpointOutcome, choose_releases, dry_run_plan
+from adapter_deploy.deploy.records import DEPLOY_LOG, last_run, record
+from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.rollback import rollback_endpoint
+from adapter_deploy.store.conversions import ConversionResult, convert_release
+from adapter_deploy.store.manifest import load_manifest, pick_version, versions_of
+from adapter_deploy.store.versioning import VersionResult, version_adapter
+
+
+@dataclass
+class RunResult:
+    """The outcome of a deploy, rollback or single phase over endpoints."""
+
+    action: str
+    outcomes: list[EndpointOutcome] = field(default_factory=list)
+    run_id: str | None = None
+    note: str | None = None  # e.g. what a bare rollback undoes
+    plan: list[str] | None = None  # the dry run's actions; nothing was done
+
+    @property
+    def exit_code(self) -> int:
+        """The worst outcome decides (0 when all succeeded or nothing changed)."""
+        return max([0, *(o.worst for o in self.outcomes)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "run_id": self.run_id,
+            "exit_code": self.exit_code,
+            "note": self.note,
+            "plan": self.plan,
+            "endpoints": [o.to_dict() for o in self.outcomes],
+        }
+
+
+@dataclass
+class StatusResult:
+    endpoints: list[dict[str, Any]]
+
+    @property
+    def exit_code(self) -> int:
+        return max([0, *(s.get("exit_code", 0) for s in self.endpoints)])
+
+
+# --- the store ----------------------------------------------------------------------------
+
+
+def version(
+    params: Params,
+    model: str,
+    cycle: int,
+    src: Path,
+    metrics: Path | None = None,
+    retag: bool = False,
+) -> VersionResult:
+    return version_adapter(params, model, cycle, src, metrics, retag=retag)
+
+
+def _models(params: Params, model: str | None) -> list[str]:
+    if model:
+        params.model(model)
+        return [model]
+    return sorted(params.models)
+
+
+def versions(params: Params, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    manifest = load_manifest(params.adapters_dir)
+    return {m: versions_of(manifest, m) for m in _models(params, model)}
+
+
+def history(params: Params, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Each version with where it was deployed, rolled back or refused (the deploy log)."""
+    log = read_jsonl(params.adapters_dir / DEPLOY_LOG)
+    listing = versions(params, model)
+    return {
+        m: [{**v, "deployments": _deployments_of(log, m, v["version_id"])} for v in vs]
+        for m, vs in listing.items()
+    }
+
+
+def _deployments_of(log: list[dict[str, Any]], model: str, version_id: str) -> list[str]:
+    seen = []
+    for e in log:
+        per_model = e.get("per_model", {}).get(model)
+        if e.get("versions", {}).get(model) == version_id and per_model:
+            seen.append(f"{e['action']}@{e['endpoint']}:{per_model['status']}")
+    return seen
+
+
+def convert(
+    params: Params,
+    model: str,
+    cycle: int | None,
+    version_id: str | None,
+    fmt: str,
+    dtype: str = "float16",
+    gguf_type: str = "Q4_K_M",
+) -> ConversionResult:
+    params.model(model)
+    entry = pick_version(load_manifest(params.adapters_dir), model, cycle, version_id)
+    return convert_release(
+        params, model, entry["version_id"], fmt, dtype=dtype, gguf_type=gguf_type
+    )
+
+
+# --- endpoints ----------------------------------------------------------------------------
+
+
+def _refuse_in_quiet_hours(params: Params, endpoints: list[str], force: bool) -> None:
+    """A restart outage inside an endpoint's service hours is refused before anything moves."""
+    now = datetime.now(UTC)
+    for name in endpoints:
+        ep = params.endpoint(name)
+        window = quiet.quiet_window(ep, now) if quiet.causes_outage(ep) else None
+        if window and not force:
+            allowed = quiet.next_allowed(ep, now).strftime("%a %Y-%m-%d %H:%M %Z")
+            raise UsageError(
+                f"{name} is in its quiet hours ({','.join(window.days)} "
+                f"{window.start}-{window.end}) and a restart would interrupt the service",
+                f"deploy after {allowed}, or pass --force (FORCE=1)",
+            )
+
+
+def deploy(
+    params: Params,
+    endpoints: list[str],
+    models: list[str],
+    cycle: int | None,
+    version_id: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+) -> RunResult:
+    """Phases 3-6 on every endpoint in parallel, logged, alerted."""
+    if cycle is None and version_id is None:
+        raise UsageError("nothing to deploy", "pass --cycle N (make deploy CYCLE=N)")
+    params.check_endpoints(endpoints)
+    if not models:
+        raise UsageError("no models chosen", "pass --all-adapters or --models NAME [NAME ...]")
+    chosen = choose_releases(params, models, cycle, version_id)
+    _refuse_in_quiet_hours(params, endpoints, force)
+    if dry_run:
+        return RunResult("deploy", plan=dry_run_plan(params, endpoints, chosen))
+    run_id = fleet.new_run_id()
+    outcomes = fleet.deploy(params, endpoints, chosen, progress=progress)
+    failpoints.deployer("deploy.before_log")
+    record(params, "deploy", outcomes, run_id, cycle)
+    send_alerts(params, "deploy", outcomes)
+    return RunResult("deploy", outcomes, run_id)
+
+
+def rollback(
+    params: Params,
+    endpoints: list[str] | None,
+    models: list[str] | None,
+    to: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> RunResult:
+    """Back to previous (or `to`); with no endpoints, undo the last successful deploy."""
+    note = None
+    if to:
+        check_version_id(to)
+    if not endpoints:
+        last = [e for e in last_run(params.adapters_dir) if e["status"] == "success"]
+        if not last:
+            raise NothingToRollBack("the deploy log has no successful deploy", "name ENDPOINT=")
+        endpoints = sorted({e["endpoint"] for e in last})
+        models = models or sorted({m for e in last for m in e["models"]})
+        note = f"undoing deploy {last[0]['run_id']}: {', '.join(models)} on {', '.join(endpoints)}"
+    params.check_endpoints(endpoints)
+    _refuse_in_quiet_hours(params, endpoints, force)
+    if dry_run:
+        what = ", ".join(models or ["every model"])
+        plan = [f"[{name}] roll back {what} to {to or 'previous'}" for name in endpoints]
+        return RunResult("rollback", note=note, plan=plan)
+    outcomes = fleet.run_parallel(
+        params,
+        endpoints,
+        lambda name, control: rollback_endpoint(params, name, models, to, control),
+    )
+    run_id = fleet.new_run_id()
+    record(params, "rollback", outcomes, run_id)
+    send_alerts(params, "rollback", outcomes)
+    return RunResult("rollback", outcomes, run_id, note)
+
+
+def phase(
+    params: Params,
+    name: str,
+    endpoints: list[str],
+    models: list[str] | None,
+    cycle: int | None,
+    version_id: str | None = None,
+) -> RunResult:
+    """One deploy phase alone (transfer, precheck, activate, verify); safe to re-run."""
+    if not endpoints:
+        raise UsageError("no endpoint given", "pass --endpoints NAME (ENDPOINT=NAME)")
+    params.check_endpoints(endpoints)
+    chosen = choose_releases(params, models or sorted(params.models), cycle, version_id)
+    return RunResult(name, run_phase(params, name, endpoints, chosen))
+
+
+def status(params: Params, endpoints: list[str] | None = None) -> StatusResult:
+    names = endpoints or sorted(params.endpoints)
+    params.check_endpoints(names)
+    return StatusResult(fleet_status(params, names))
+
+
+def trust(params: Params, endpoints: list[str]) -> dict[str, str]:
+    """Install the public signing key on each endpoint; its key id per endpoint."""
+    if not params.store.signing_key:
+        raise UsageError("no signing key configured", "set store.signing_key and run make keygen")
+    pub = params.resolve(params.store.signing_key + ".pub")
+    if not pub.is_file():
+        raise UsageError(f"public key {pub} not found", "run make keygen first")
+    if not endpoints:
+        raise UsageError("no endpoint given", "pass ENDPOINT=<name>")
+    params.check_endpoints(endpoints)
+    trusted = {}
+    with tempfile.TemporaryDirectory() as control:
+        for name in endpoints:
+            ep = params.endpoint(name)
+            session = Session(Connection(name, ep, Path(control)), ep.adapter_dir)
+            try:
+                reply = session.call(protocol.Trust(public_pem=pub.read_text()))
+                trusted[name] = reply["key_id"]
+            finally:
+                session.close()
+    return trusted
+
+
+# What `make bootstrap` sends: the code an endpoint runs (agent, service), never the store,
+# the tests or the test kits.
+BOOTSTRAP_CODE = [
+    "Makefile",
+    "pyproject.toml",
+    "params.yaml",
+    "README.md",
+    "scripts",
+    "engines",
+    "systemd",
+]
+BOOTSTRAP_LEFT_BEHIND = ["/scripts/adapter_deploy/kit/"]
+
+
+def bootstrap(
+    params: Params, endpoints: list[str], source: Path | None = None, install: bool = True
+) -> dict[str, int]:
+    """Copy this project's checkout (default: the params file's directory) to each endpoint's
+    project_dir and `make install` it there; bytes sent per endpoint."""
+    if not endpoints:
+        raise UsageError("no endpoint given", "pass ENDPOINT=<name>")
+    params.check_endpoints(endpoints)
+    checkout = (source or params.project_dir).resolve()
+    if not (checkout / "scripts" / "adapter_deploy" / "agent").is_dir():
+        raise UsageError(
+            f"{checkout} is not an Adapter Deploy checkout",
+            "run from the project checkout or pass --from <checkout>",
+        )
+    sent = {}
+    with tempfile.TemporaryDirectory() as control:
+        for name in endpoints:
+            ep = params.endpoint(name)
+            if not ep.project_dir:
+                raise UsageError(f"{name} has no project_dir", "set project_dir in params.yaml")
+            conn = Connection(name, ep, Path(control))
+            try:
+                code = [checkout / c for c in BOOTSTRAP_CODE if (checkout / c).exists()]
+                sent[name] = conn.sync_tree(code, ep.project_dir, BOOTSTRAP_LEFT_BEHIND)
+                if install:
+                    conn.run(["make", "-C", ep.project_dir, "install"])
+            finally:
+                conn.close()
+    return sent
