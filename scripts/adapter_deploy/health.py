@@ -23,10 +23,10 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import AdapterDeployError, UsageError
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,6 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def run_health_check(
     engine: Any,
     sentences: tuple[HealthSentence, ...] | None = None,
@@ -204,7 +200,7 @@ def _judge_all(
     loaded = getattr(engine, "loaded", None)
     return HealthResult(
         all_passed=all(r.passed for r in results),
-        timestamp=_now(),
+        timestamp=utc_now(),
         latency_p50=round(statistics.median(latencies), 4),
         latency_p95=_percentile(latencies, 0.95),
         results=results,
@@ -250,7 +246,7 @@ def check_release(
 
 
 def _load_failure(reason: str) -> HealthResult:
-    return HealthResult(False, _now(), None, None, error=reason)
+    return HealthResult(False, utc_now(), None, None, error=reason)
 
 
 # --- transcription (Whisper) ------------------------------------------------------------------

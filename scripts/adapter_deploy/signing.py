@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from adapter_deploy.common.clock import utc_text
 from adapter_deploy.common.errors import ConfigError, SignatureRefused, UsageError
 
 __all__ = ["SignatureRefused", "generate", "sign", "verify", "version_metadata"]
@@ -87,7 +88,7 @@ def version_metadata(entry: dict[str, Any], model: str, expiry_days: int) -> dic
         "files": entry["files"],
         "base_model": entry.get("base_model"),
         "created": entry["created"],
-        "expires": (created + timedelta(days=expiry_days)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "expires": utc_text(created + timedelta(days=expiry_days)),
     }
 
 

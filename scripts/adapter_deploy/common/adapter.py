@@ -13,10 +13,11 @@ from pathlib import Path
 
 from adapter_deploy.common.errors import AdapterError
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+MLX_WEIGHTS = "adapters.safetensors"  # an adapter converted for mlx-lm
 METRICS = "training_metrics.json"
-ADAPTER_FILES = (CONFIG, WEIGHTS, METRICS)
+ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, METRICS)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 METRIC_FIELDS = ("final_loss", "eval_wer", "epochs", "data_hours")
 
@@ -91,15 +92,15 @@ def _config_problems(path: Path) -> list[str]:
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [f"{CONFIG}: does not parse as JSON ({exc.__class__.__name__})"]
+        return [f"{PEFT_CONFIG}: does not parse as JSON ({exc.__class__.__name__})"]
     if not isinstance(config, dict):
-        return [f"{CONFIG}: is not a JSON object"]
+        return [f"{PEFT_CONFIG}: is not a JSON object"]
     problems = []
     if str(config.get("peft_type", "")).upper() != "LORA":
-        problems.append(f"{CONFIG}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+        problems.append(f"{PEFT_CONFIG}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
     rank = config.get("r")
     if not isinstance(rank, int) or rank <= 0:
-        problems.append(f"{CONFIG}: r (LoRA rank) is {rank!r}, expected a positive integer")
+        problems.append(f"{PEFT_CONFIG}: r (LoRA rank) is {rank!r}, expected a positive integer")
     return problems
 
 
@@ -120,9 +121,9 @@ def adapter_problems(src: Path) -> list[str]:
         for p in sorted(src.iterdir())
         if p.suffix.lower() in PICKLE_SUFFIXES
     ]
-    config, weights = src / CONFIG, src / WEIGHTS
-    problems += _config_problems(config) if config.is_file() else [f"{CONFIG}: missing"]
-    problems += safetensors_problems(weights) if weights.is_file() else [f"{WEIGHTS}: missing"]
+    config, weights = src / PEFT_CONFIG, src / PEFT_WEIGHTS
+    problems += _config_problems(config) if config.is_file() else [f"{PEFT_CONFIG}: missing"]
+    problems += safetensors_problems(weights) if weights.is_file() else [f"{PEFT_WEIGHTS}: missing"]
     if (src / METRICS).is_file():
         problems += _metrics_problems(src / METRICS)
     return problems

@@ -1,13 +1,15 @@
-"""The one timestamp format of every record: UTC, seconds, `Z` (seed §7)."""
+"""The one timestamp format of every record: UTC ISO 8601 with `Z` (seed §7)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 
-def utc_now() -> str:
-    return utc_text(datetime.now(UTC))
+def utc_now(ms: bool = False) -> str:
+    """Now, to the second (records) or the millisecond (the service's reload log)."""
+    return utc_text(datetime.now(UTC), ms)
 
 
-def utc_text(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_text(when: datetime, ms: bool = False) -> str:
+    text = when.astimezone(UTC).isoformat(timespec="milliseconds" if ms else "seconds")
+    return text.replace("+00:00", "Z")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import AdapterDeployError
 from adapter_deploy.common.fsutil import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from adapter_deploy.config import Params
@@ -26,10 +26,6 @@ from adapter_deploy.store.manifest import updating_manifest
 log = logging.getLogger(__name__)
 DEPLOY_LOG = "deploy_log.jsonl"
 STATUS = "status.json"
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _health_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -62,7 +58,7 @@ def log_entry(
     action: str, outcome: EndpointOutcome, run_id: str, cycle: int | None
 ) -> dict[str, Any]:
     return {
-        "timestamp": _now(),
+        "timestamp": utc_now(),
         "run_id": run_id,
         "action": action,
         "cycle": cycle,
@@ -135,7 +131,7 @@ def _model_status(m: ModelOutcome, old: dict[str, Any]) -> dict[str, Any]:
     return {
         "active_version": m.version_id,
         "previous_version": m.previous,
-        "last_reload": _now(),
+        "last_reload": utc_now(),
         "health_status": "healthy",
     }
 

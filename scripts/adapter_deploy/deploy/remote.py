@@ -63,7 +63,7 @@ _SSH_FAILURES = [
         DiskFull,
     ),
     (
-        "No module named adapter_deploy",
+        "No module named 'adapter_deploy'",
         "this project is not installed for the endpoint's python on {host}",
         "run make bootstrap ENDPOINT={name} (or set python: in params.yaml)",
     ),

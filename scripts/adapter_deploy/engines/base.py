@@ -7,7 +7,6 @@ weights sha256) is already loaded, and a failed reload leaves the old release se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -15,13 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from adapter_deploy.common.adapter import (
+    MLX_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    PICKLE_SUFFIXES,
+)
 from adapter_deploy.common.errors import AdapterError, ReloadFailed
-
-PEFT_WEIGHTS = "adapter_model.safetensors"
-MLX_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-# Pickle-based weight files are never loaded: unpickling runs arbitrary code.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+from adapter_deploy.common.fsutil import sha256_file
 
 # The language pair the health check asks for (TranslateGemma language codes).
 SOURCE_LANG = "en"
@@ -63,14 +63,6 @@ class Engine(Protocol):
         ...
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def safetensors_names(path: Path) -> list[str]:
     """Tensor names in a safetensors file; an unreadable header is an AdapterError.
 
@@ -108,20 +100,20 @@ def adapter_kind(path: Path) -> str:
     """Classify a dir as "peft", "mlx" (converted adapter), "merged" (full model) or "gguf"."""
     if not path.is_dir():
         raise AdapterError(f"adapter dir {path} does not exist", fix="check --adapter-dir")
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise AdapterError(
             f"{path} holds pickle weights ({', '.join(pickles)}), which are never loaded",
             fix="re-save the adapter with safetensors (save_pretrained(safe_serialization=True))",
         )
-    if (path / ADAPTER_CONFIG).exists():
+    if (path / PEFT_CONFIG).exists():
         return "mlx" if (path / MLX_WEIGHTS).exists() else "peft"
     if (path / "config.json").exists():
         return "merged"
     if any(path.glob("*.gguf")):
         return "gguf"
     raise AdapterError(
-        f"{path} holds neither {ADAPTER_CONFIG}, config.json nor a .gguf file",
+        f"{path} holds neither {PEFT_CONFIG}, config.json nor a .gguf file",
         fix="point at a PEFT adapter dir, a converted MLX adapter dir, a merged model dir "
         "or a GGUF release",
     )
@@ -163,11 +155,11 @@ def base_model_of(adapter_path: Path, base_model: str | Path | None) -> str:
     """The base model for an adapter: the explicit one, else adapter_config's."""
     if base_model:
         return str(base_model)
-    config = read_json(adapter_path / ADAPTER_CONFIG)
+    config = read_json(adapter_path / PEFT_CONFIG)
     name = config.get("base_model_name_or_path")
     if not name:
         raise AdapterError(
-            f"{adapter_path / ADAPTER_CONFIG} names no base_model_name_or_path",
+            f"{adapter_path / PEFT_CONFIG} names no base_model_name_or_path",
             fix="pass --base-model",
         )
     return str(name)

@@ -25,8 +25,8 @@ from typing import Any
 
 from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.engines.base import (
-    ADAPTER_CONFIG,
     MLX_WEIGHTS,
+    PEFT_CONFIG,
     PEFT_WEIGHTS,
     read_json,
     safetensors_names,
@@ -103,7 +103,7 @@ def convert_peft_to_mlx(src: Path, dst: Path, num_layers: int | None = None) -> 
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
-    config = read_json(src / ADAPTER_CONFIG)
+    config = read_json(src / PEFT_CONFIG)
     weights_path = src / PEFT_WEIGHTS
     names = safetensors_names(weights_path)
     with safe_open(str(weights_path), framework="pt") as fh:
@@ -139,7 +139,7 @@ def convert_peft_to_mlx(src: Path, dst: Path, num_layers: int | None = None) -> 
     }
     dst.mkdir(parents=True, exist_ok=True)
     save_file(converted, str(dst / MLX_WEIGHTS))
-    (dst / ADAPTER_CONFIG).write_text(json.dumps(mlx_config, indent=2) + "\n")
+    (dst / PEFT_CONFIG).write_text(json.dumps(mlx_config, indent=2) + "\n")
     log.debug("converted %s -> %s (%d tensors)", src, dst, len(converted))
     return dst
 

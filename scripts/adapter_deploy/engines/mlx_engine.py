@@ -22,8 +22,8 @@ from typing import Any
 
 from adapter_deploy.common.errors import AdapterError, ReloadFailed
 from adapter_deploy.engines.base import (
-    ADAPTER_CONFIG,
     MLX_WEIGHTS,
+    PEFT_CONFIG,
     LoadedRelease,
     Translation,
     describe_release,
@@ -124,7 +124,7 @@ class MLXGemmaEngine:
             )
         if release.kind == "peft":
             source = convert_peft_to_mlx(source, Path(self._cache.name) / release.sha256)
-        config = read_json(source / ADAPTER_CONFIG)
+        config = read_json(source / PEFT_CONFIG)
         if config.get("fine_tune_type", "lora") != "lora" or "lora_parameters" not in config:
             raise AdapterError(
                 f"{source} is not an MLX LoRA adapter (fine_tune_type "

@@ -13,10 +13,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.fsutil import append_jsonl, atomic_write_bytes
 from adapter_deploy.engines.base import Engine, LoadedRelease, describe_release
 from adapter_deploy.engines.factory import engine_kind_for, make_engine
@@ -28,10 +29,6 @@ DEFAULT_PORT = 8765
 REQUEST_TIMEOUT_S = 120.0
 WARMUP_TEXT = "Amen."
 CONTROL_POLL_S = 0.02
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -72,7 +69,7 @@ class ServedModel:
 
     def serve(self, engine: Engine, source: str) -> None:
         self.engine, self.release, self.source = engine, engine.loaded, source
-        self.loaded_at, self.error = _now(), None
+        self.loaded_at, self.error = utc_now(ms=True), None
 
     def status(self) -> dict[str, Any]:
         release = self.release.to_dict() if self.release else {}
@@ -99,7 +96,7 @@ class Service:
         self.served: dict[str, ServedModel] = {}
         self.ready = False
         self.session_id = datetime.now().strftime("%Y%m%d_%H%M%S")
-        self.started_at = _now()
+        self.started_at = utc_now(ms=True)
         # One thread runs every serving engine call: MLX must not be driven from two threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.lock = threading.Lock()  # guards the served-model fields read by /status
@@ -157,7 +154,11 @@ class Service:
         if errors and served.source == "previous":
             log.error("FALLBACK: %s serves its previous release: %s", model, errors[0])
         if errors:
-            served.last_reload = {"result": "error", "error": "; ".join(errors), "at": _now()}
+            served.last_reload = {
+                "result": "error",
+                "error": "; ".join(errors),
+                "at": utc_now(ms=True),
+            }
         with self.lock:
             self.served[model] = served
         if served.release:
@@ -199,7 +200,7 @@ class Service:
         except Exception as err:  # a bad release must never take the service down
             record["error"] = reason_of(err)
             log.error("reload of %s failed, %s keeps serving: %s", served.name, _vid(served), err)
-        record["at"] = _now()
+        record["at"] = utc_now(ms=True)
         record["duration_s"] = round(time.perf_counter() - started, 4)
         with self.lock:
             served.last_reload = record
@@ -291,7 +292,7 @@ class Service:
 
     def _diagnose(self, record: dict[str, Any]) -> None:
         if self.config.diagnostics:
-            entry = {"session_id": self.session_id, "at": _now(), **record}
+            entry = {"session_id": self.session_id, "at": utc_now(ms=True), **record}
             append_jsonl(self.config.diagnostics, entry)
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy.common.adapter import CONFIG, WEIGHTS
+from adapter_deploy.common.adapter import PEFT_CONFIG, PEFT_WEIGHTS
+from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import AdapterError, UsageError
 from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.config import Params, check_name, check_version_id
@@ -116,7 +116,7 @@ def convert_release(
         cache=cache,
         src=src,
         base=str(local or base),
-        adapter={name: entry["files"][name]["sha256"] for name in (CONFIG, WEIGHTS)},
+        adapter={name: entry["files"][name]["sha256"] for name in (PEFT_CONFIG, PEFT_WEIGHTS)},
         base_id=base_identity(base, local, cache),
         dtype=dtype,
         tools=tool_versions(),
@@ -159,7 +159,7 @@ def _checked_source(adapters_dir: Path, model: str, entry: dict[str, Any]) -> Pa
         )
     bad = [
         name
-        for name in (CONFIG, WEIGHTS)
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS)
         if not (src / name).is_file() or sha256_file(src / name) != entry["files"][name]["sha256"]
     ]
     if bad:
@@ -205,7 +205,7 @@ def _record(
                 "base_model": base_model,
                 "base_identity": result.base_identity,
                 "tools": result.tools,
-                "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "created": utc_now(),
             }
         )
         entry = data["conversions"][-1]

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from adapter_deploy import signing
-from adapter_deploy.common.adapter import CONFIG, METRICS, WEIGHTS, check_adapter, read_metrics
+from adapter_deploy.common.adapter import (
+    METRICS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    check_adapter,
+    read_metrics,
+)
+from adapter_deploy.common.clock import utc_text
 from adapter_deploy.common.errors import UsageError
 from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.config import Params, check_name
@@ -61,8 +68,8 @@ def _stage_copy(src: Path, dest: Path, metrics: dict) -> dict[str, dict[str, Any
     staging = dest.with_name(f".incoming-{dest.name}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    shutil.copyfile(src / CONFIG, staging / CONFIG)
-    shutil.copyfile(src / WEIGHTS, staging / WEIGHTS)
+    shutil.copyfile(src / PEFT_CONFIG, staging / PEFT_CONFIG)
+    shutil.copyfile(src / PEFT_WEIGHTS, staging / PEFT_WEIGHTS)
     (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     files = {
         p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
@@ -76,8 +83,8 @@ def _source_files(src: Path, metrics: dict) -> dict[str, dict[str, str]]:
     """The content identity of what would be versioned (for idempotency)."""
     metrics_bytes = (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()
     return {
-        CONFIG: {"sha256": sha256_file(src / CONFIG)},
-        WEIGHTS: {"sha256": sha256_file(src / WEIGHTS)},
+        PEFT_CONFIG: {"sha256": sha256_file(src / PEFT_CONFIG)},
+        PEFT_WEIGHTS: {"sha256": sha256_file(src / PEFT_WEIGHTS)},
         METRICS: {"sha256": hashlib.sha256(metrics_bytes).hexdigest()},
     }
 
@@ -128,7 +135,7 @@ def version_adapter(
         return VersionResult(model, vid, adapters_dir / model / vid, created=False)
 
     when = now or datetime.now(UTC)
-    sha = identity[WEIGHTS]["sha256"]
+    sha = identity[PEFT_WEIGHTS]["sha256"]
     version_id = make_version_id(cycle, sha, when)
     dest = adapters_dir / model / version_id
     if dest.exists():
@@ -136,7 +143,7 @@ def version_adapter(
             f"{dest} exists but is not in the manifest",
             "remove that stray directory (or restore manifest.json from git) and rerun",
         )
-    base = json.loads((src / CONFIG).read_text()).get("base_model_name_or_path")
+    base = json.loads((src / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
     if base and base != model_params.base_model:
         log.warning(
             "adapter was trained on %s; params.yaml names %s for %s (fine if the same model)",
@@ -153,7 +160,7 @@ def version_adapter(
         raise
     entry = {
         "version_id": version_id,
-        "created": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": utc_text(when),
         "cycle": cycle,
         "sha256": sha,
         "base_model": base,
