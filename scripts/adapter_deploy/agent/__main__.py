@@ -25,6 +25,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
+    parser.prog = "python -m adapter_deploy.agent"
     parser.add_argument("command", choices=["session"], help="what to run")
     parser.add_argument("--adapter-dir", required=True, help="the endpoint's adapter_dir")
     parser.add_argument("--holder", default="a deploy", help="who holds the lock (for errors)")

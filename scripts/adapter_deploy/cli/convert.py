@@ -63,7 +63,3 @@ def cli() -> argparse.ArgumentParser:
 
 def entry() -> None:
     run(main, cli())
-
-
-if __name__ == "__main__":
-    entry()

@@ -101,7 +101,3 @@ def main(args) -> int:
 
 def entry() -> None:
     run(main, build_parser())
-
-
-if __name__ == "__main__":
-    entry()

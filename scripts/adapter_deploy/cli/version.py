@@ -54,7 +54,3 @@ def cli() -> argparse.ArgumentParser:
 
 def entry() -> None:
     run(main, cli())
-
-
-if __name__ == "__main__":
-    entry()

@@ -10,7 +10,6 @@ a merged model is loaded whole and swapped. A failed reload leaves the old relea
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -18,9 +17,7 @@ from typing import Any
 
 from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.engines.base import (
-    LoadedRelease,
     Translation,
-    describe_release,
     generation_budget,
     prompt_text,
 )
@@ -81,22 +78,8 @@ class HFEngine(PeftSwapEngine):
         base_model: str | Path | None = None,
         device: str | None = None,
     ) -> None:
-        self.device = _device(device)
-        self.base_model = str(base_model) if base_model else None
-        self._lock = threading.RLock()
-        self._loaded: LoadedRelease | None = None
-        self._adapter_seq = 0  # PEFT adapter names: "r0", "r1", ... so old and new can coexist
-        self.model: Any = None
-        if adapter_path is None:
-            if not self.base_model:
-                raise AdapterError("no adapter and no base model given", fix="pass one of them")
-            self.model, self.tokenizer = _load_causal_lm(self.base_model, self.device)
-        else:
-            self._load(describe_release(adapter_path))
-
-    @property
-    def loaded(self) -> LoadedRelease | None:
-        return self._loaded
+        self.tokenizer: Any = None
+        self._start(adapter_path, base_model, _device(device))
 
     def translate(self, text: str) -> Translation:
         import torch

@@ -7,6 +7,7 @@ one has fully landed.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from adapter_deploy.engines.base import (
     LoadedRelease,
     SwappingEngine,
     base_model_of,
+    describe_release,
     safetensors_names,
 )
 
@@ -28,6 +30,27 @@ class PeftSwapEngine(SwappingEngine):
     _adapter_seq: int
     #: (message suffix, fix) for a converted MLX adapter, which transformers cannot load
     mlx_refusal = ("", "use --engine mlx, or the PEFT original with --engine hf")
+
+    def _start(
+        self, adapter_path: str | Path | None, base_model: str | Path | None, device: str
+    ) -> None:
+        """The constructor both engines share: a release on its base, or the base alone."""
+        self.device = device
+        self.base_model = str(base_model) if base_model else None
+        self._lock = threading.RLock()
+        self._loaded: LoadedRelease | None = None
+        self._adapter_seq = 0  # PEFT adapter names "r1", "r2", ...: old and new coexist
+        self.model = None
+        if adapter_path is not None:
+            self._load(describe_release(adapter_path))
+        elif self.base_model:
+            self._serve(*self._load_base(self.base_model))
+        else:
+            raise AdapterError("no adapter and no base model given", fix="pass one of them")
+
+    @property
+    def loaded(self) -> LoadedRelease | None:
+        return self._loaded
 
     def _load_base(self, name_or_path: str) -> tuple[Any, Any]:
         raise NotImplementedError

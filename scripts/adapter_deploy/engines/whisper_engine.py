@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 import warnings
 import wave
@@ -30,9 +29,7 @@ import numpy as np
 
 from adapter_deploy.common.errors import AdapterError, UsageError
 from adapter_deploy.engines.base import (
-    LoadedRelease,
     Translation,
-    describe_release,
 )
 from adapter_deploy.engines.peft_swap import PeftSwapEngine
 
@@ -109,24 +106,9 @@ class WhisperEngine(PeftSwapEngine):
         device: str | None = None,
         language: str | None = None,
     ) -> None:
-        self.device = _device(device)
-        self.base_model = str(base_model) if base_model else None
         self.language = language
-        self._lock = threading.RLock()
-        self._loaded: LoadedRelease | None = None
-        self._adapter_seq = 0
-        self.model: Any = None
         self.processor: Any = None
-        if adapter_path is None:
-            if not self.base_model:
-                raise AdapterError("no adapter and no base model given", fix="pass one of them")
-            self.model, self.processor = _load_whisper(self.base_model, self.device)
-        else:
-            self._load(describe_release(adapter_path))
-
-    @property
-    def loaded(self) -> LoadedRelease | None:
-        return self._loaded
+        self._start(adapter_path, base_model, _device(device))
 
     def transcribe(self, audio_path: str | Path) -> Translation:
         """The transcription of one WAV clip and how long it took (file reading included)."""

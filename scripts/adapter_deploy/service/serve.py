@@ -195,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__.splitlines()[0])
+    parser.prog = "python -m adapter_deploy.service"
     parser.add_argument("--endpoint", help="endpoint in params.yaml to serve")
     parser.add_argument("--adapter-dir", help="endpoint adapter dir (<model>/active links)")
     parser.add_argument("--models", nargs="+", help="models to serve (default: all with active)")
