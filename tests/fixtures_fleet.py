@@ -47,6 +47,20 @@ class Fleet:
         self.params.write_text(yaml.safe_dump(data))
 
 
+def agent_wrapper(tmp_path: Path, preamble: str, name: str = "python-agent") -> Path:
+    """An endpoint `python` that runs the real agent after `preamble` (Python code that
+    changes one thing, e.g. what a reply holds): the deployer runs `<python> -m
+    adapter_deploy.agent ...` over the real sshd, the wrapper drops the `-m` pair."""
+    wrapper = tmp_path / name
+    code = (
+        f"{preamble}; import runpy, sys; sys.argv[0] = 'agent'; "
+        "runpy.run_module('adapter_deploy.agent', run_name='__main__')"
+    )
+    wrapper.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} -c "{code}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def version(store: Store, params: Path, src: Path, cycle: int, model: str = "gemma_4b") -> str:
     proc = run_script(
         "version.py",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from adapter_deploy import protocol as p
 from adapter_deploy.common.errors import ProtocolError, ProtocolMismatch
-from fixtures_fleet import Fleet
+from fixtures_fleet import Fleet, agent_wrapper
 
 EXAMPLES = [
     p.Hello(models=["gemma_4b"]),
@@ -57,16 +57,9 @@ def test_unreadable_requests_are_protocol_errors(line: str, why: str) -> None:
 def _old_agent(tmp_path: Path, version: int) -> Path:
     """An endpoint interpreter whose agent speaks another protocol version (a real process
     reached over the real sshd: only the number it announces differs)."""
-    wrapper = tmp_path / "python-old-agent"
-    code = (
-        "import runpy, sys; import adapter_deploy.protocol as p; "
-        f"p.PROTOCOL_VERSION = {version}; sys.argv[0] = 'agent'; "
-        "runpy.run_module('adapter_deploy.agent', run_name='__main__')"
+    return agent_wrapper(
+        tmp_path, f"import adapter_deploy.protocol as p; p.PROTOCOL_VERSION = {version}"
     )
-    # The deployer runs `<python> -m adapter_deploy.agent session ...`: drop the -m pair.
-    wrapper.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} -c "{code}" "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
 
 
 def test_mismatched_endpoint_is_refused_before_anything_moves(fleet: Fleet, tmp_path) -> None:

@@ -22,7 +22,7 @@ from adapter_deploy.common.names import NAME_RE, VERSION_RE, check_name, check_v
 __all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version_id", "load_params", "Params"]
 
 
-HOST_RE = re.compile(r"^[A-Za-z0-9_\[][A-Za-z0-9_.:@%\[\]-]{0,252}$")
+HOST_RE = re.compile(r"[A-Za-z0-9_\[][A-Za-z0-9_.:@%\[\]-]{0,252}")
 
 
 class _Strict(BaseModel):
@@ -96,7 +96,7 @@ class EndpointParams(_Strict):
     @classmethod
     def _no_option_injection(cls, value: str | None) -> str | None:
         # ssh reads a host or user starting with "-" as an option (-oProxyCommand=...).
-        if value is not None and not HOST_RE.match(value):
+        if value is not None and not HOST_RE.fullmatch(value):
             raise ValueError("must be a plain host/user name (letters, digits, . _ - @ : [ ])")
         return value
 
@@ -216,7 +216,7 @@ def load_params(path: str | Path | None = None) -> Params:
         raise ConfigError(
             _format_errors(exc, source), "correct or remove the keys named above"
         ) from None
-    bad = [n for n in [*params.models, *params.endpoints] if not NAME_RE.match(n)]
+    bad = [n for n in [*params.models, *params.endpoints] if not NAME_RE.fullmatch(n)]
     if bad:
         raise ConfigError(
             f"{source}: invalid model/endpoint names {bad}",

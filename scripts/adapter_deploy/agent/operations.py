@@ -26,7 +26,7 @@ from adapter_deploy.common.errors import (
     SignatureRefused,
     UsageError,
 )
-from adapter_deploy.common.names import check_name, check_version_id
+from adapter_deploy.common.names import check_file_names, check_name, check_version_id
 
 
 class EndpointSide:
@@ -62,6 +62,7 @@ class EndpointSide:
     def prepare(self, req: p.Prepare) -> dict[str, Any]:
         kept = self.releases_of(req.model)
         release = kept.release(check_version_id(req.version_id))
+        check_file_names(req.files)
         if release.is_dir() and not releases.file_problems(release, req.files):
             return {"present": True, "incoming": None}
         free = shutil.disk_usage(self.adapter_dir).free
@@ -84,6 +85,7 @@ class EndpointSide:
         """Verify (signature first, when this endpoint trusts a key) and stage a transfer."""
         kept = self.releases_of(req.model)
         check_version_id(req.version_id)
+        check_file_names(req.files)
         trusted = _trusted_keys(self.adapter_dir)
         if not trusted:
             result = releases.stage(kept, req.version_id, req.files)
@@ -103,7 +105,7 @@ class EndpointSide:
             releases.discard_incoming(kept, req.version_id)
             raise
         # The signed file list, not the request's, decides what may become a release.
-        result = releases.stage(kept, req.version_id, metadata["files"])
+        result = releases.stage(kept, req.version_id, check_file_names(metadata["files"]))
         trust.record_accepted(kept, metadata)
         return {"result": result, "signed": True}
 

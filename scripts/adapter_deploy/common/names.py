@@ -10,13 +10,15 @@ import re
 
 from adapter_deploy.common.errors import UsageError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
-VERSION_RE = re.compile(r"^cycle[0-9]+_[0-9]{8}_[0-9a-f]{8}$")
+NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
+VERSION_RE = re.compile(r"cycle[0-9]+_[0-9]{8}_[0-9a-f]{8}")
+# A file of a release: one plain name, no directory part (never `..`, `/`, NUL or a dot file).
+FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 
 
 def check_name(kind: str, value: str) -> str:
     """Names end up in paths and remote commands: allow only a safe alphabet."""
-    if not NAME_RE.match(value) or value in {".", ".."}:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise UsageError(
             f"invalid {kind} name {value!r}",
             "use letters, digits, '_' or '-' (at most 64; start and end with a letter or digit)",
@@ -25,9 +27,20 @@ def check_name(kind: str, value: str) -> str:
 
 
 def check_version_id(value: str) -> str:
-    if not VERSION_RE.match(value):
+    if not isinstance(value, str) or not VERSION_RE.fullmatch(value):
         raise UsageError(
             f"invalid version id {value!r}",
             "a version id looks like cycle1_20260315_a4b2c8d1 (see `make versions`)",
         )
     return value
+
+
+def check_file_names(files: dict) -> dict:
+    """Every file name of a release request is one plain name inside the release dir."""
+    bad = [name for name in files if not isinstance(name, str) or not FILE_RE.fullmatch(name)]
+    if bad or not files:
+        raise UsageError(
+            f"release file names refused: {bad or 'none given'}",
+            "a release holds plain file names only (no '/', '..', absolute paths or NUL)",
+        )
+    return files

@@ -108,8 +108,23 @@ def run_parallel(params: Params, endpoints: list[str], job) -> list[EndpointOutc
         control_dir = Path(control)
         workers = max(1, min(params.release.parallel, len(endpoints)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(job, name, control_dir) for name in endpoints]
+            futures = [pool.submit(_isolated, job, name, control_dir) for name in endpoints]
             return [f.result() for f in futures]
+
+
+def _isolated(job, name: str, control_dir: Path) -> EndpointOutcome:
+    """A bug or a malformed reply on one endpoint becomes that endpoint's failed outcome
+    (exit 1); the other endpoints finish and the run is still logged and alerted."""
+    try:
+        return job(name, control_dir)
+    except AdapterDeployError as err:  # raised outside endpoint_run (e.g. while planning)
+        outcome = EndpointOutcome(name)
+        _guard(outcome, None, err)
+        return outcome
+    except Exception as err:
+        log.debug("[%s] unexpected error", name, exc_info=True)
+        log.error("[%s] unexpected error: %r (rerun with -v for the traceback)", name, err)
+        return EndpointOutcome(name, error=f"unexpected error: {err!r}", exit_code=1)
 
 
 def deploy(

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adapter_deploy.common.errors import ConfigError, UsageError
+from adapter_deploy.common.errors import ConfigError, RemoteError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,10 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         last = detail[-1] if detail else f"exit {proc.returncode}"
+        if what == "dvc push":  # the remote is away or full: a remote failure, not bad usage
+            raise RemoteError(
+                f"{what} failed: {last}", "check the DVC remote (dvc remote list), then rerun"
+            )
         raise UsageError(f"{what} failed: {last}", "fix the repository state named above and rerun")
     return proc.stdout
 

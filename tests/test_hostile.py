@@ -1,0 +1,81 @@
+"""Security and reliability round 2: each attack or fault reproduced, each held."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from adapter_deploy import protocol as p
+from adapter_deploy.common.errors import UsageError
+from adapter_deploy.common.names import check_file_names, check_name, check_version_id
+from adapter_deploy.config import load_params
+from adapter_deploy.deploy.remote import Connection, Session
+from fixtures_fleet import Fleet, agent_wrapper
+
+
+@pytest.mark.parametrize("value", ["gemma_4b\n", "gemma_4b\nx", "ep1\n"])
+def test_names_with_a_trailing_newline_are_refused(value: str) -> None:
+    with pytest.raises(UsageError):
+        check_name("model", value)
+
+
+def test_version_ids_with_a_trailing_newline_are_refused() -> None:
+    check_version_id("cycle1_20260101_abcdef12")
+    with pytest.raises(UsageError):
+        check_version_id("cycle1_20260101_abcdef12\n")
+
+
+@pytest.mark.parametrize(
+    "name", ["../../../../outside.txt", "/etc/passwd", "a/b", "..", ".hidden", "x\x00y", ""]
+)
+def test_release_file_names_must_be_plain(name: str) -> None:
+    with pytest.raises(UsageError, match="release file names refused"):
+        check_file_names({name: {"sha256": "0" * 64, "size": 1}})
+
+
+def test_endpoint_refuses_a_file_name_outside_the_release(fleet: Fleet, tmp_path: Path) -> None:
+    """The endpoint itself checks: a crafted request over a real session writes nothing."""
+    params = load_params(fleet.params)
+    outside = fleet.endpoints["ep1"].parent / "outside.txt"
+    files = {"../../../../outside.txt": {"sha256": "0" * 64, "size": 1}}
+    version_id = fleet.versions["cycle1"]
+    with tempfile.TemporaryDirectory() as control:
+        conn = Connection("ep1", params.endpoint("ep1"), Path(control))
+        session = Session(conn, str(fleet.endpoints["ep1"]))
+        try:
+            for request in (
+                p.Prepare("gemma_4b", version_id, files, 1),
+                p.Stage("gemma_4b", version_id, files),
+            ):
+                with pytest.raises(UsageError, match="release file names refused"):
+                    session.call(request)
+        finally:
+            session.close()
+            conn.close()
+    assert not outside.exists()
+    assert not (fleet.endpoints["ep1"] / "gemma_4b" / "files.json").exists()
+
+
+def test_one_endpoints_bug_does_not_stop_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
+    """ep1's agent answers hello with a malformed reply; ep2 still deploys, and the run is
+    logged for both."""
+    broken = agent_wrapper(
+        tmp_path,
+        "import adapter_deploy.agent.operations as o; "
+        "o.EndpointSide.hello = lambda self, req: {'models': 42}",
+    )
+    fleet.set_endpoint("ep1", python=str(broken))
+    args = ("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2", "--json")
+    proc = fleet.deploy(*args)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected error" in proc.stderr
+    outcome = {e["endpoint"]: e for e in json.loads(proc.stdout)["endpoints"]}
+    assert outcome["ep1"]["exit_code"] == 1 and outcome["ep2"]["exit_code"] == 0
+    assert fleet.links("ep2")[0] == fleet.versions["cycle1"]
+    assert fleet.links("ep1") == (None, None)
+    logged = {e["endpoint"]: e["status"] for e in fleet.log()}
+    assert logged == {"ep1": "failed", "ep2": "success"}
+    assert sys.executable  # the wrapper ran the real agent with the real interpreter
