@@ -8,12 +8,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from adapter_deploy import protocol as p
 from adapter_deploy.common.errors import UsageError
 from adapter_deploy.common.names import check_file_names, check_name, check_version_id
 from adapter_deploy.config import load_params
 from adapter_deploy.deploy.remote import Connection, Session
 from fixtures_fleet import Fleet, agent_wrapper
+from fixtures_repo import ROOT, run_script
 
 
 @pytest.mark.parametrize("value", ["gemma_4b\n", "gemma_4b\nx", "ep1\n"])
@@ -79,3 +81,21 @@ def test_one_endpoints_bug_does_not_stop_the_fleet(fleet: Fleet, tmp_path: Path)
     logged = {e["endpoint"]: e["status"] for e in fleet.log()}
     assert logged == {"ep1": "failed", "ep2": "success"}
     assert sys.executable  # the wrapper ran the real agent with the real interpreter
+
+
+def test_a_private_key_inside_the_repo_must_be_gitignored(fleet: Fleet) -> None:
+    repo = fleet.store.repo
+    for relative, expect in (("signing.pem", 2), ("keys/signing.pem", 0)):
+        data = yaml.safe_load(fleet.params.read_text())
+        data["store"]["signing_key"] = relative
+        fleet.params.write_text(yaml.safe_dump(data))
+        if expect == 0:
+            (repo / ".gitignore").write_text("keys/\n")
+        proc = run_script("keygen.py", params=fleet.params)
+        assert proc.returncode == expect, proc.stderr
+        assert (repo / relative).exists() == (expect == 0)
+    assert (
+        "inside the git repository"
+        in run_script("keygen.py", "--out", str(repo / "k.pem"), params=fleet.params).stderr
+    )
+    assert "keys/" in (ROOT / ".gitignore").read_text().split()

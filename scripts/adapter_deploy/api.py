@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy import protocol
+from adapter_deploy import protocol, signing
 from adapter_deploy.common import failpoints
 from adapter_deploy.common.errors import NothingToRollBack, UsageError
 from adapter_deploy.common.fsutil import read_jsonl
@@ -27,6 +27,7 @@ from adapter_deploy.deploy.plan import EndpointOutcome, choose_releases, dry_run
 from adapter_deploy.deploy.records import DEPLOY_LOG, last_run, record
 from adapter_deploy.deploy.remote import Connection, Session
 from adapter_deploy.deploy.rollback import rollback_endpoint
+from adapter_deploy.store import registry
 from adapter_deploy.store.conversions import ConversionResult, convert_release
 from adapter_deploy.store.manifest import load_manifest, pick_version, versions_of
 from adapter_deploy.store.versioning import VersionResult, version_adapter
@@ -230,6 +231,17 @@ def status(params: Params, endpoints: list[str] | None = None) -> StatusResult:
     names = endpoints or sorted(params.endpoints)
     params.check_endpoints(names)
     return StatusResult(fleet_status(params, names))
+
+
+def keygen(params: Params, out: Path | None = None) -> tuple[Path, str]:
+    """A new signing key pair at `out` (default store.signing_key): public key path, key id."""
+    target = out or (params.resolve(params.store.signing_key) if params.store.signing_key else None)
+    if target is None:
+        raise UsageError(
+            "no key path", "set store.signing_key in params.yaml (e.g. ~/.adapter-deploy/key.pem)"
+        )
+    registry.refuse_unignored_secret(target)
+    return signing.generate(target)
 
 
 def trust(params: Params, endpoints: list[str]) -> dict[str, str]:

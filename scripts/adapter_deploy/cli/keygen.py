@@ -13,20 +13,14 @@ Then `make trust ENDPOINT=<name>` installs the public key on each endpoint.
 import argparse
 from pathlib import Path
 
-from adapter_deploy.common.errors import UsageError
+from adapter_deploy import api
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
-from adapter_deploy.signing import generate
 
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    target = args.out or params.store.signing_key
-    if not target:
-        raise UsageError(
-            "no key path", "set store.signing_key in params.yaml (e.g. ~/.adapter-deploy/key.pem)"
-        )
-    pub, kid = generate(params.resolve(target) if not args.out else Path(args.out))
+    pub, kid = api.keygen(params, Path(args.out) if args.out else None)
     print(f"signing key {kid} created; public key {pub}")
     print("next: make trust ENDPOINT=<name> for each endpoint")
     return 0

@@ -88,3 +88,27 @@ def tag(repo: Path, name: str, message: str, ref: str = "HEAD", move: bool = Fal
 
 def tag_message(repo: Path, name: str) -> str:
     return git(repo, "tag", "-l", "--format=%(contents)", name).strip()
+
+
+def refuse_unignored_secret(path: Path) -> None:
+    """A private key inside a git work tree must be gitignored: `git add -A` or a bootstrap
+    would otherwise carry it off the training machine."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    proc = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return  # not in a repository
+    top = Path(proc.stdout.strip())
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "--no-index", str(path)], cwd=top, capture_output=True
+    )
+    if ignored.returncode != 0:
+        raise ConfigError(
+            f"the private signing key {path} lies inside the git repository {top} "
+            "and is not ignored",
+            "set store.signing_key outside the repository (e.g. ~/.adapter-deploy/signing.pem) "
+            "or under keys/ (ignored)",
+        )

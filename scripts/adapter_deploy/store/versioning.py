@@ -197,6 +197,7 @@ def signing_key(params: Params, what: str):
         log.warning("no signing key (store.signing_key): %s is unsigned", what)
         return None
     path = params.resolve(params.store.signing_key)
+    registry.refuse_unignored_secret(path)
     if not path.is_file():
         raise UsageError(
             f"signing key {path} not found", "create it with make keygen, or unset signing_key"
