@@ -99,3 +99,44 @@ def test_a_private_key_inside_the_repo_must_be_gitignored(fleet: Fleet) -> None:
         in run_script("keygen.py", "--out", str(repo / "k.pem"), params=fleet.params).stderr
     )
     assert "keys/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_state_files_of_the_wrong_shape_fail_closed(fleet: Fleet) -> None:
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
+    for cycle in ("1", "2"):
+        proc = fleet.deploy("--cycle", cycle, "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 0, proc.stderr
+    model_dir = fleet.endpoints["ep1"] / "gemma_4b"
+    # bad.json guards rollbacks: unreadable means no rollback at all, never "nothing is bad".
+    (model_dir / "bad.json").write_text("[]")
+    rollback = ("--rollback", "--endpoints", "ep1", "--models", "gemma_4b")
+    proc = fleet.deploy(*rollback)
+    assert proc.returncode == 2 and "bad.json is corrupt" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and fleet.links("ep1") == (v2, v1)
+    (model_dir / "bad.json").write_text("{}")
+    # The endpoint's status.json as a list: a clear error naming it, not an AttributeError.
+    status = fleet.endpoints["ep1"] / "status.json"
+    whole = status.read_text()
+    status.write_text("[]")
+    proc = run_script("status.py", "--endpoints", "ep1", params=fleet.params)
+    assert proc.returncode == 2 and "status.json is corrupt" in proc.stdout + proc.stderr
+    status.write_text(whole)
+    # A stray line in the deploy log is skipped with a warning; the log stays usable.
+    with (fleet.store.adapters / "deploy_log.jsonl").open("a") as log:
+        log.write("42\n")
+    proc = fleet.deploy("--rollback")  # bare: undo the last deploy in the log
+    assert proc.returncode == 0, proc.stderr
+    assert "not JSON objects" in proc.stderr and fleet.links("ep1")[0] == v1
+
+
+def test_a_torn_accepted_record_refuses_signed_releases(tmp_path: Path) -> None:
+    from adapter_deploy.agent import trust
+    from adapter_deploy.agent.releases import ModelReleases
+    from adapter_deploy.common.errors import CorruptState
+
+    kept = ModelReleases(tmp_path, "gemma_4b")
+    kept.root.mkdir(parents=True)
+    (kept.root / "accepted.json").write_text('{"version_id": "cycle2_2026')
+    signed = {"version_id": "cycle1_20260101_abcdef12", "cycle": 1, "created": "x"}
+    with pytest.raises(CorruptState, match="accepted.json is corrupt"):
+        trust.check_not_older(kept, signed, explicit=False)

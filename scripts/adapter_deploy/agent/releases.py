@@ -14,7 +14,6 @@ This module is pure filesystem: no model libraries are imported here.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_deploy.common.errors import ChecksumMismatch, NothingToRollBack, UsageError
-from adapter_deploy.common.fsutil import atomic_write_json, fsync_dir, sha256_file
+from adapter_deploy.common.fsutil import atomic_write_json, fsync_dir, read_state, sha256_file
 
 RSYNC_PARTIAL = ".rsync-partial"
 
@@ -66,10 +65,11 @@ class ModelReleases:
         return [p.name for p in sorted(entries, key=lambda p: p.stat().st_mtime)]
 
     def bad(self) -> dict[str, str]:
-        try:
-            return json.loads(self.bad_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        return read_state(
+            self.bad_file,
+            f"restore {self.bad_file} on the endpoint; until then no release of {self.model} "
+            "is activated or rolled back to",
+        )
 
     def mark_bad(self, version_id: str, reason: str) -> None:
         bad = self.bad()
@@ -82,10 +82,11 @@ class ModelReleases:
             atomic_write_json(self.bad_file, bad)
 
     def recorded_files(self) -> dict[str, dict[str, Any]]:
-        try:
-            return json.loads(self.files_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        return read_state(
+            self.files_file,
+            f"remove {self.files_file} on the endpoint and deploy the kept versions again "
+            "(make deploy VERSION=...) to re-verify them",
+        )
 
     def record_files(self, version_id: str, files: dict[str, Any] | None) -> None:
         """Remember a staged release's verified files (None: forget them), so a later rollback

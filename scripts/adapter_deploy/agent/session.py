@@ -61,7 +61,15 @@ def serve_session(adapter_dir: Path, holder: str, inp: TextIO, out: TextIO) -> i
 
 def dispatch(side: EndpointSide, line: str) -> dict[str, Any]:
     try:
-        return {"ok": True, "result": side.handle(protocol.decode(line))}
+        request = protocol.decode(line)
+    except AdapterDeployError as err:
+        return _error_reply(err)
+    return _answer(side, request)
+
+
+def _answer(side: EndpointSide, request: protocol.Request) -> dict[str, Any]:
+    try:
+        return {"ok": True, "result": side.handle(request)}
     except AdapterDeployError as err:
         return _error_reply(err)
     except OSError as err:
@@ -83,5 +91,5 @@ def read_only_session(adapter_dir: Path, inp: TextIO, out: TextIO) -> int:
         elif not adapter_dir.is_dir():
             _reply(out, {"ok": True, "result": {"models": {}}})
         else:
-            _reply(out, {"ok": True, "result": EndpointSide(adapter_dir).handle(request)})
+            _reply(out, _answer(EndpointSide(adapter_dir), request))
     return 0

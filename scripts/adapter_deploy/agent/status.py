@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from adapter_deploy.common.clock import utc_now
-from adapter_deploy.common.fsutil import atomic_write_json
+from adapter_deploy.common.errors import CorruptState
+from adapter_deploy.common.fsutil import atomic_write_json, read_state
 
 STATUS = "status.json"
 _RENAMED = {"active": "active_version", "previous": "previous_version"}
 
 
 def read_status(adapter_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((adapter_dir / STATUS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"models": {}}
+    path = adapter_dir / STATUS
+    status = read_state(path, f"remove {path} on the endpoint; the next deploy writes it again")
+    if not isinstance(status.setdefault("models", {}), dict):
+        raise CorruptState(
+            f"state file {path} is corrupt (models is not an object)", f"remove {path}"
+        )
+    return status
 
 
 def record_status(adapter_dir: Path, model: str, **fields: Any) -> None:

@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from adapter_deploy.agent.releases import ModelReleases
-from adapter_deploy.common.fsutil import atomic_write_bytes, atomic_write_json
+from adapter_deploy.common.errors import CorruptState
+from adapter_deploy.common.fsutil import atomic_write_bytes, atomic_write_json, read_state
 from adapter_deploy.signing import SignatureRefused, key_id
 
 KEYS = "trusted_keys"
@@ -42,7 +42,7 @@ def check_not_older(kept: ModelReleases, metadata: dict[str, Any], explicit: boo
     path = kept.root / "accepted.json"
     if explicit or not path.exists():
         return
-    newest = json.loads(path.read_text())
+    newest = _accepted(path)
     if _order(metadata) < _order(newest):
         raise SignatureRefused(
             f"{kept.model} {metadata['version_id']} is older than accepted "
@@ -53,7 +53,16 @@ def check_not_older(kept: ModelReleases, metadata: dict[str, Any], explicit: boo
 
 def record_accepted(kept: ModelReleases, metadata: dict[str, Any]) -> None:
     path = kept.root / "accepted.json"
-    newest = json.loads(path.read_text()) if path.exists() else None
+    newest = _accepted(path) or None
     if newest is None or _order(metadata) > _order(newest):
         keep = {k: metadata[k] for k in ("version_id", "cycle", "created")}
         atomic_write_json(path, keep)
+
+
+def _accepted(path: Path) -> dict[str, Any]:
+    """The newest accepted version; a corrupt record refuses signed deploys (fails closed)."""
+    fix = f"restore {path} on the endpoint, or remove it to accept any signed version again"
+    newest = read_state(path, fix)
+    if newest and not all(k in newest for k in ("version_id", "cycle", "created")):
+        raise CorruptState(f"state file {path} is corrupt (fields missing)", fix)
+    return newest

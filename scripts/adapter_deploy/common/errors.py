@@ -57,6 +57,10 @@ class ProtocolError(UsageError):
     """A request the agent cannot read: unknown operation, missing or unknown fields."""
 
 
+class CorruptState(UsageError):
+    """A state file is not what this project writes: reported, never read as empty."""
+
+
 class RemoteError(AdapterDeployError):
     exit_code = 3
 

@@ -10,13 +10,16 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy.common.errors import Locked
+from adapter_deploy.common.errors import CorruptState, Locked
+
+log = logging.getLogger(__name__)
 
 _HASH_CHUNK = 1 << 20  # 1 MiB: large enough that hashing runs at OpenSSL speed
 
@@ -74,18 +77,43 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL log, dropping a torn (unparseable) line left by a crash."""
+    """Read a JSONL log: a missing file is empty; a line that is not a JSON object (a torn
+    line left by a crash, a stray value) is skipped with a warning."""
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    records, skipped = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped.append(number)
+    if skipped:
+        log.warning("%s: skipped line(s) %s that are not JSON objects", path, skipped)
     return records
+
+
+def read_state(path: Path, fix: str) -> dict[str, Any]:
+    """One state file (a JSON object): missing is empty; anything else that is not a JSON
+    object is a CorruptState naming the file and `fix`, never a silent empty (for the files
+    that guard safety, empty would mean fail open)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CorruptState(f"state file {path} is corrupt (line {err.lineno})", fix) from None
+    if not isinstance(value, dict):
+        what = type(value).__name__
+        raise CorruptState(f"state file {path} is corrupt (a JSON {what}, not an object)", fix)
+    return value
 
 
 @contextlib.contextmanager

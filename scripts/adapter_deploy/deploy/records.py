@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 from pathlib import Path
@@ -17,7 +16,13 @@ from typing import Any
 
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import AdapterDeployError
-from adapter_deploy.common.fsutil import append_jsonl, atomic_write_json, file_lock, read_jsonl
+from adapter_deploy.common.fsutil import (
+    append_jsonl,
+    atomic_write_json,
+    file_lock,
+    read_jsonl,
+    read_state,
+)
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome
 from adapter_deploy.store import registry
@@ -137,10 +142,8 @@ def _model_status(m: ModelOutcome, old: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_status(adapters: Path) -> dict[str, Any]:
-    try:
-        return json.loads((adapters / STATUS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    path = adapters / STATUS
+    return read_state(path, f"remove {path}; the next deploy or `make status` rebuilds it")
 
 
 def last_run(adapters: Path, action: str = "deploy") -> list[dict[str, Any]]:
