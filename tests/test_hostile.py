@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -140,3 +141,62 @@ def test_a_torn_accepted_record_refuses_signed_releases(tmp_path: Path) -> None:
     signed = {"version_id": "cycle1_20260101_abcdef12", "cycle": 1, "created": "x"}
     with pytest.raises(CorruptState, match="accepted.json is corrupt"):
         trust.check_not_older(kept, signed, explicit=False)
+
+
+def test_endpoint_paths_that_a_shell_would_read_are_refused(tmp_path: Path) -> None:
+    for key, value in (
+        ("adapter_dir", "/tmp/`touch /tmp/pwned`"),
+        ("project_dir", "/srv/$(id)"),
+        ("python", "python3; rm -rf ~"),
+        ("adapter_dir", "-e sh"),
+        ("adapter_dir", "~root/x"),
+    ):
+        endpoint = {"adapter_dir": "/srv/adapters", key: value}
+        path = tmp_path / "p.yaml"
+        path.write_text(
+            yaml.safe_dump({"models": {"m": {"base_model": "b"}}, "endpoints": {"e": endpoint}})
+        )
+        proc = run_script("versions.py", params=path)
+        assert proc.returncode == 2 and f"endpoints.e.{key}" in proc.stderr, (key, proc.stderr)
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_a_home_relative_path_is_the_endpoints_home_not_a_literal_tilde() -> None:
+    from adapter_deploy.config import EndpointParams
+
+    ep = EndpointParams(adapter_dir="~/adapters", project_dir="~/adapter-deploy", host="h")
+    conn = Connection("e", ep, Path("/tmp"))
+    assert conn.remote_path("~/adapters") == "adapters"  # ssh starts in the home directory
+    assert conn.remote_path("~") == "." and conn.remote_path("/abs/x") == "/abs/x"
+    assert conn.endpoint_python() == "adapter-deploy/.venv/bin/python"
+    local = Connection("e", EndpointParams(adapter_dir="~/a", transport="local"), Path("/tmp"))
+    assert local.remote_path("~/a") == str(Path.home() / "a")
+
+
+def test_symlinks_never_enter_a_release(fleet: Fleet, tmp_path: Path) -> None:
+    """A store whose files are symlinks (DVC cache.type symlink) sends the files' contents;
+    a symlink that does arrive is refused at verification, and nothing is changed through it."""
+    from adapter_deploy.agent.releases import file_problems
+    from adapter_deploy.common.fsutil import sha256_file
+
+    v1 = fleet.versions["cycle1"]
+    local = fleet.store.adapters / "gemma_4b" / v1 / "adapter_model.safetensors"
+    cache = tmp_path / "dvc-cache-file"
+    local.replace(cache)
+    local.symlink_to(cache)
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 0, proc.stderr
+    staged = fleet.endpoints["ep1"] / "gemma_4b" / "releases" / v1 / "adapter_model.safetensors"
+    assert staged.is_file() and not staged.is_symlink()
+    # A symlink (or a hard link) in a transfer is never verified through.
+    landing = tmp_path / "incoming"
+    landing.mkdir()
+    (landing / "adapter_model.safetensors").symlink_to(cache)
+    info = {"sha256": sha256_file(cache), "size": cache.stat().st_size}
+    assert file_problems(landing, {"adapter_model.safetensors": info}) == [
+        "adapter_model.safetensors: a symlink, not the file's contents"
+    ]
+    (landing / "adapter_model.safetensors").unlink()
+    os.link(cache, landing / "adapter_model.safetensors")
+    assert "hard-linked" in file_problems(landing, {"adapter_model.safetensors": info})[0]
+    assert cache.stat().st_mode & 0o222  # the store's file was never made read-only

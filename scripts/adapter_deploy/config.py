@@ -22,6 +22,7 @@ from adapter_deploy.common.names import NAME_RE, VERSION_RE, check_name, check_v
 __all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version_id", "load_params", "Params"]
 
 
+SAFE_PATH_RE = re.compile(r"~|(~/|/|[A-Za-z0-9_.+@%])[A-Za-z0-9_.+@%/-]*")
 HOST_RE = re.compile(r"[A-Za-z0-9_\[][A-Za-z0-9_.:@%\[\]-]{0,252}")
 
 
@@ -98,6 +99,16 @@ class EndpointParams(_Strict):
         # ssh reads a host or user starting with "-" as an option (-oProxyCommand=...).
         if value is not None and not HOST_RE.fullmatch(value):
             raise ValueError("must be a plain host/user name (letters, digits, . _ - @ : [ ])")
+        return value
+
+    @field_validator("adapter_dir", "project_dir", "python", "pidfile", "rsync_path")
+    @classmethod
+    def _safe_path(cls, value: str | None) -> str | None:
+        # These reach the endpoint's shell (ssh, rsync): no quotes, spaces, `, $, ; or leading -.
+        if value is not None and not SAFE_PATH_RE.fullmatch(value):
+            raise ValueError(
+                "must be a plain path (letters, digits, / . _ + - @ %, a leading ~/ for home)"
+            )
         return value
 
     @field_validator("service_url")

@@ -230,9 +230,16 @@ def _build(cls: type, raw: dict[str, Any]) -> Any:
         raise ProtocolError(f"{cls.__name__}: {err}", _UPGRADE) from None
 
 
-def ready_line(pid: int, version: str) -> dict[str, Any]:
-    """What the agent says first: it holds the lock and speaks PROTOCOL_VERSION."""
-    return {"ready": True, "pid": pid, "protocol": PROTOCOL_VERSION, "version": version}
+def ready_line(pid: int, version: str, rsync_version: list[int] | None = None) -> dict[str, Any]:
+    """What the agent says first: it holds the lock, speaks PROTOCOL_VERSION, and which
+    rsync the deployer's transfers will meet on this endpoint."""
+    return {
+        "ready": True,
+        "pid": pid,
+        "protocol": PROTOCOL_VERSION,
+        "version": version,
+        "rsync_version": rsync_version,
+    }
 
 
 def check_ready(endpoint: str, ready: dict[str, Any]) -> None:

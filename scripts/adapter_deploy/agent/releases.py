@@ -118,10 +118,19 @@ def file_problems(directory: Path, files: dict[str, dict[str, Any]]) -> list[str
         problems.append(f"{extra}: not in the manifest")
     for name, info in files.items():
         path = directory / name
-        if not path.is_file():
+        try:
+            st = path.lstat()  # never follow a link: it could point anywhere on the endpoint
+        except FileNotFoundError:
             problems.append(f"{name}: missing")
-        elif path.stat().st_size != info["size"]:
-            problems.append(f"{name}: size {path.stat().st_size}, manifest says {info['size']}")
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            problems.append(f"{name}: a symlink, not the file's contents")
+        elif not stat.S_ISREG(st.st_mode):
+            problems.append(f"{name}: not a regular file")
+        elif st.st_nlink > 1:
+            problems.append(f"{name}: hard-linked elsewhere ({st.st_nlink} links)")
+        elif st.st_size != info["size"]:
+            problems.append(f"{name}: size {st.st_size}, manifest says {info['size']}")
         elif sha256_file(path) != info["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
     return problems
@@ -129,7 +138,8 @@ def file_problems(directory: Path, files: dict[str, dict[str, Any]]) -> list[str
 
 def _make_read_only(directory: Path) -> None:
     for p in directory.iterdir():
-        p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        if not p.is_symlink():  # chmod follows links: never change a file outside the release
+            p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     directory.chmod(0o555)
 
 
@@ -277,7 +287,8 @@ def prune(kept: ModelReleases, keep: int) -> list[str]:
         path = kept.release(version_id)
         path.chmod(0o755)
         for p in path.iterdir():
-            p.chmod(0o644)
+            if not p.is_symlink():
+                p.chmod(0o644)
         shutil.rmtree(path)
         kept.record_files(version_id, None)
         removed.append(version_id)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,7 +44,20 @@ def _reply(out: TextIO, payload: dict[str, Any]) -> None:
 
 
 def _ready() -> dict[str, Any]:
-    return {"ok": True, "result": protocol.ready_line(os.getpid(), __version__)}
+    ready = protocol.ready_line(os.getpid(), __version__, _rsync_version())
+    return {"ok": True, "result": ready}
+
+
+def _rsync_version() -> list[int] | None:
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        return None
+    try:
+        out = subprocess.run([rsync, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"version v?(\d+)\.(\d+)(?:\.(\d+))?", out.stdout)
+    return [int(x or 0) for x in found.groups()] if found else None
 
 
 def serve_session(adapter_dir: Path, holder: str, inp: TextIO, out: TextIO) -> int:

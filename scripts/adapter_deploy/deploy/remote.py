@@ -119,13 +119,25 @@ class Connection:
             argv += ["-l", self.ep.user]
         return argv
 
+    def remote_path(self, path: str) -> str:
+        """A params path as the endpoint takes it. Remote commands are quoted, so a leading
+        `~` would be a literal directory: over ssh (which starts in the home directory) it
+        becomes a relative path; locally it is expanded here."""
+        if self.local:
+            return os.path.expanduser(path)
+        if path == "~":
+            return "."
+        return path[2:] or "." if path.startswith("~/") else path
+
     def endpoint_python(self) -> str:
         """The endpoint's interpreter: `python`, else the venv `make bootstrap` made there."""
         if self.ep.python:
-            return self.ep.python
+            return self.remote_path(self.ep.python)
         if self.local:
             return sys.executable
-        return f"{self.ep.project_dir}/.venv/bin/python" if self.ep.project_dir else "python3"
+        if self.ep.project_dir:
+            return self.remote_path(f"{self.ep.project_dir.rstrip('/')}/.venv/bin/python")
+        return "python3"
 
     def endpoint_command(self, *args: str) -> list[str]:
         """The endpoint agent, run from the package installed on the endpoint."""
@@ -147,7 +159,12 @@ class Connection:
         return RemoteError(f"{self.name}: endpoint command failed: {last}", "rerun with -v")
 
     def push(
-        self, files: list[Path] | list[str], dest_dir: str, progress: bool, relative: bool = False
+        self,
+        files: list[Path] | list[str],
+        dest_dir: str,
+        progress: bool,
+        relative: bool = False,
+        protect_args: bool = True,
     ) -> int:
         """rsync the files into dest_dir on the endpoint; returns bytes sent.
 
@@ -156,7 +173,10 @@ class Connection:
         """
         if shutil.which("rsync") is None:
             raise RemoteError("rsync is missing on this machine", "install rsync")
-        argv = ["rsync", "-a", "--partial-dir=.rsync-partial", "--stats"]
+        # --copy-links: a symlinked store (DVC cache.type symlink) sends the files' contents.
+        argv = ["rsync", "-a", "--copy-links", "--partial-dir=.rsync-partial", "--stats"]
+        # --protect-args: the destination is not read by the endpoint's shell (rsync >= 3).
+        argv += ["--protect-args"] if protect_args else []
         argv += ["--relative"] if relative else []
         argv += ["--info=progress2"] if progress else []
         argv += [f"--rsync-path={self.ep.rsync_path}"] if self.ep.rsync_path else []
@@ -164,7 +184,7 @@ class Connection:
             target = dest_dir.rstrip("/") + "/"
         else:
             argv += ["-e", shlex.join(self.ssh_argv())]
-            target = f"{self.ep.host}:{dest_dir.rstrip('/')}/"
+            target = f"{self.ep.host}:{self.remote_path(dest_dir).rstrip('/')}/"
         argv += [str(f) for f in files] + [target]
         code, stdout, stderr = _run_relaying(argv, relay=progress)
         if code != 0:
@@ -181,10 +201,11 @@ class Connection:
         argv = ["rsync", "-a", "--delete", "--stats", "--exclude=__pycache__", "--exclude=*.pyc"]
         argv += [f"--exclude={pattern}" for pattern in exclude]
         # mkdir first: --mkpath needs rsync >= 3.2.3 on the endpoint, older than macOS ships.
+        dest_dir = self.remote_path(dest_dir)
         if self.local:
             Path(dest_dir).mkdir(parents=True, exist_ok=True)
         else:
-            self.run(["mkdir", "-p", dest_dir])
+            self.run(["mkdir", "-p", "--", dest_dir])
         target = dest_dir.rstrip("/") + "/"
         if not self.local:
             argv += ["-e", shlex.join(self.ssh_argv())]
@@ -253,6 +274,9 @@ class Session:
             self.close()  # releases the endpoint's lock before anything is sent
             raise
         self.agent_version = ready.get("version")
+        # rsync before 3.0 (Apple's 2.6.9) has no --protect-args; params paths are checked
+        # against a safe alphabet when loaded, so the destination is safe either way.
+        self.rsync_version = tuple(ready.get("rsync_version") or (0,))
 
     def _receive(self) -> Any:
         line = self.proc.stdout.readline() if self.proc.stdout else ""

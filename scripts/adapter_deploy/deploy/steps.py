@@ -77,7 +77,7 @@ class EndpointRun:
         if sentences is None or Path(sentences).is_absolute():
             return sentences
         if self.ep.project_dir and not self.conn.local:
-            return f"{self.ep.project_dir.rstrip('/')}/{sentences}"
+            return self.conn.remote_path(f"{self.ep.project_dir.rstrip('/')}/{sentences}")
         return str(self.params.resolve(sentences))
 
     @property
@@ -131,7 +131,8 @@ class EndpointRun:
         """rsync `files`; on a full endpoint disk, remove what landed (partials too) first."""
         assert self.session
         try:
-            return self.conn.push(files, dest, self.progress, relative=relative)
+            protect = self.session.rsync_version >= (3, 0)
+            return self.conn.push(files, dest, self.progress, relative, protect)
         except DiskFull:
             for release in batch:
                 self.session.call(
