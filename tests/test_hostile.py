@@ -200,3 +200,23 @@ def test_symlinks_never_enter_a_release(fleet: Fleet, tmp_path: Path) -> None:
     os.link(cache, landing / "adapter_model.safetensors")
     assert "hard-linked" in file_problems(landing, {"adapter_model.safetensors": info})[0]
     assert cache.stat().st_mode & 0o222  # the store's file was never made read-only
+
+
+def test_a_compat_link_name_taken_by_a_real_folder_changes_nothing(fleet: Fleet) -> None:
+    adapter_dir = fleet.endpoints["ep1"]
+    v1 = fleet.versions["cycle1"]
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 0, proc.stderr
+    link = adapter_dir.parent / "fine_tuned_gemma_mi_A"
+    link.unlink()
+    link.mkdir()  # the app's old adapter folder, with the user's files in it
+    (link / "adapter_model.safetensors").write_bytes(b"the user's old weights")
+    for _ in range(2):  # a retry changes nothing either
+        proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 2, proc.stderr
+        assert "is taken by a real directory" in proc.stderr
+        assert fleet.links("ep1") == (v1, None)
+    assert (link / "adapter_model.safetensors").read_bytes() == b"the user's old weights"
+    assert not list(adapter_dir.parent.glob(".*tmp-*")) and not list(adapter_dir.rglob(".*tmp-*"))
+    status = json.loads((adapter_dir / "status.json").read_text())
+    assert status["models"]["gemma_4b"]["active_version"] == v1

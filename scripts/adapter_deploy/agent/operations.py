@@ -22,6 +22,7 @@ from adapter_deploy.common import failpoints
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import (
     AdapterDeployError,
+    ReloadFailed,
     RemoteError,
     SignatureRefused,
     UsageError,
@@ -150,12 +151,23 @@ class EndpointSide:
 
     def activate(self, req: p.Activate) -> dict[str, Any]:
         kept = self.releases_of(req.model)
+        links = [link for link, model in req.links.items() if model == req.model]
+        releases.check_compat_links(self.adapter_dir, links)
         failpoints.trigger(self.adapter_dir, "activate.before_flip")
+        before = (kept.active_id(), kept.previous_id())
         old, new = releases.activate(kept, check_version_id(req.version_id))
-        failpoints.trigger(self.adapter_dir, "activate.after_flip")
-        for link, linked_model in req.links.items():
-            if linked_model == req.model:
+        try:
+            failpoints.trigger(self.adapter_dir, "activate.after_flip")
+            for link in links:
                 releases.compat_link(self.adapter_dir, link, req.model)
+        except (AdapterDeployError, OSError) as err:
+            # Anything that fails after the flip is undone like a failed reload.
+            releases.set_links(kept, *before)
+            raise ReloadFailed(
+                f"activation of {req.model} {new} failed after the link flip ({err}); "
+                "the links were put back",
+                "fix the cause named above, then deploy again",
+            ) from err
         reloaded = signal_reload(req.reload)
         failpoints.trigger(self.adapter_dir, "activate.after_reload")
         record_status(

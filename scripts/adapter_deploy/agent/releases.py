@@ -203,7 +203,11 @@ def point(link: Path, target: Path) -> None:
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     os.symlink(os.path.relpath(target, link.parent), tmp)
-    os.replace(tmp, link)
+    try:
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. `link` is a real directory: leave nothing behind
+        raise
     fsync_dir(link.parent)
 
 
@@ -295,12 +299,27 @@ def prune(kept: ModelReleases, keep: int) -> list[str]:
     return removed
 
 
-def compat_link(adapter_dir: Path, link: str, model: str) -> Path:
-    """fine_tuned_* -> adapters/<model>/active (seed §1.3).
+def compat_link_path(adapter_dir: Path, link: str) -> Path:
+    """A relative `link` lives beside adapter_dir, where the app's old folders were."""
+    return Path(link) if Path(link).is_absolute() else adapter_dir.parent / link
 
-    A relative `link` lives beside adapter_dir, where the app's old folders were.
-    """
-    path = Path(link) if Path(link).is_absolute() else adapter_dir.parent / link
+
+def check_compat_links(adapter_dir: Path, links: list[str]) -> None:
+    """Before any flip: each compatibility link's name is free or already a symlink."""
+    for link in links:
+        path = compat_link_path(adapter_dir, link)
+        if path.exists() and not path.is_symlink():
+            raise UsageError(
+                f"compatibility link {path} is taken by a real "
+                f"{'directory' if path.is_dir() else 'file'}; nothing was changed",
+                "move it away (it may be an app's old adapter folder) or set compat_links in "
+                "params.yaml for this endpoint",
+            )
+
+
+def compat_link(adapter_dir: Path, link: str, model: str) -> Path:
+    """fine_tuned_* -> adapters/<model>/active (seed §1.3)."""
+    path = compat_link_path(adapter_dir, link)
     path.parent.mkdir(parents=True, exist_ok=True)
     point(path, adapter_dir / model / "active")
     return path
