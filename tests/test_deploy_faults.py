@@ -163,11 +163,11 @@ def test_dead_service_on_reload_rolls_back(fleet: Fleet, tmp_path: Path) -> None
         fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0
     )
     pidfile = tmp_path / "service.pid"
-    pidfile.write_text("999999\n")  # no such process: the service is down
+    pidfile.write_text("999999\n")  # left behind by a dead service: nobody holds it
     fleet.set_endpoint("ep1", reload_method="sigusr1", pidfile=str(pidfile))
     proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
     assert proc.returncode == 5, proc.stderr
-    assert "is not running" in proc.stdout + proc.stderr
+    assert "is stale: no running service holds it" in proc.stdout + proc.stderr
     assert fleet.links("ep1")[0] == v1
     bad = json.loads((fleet.endpoints["ep1"] / "gemma_4b" / "bad.json").read_text())
     assert v2 in bad

@@ -18,6 +18,13 @@ from fixtures_fleet import Fleet
 from fixtures_repo import ROOT, run_script
 
 
+def _wait_until(ready, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def _get(url: str) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -95,12 +102,15 @@ def test_service_that_never_acknowledges_makes_the_deploy_roll_back(fleet, serve
         [
             sys.executable,
             "-c",
-            "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN); time.sleep(120)",
+            "import signal, sys, time; from pathlib import Path; "
+            "from adapter_deploy.common import pidfile; pidfile.hold(Path(sys.argv[1])); "
+            "signal.signal(signal.SIGUSR1, signal.SIG_IGN); time.sleep(120)",
+            str(tmp_path / "deaf.pid"),
         ]
     )
     try:
         deaf_pidfile = tmp_path / "deaf.pid"
-        deaf_pidfile.write_text(f"{deaf.pid}\n")
+        _wait_until(lambda: deaf_pidfile.exists() and deaf_pidfile.read_text().strip())
         fleet.set_endpoint("ep1", pidfile=str(deaf_pidfile))
         data = fleet.params.read_text() + "health_check: {reload_timeout_s: 3}\n"
         fleet.params.write_text(data)
@@ -132,3 +142,26 @@ def test_restart_reload_method_waits_for_readiness(fleet, served) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert int(pidfile.read_text()) != old_pid  # a real restart: a new process
     assert _get(f"{url}/status")[1]["models"]["gemma_4b"]["version_id"] == v2
+
+
+def test_stale_pidfile_never_signals_a_stranger(fleet: Fleet, served, tmp_path: Path) -> None:
+    """kill -9 leaves the service's pidfile behind; its pid now belongs to an unrelated
+    process. Neither a deploy's SIGUSR1 nor `service.py stop`'s SIGTERM may reach it."""
+    url, pidfile = served
+    v1 = fleet.versions["cycle1"]
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    _wait_until(lambda: _get(f"{url}/health")[0] != 200)
+    stranger = subprocess.Popen(["sleep", "120"])
+    try:
+        pidfile.write_text(f"{stranger.pid}\n")  # the pid, reused by a stranger
+        proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 5, proc.stdout + proc.stderr
+        assert "is stale: no running service holds it" in proc.stdout + proc.stderr
+        assert fleet.links("ep1")[0] == v1  # the links went back
+        stop = run_script("service.py", "stop", "--endpoint", "ep1", params=fleet.params)
+        assert stop.returncode == 0, stop.stderr
+        time.sleep(0.2)
+        assert stranger.poll() is None, "the stranger was signalled"
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -10,6 +10,7 @@ from typing import Any
 
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import ReloadFailed
+from adapter_deploy.common.pidfile import live_pid
 from adapter_deploy.protocol import Reload
 
 
@@ -20,7 +21,11 @@ def signal_reload(reload: Reload) -> dict[str, Any]:
     if method == "none":
         return {"method": "none", "at": when}
     if method == "sigusr1":
-        pid = _service_pid(pidfile)
+        if not pidfile:
+            raise ReloadFailed(
+                "reload_method sigusr1 needs a pidfile", "set pidfile: in params.yaml"
+            )
+        pid = live_pid(Path(pidfile))
         try:
             os.kill(pid, signal.SIGUSR1)
         except ProcessLookupError:
@@ -37,15 +42,3 @@ def signal_reload(reload: Reload) -> dict[str, Any]:
             "check the service unit on the endpoint (systemctl status)",
         )
     return {"method": "restart", "command": command, "at": when}
-
-
-def _service_pid(pidfile: str | None) -> int:
-    if not pidfile:
-        raise ReloadFailed("reload_method sigusr1 needs a pidfile", "set pidfile: in params.yaml")
-    try:
-        return int(Path(pidfile).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        raise ReloadFailed(
-            f"no service pid in {pidfile}",
-            "start the inference service (python -m adapter_deploy.service) and deploy again",
-        ) from None

@@ -22,17 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+from adapter_deploy.common import pidfile
 from adapter_deploy.common.errors import ReloadFailed, UsageError
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 
 
-def _pid(pidfile: Path) -> int | None:
+def _pid(path: Path) -> int | None:
+    """The running service's pid, or None: a stale pidfile's pid is never signalled."""
     try:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return pidfile.live_pid(path)
+    except ReloadFailed:
         return None
 
 

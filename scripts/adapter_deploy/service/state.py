@@ -17,8 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from adapter_deploy.common import pidfile
 from adapter_deploy.common.clock import utc_now
-from adapter_deploy.common.fsutil import append_jsonl, atomic_write_bytes
+from adapter_deploy.common.fsutil import append_jsonl
 from adapter_deploy.engines.base import Engine, LoadedRelease, describe_release
 from adapter_deploy.engines.factory import engine_kind_for, make_engine
 
@@ -94,6 +95,7 @@ class Service:
         self.config = config
         self.control = control  # flags set by the signal handlers
         self.served: dict[str, ServedModel] = {}
+        self._pidfile_fd: int | None = None
         self.ready = False
         self.session_id = datetime.now().strftime("%Y%m%d_%H%M%S")
         self.started_at = utc_now(ms=True)
@@ -260,7 +262,7 @@ class Service:
     def become_ready(self) -> None:
         # pidfile first: whoever sees /health answer 200 can already signal this process
         if self.config.pidfile:
-            atomic_write_bytes(self.config.pidfile, f"{os.getpid()}\n".encode())
+            self._pidfile_fd = pidfile.hold(self.config.pidfile)
         self.ready = True
         adapters = {m: None for m in self.model_names()}
         adapters.update({n: _vid(s) for n, s in self.served.items()})
@@ -281,9 +283,9 @@ class Service:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
-        pidfile = self.config.pidfile
-        if pidfile and pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
-            pidfile.unlink()
+        if self.config.pidfile and self._pidfile_fd is not None:
+            pidfile.release(self.config.pidfile, self._pidfile_fd)
+            self._pidfile_fd = None
         self._diagnose({"event": "stop"})
 
     def _diagnose_reload(self, model: str, old: LoadedRelease | None, record: Any) -> None:
