@@ -140,7 +140,7 @@ def test_a_torn_accepted_record_refuses_signed_releases(tmp_path: Path) -> None:
     (kept.root / "accepted.json").write_text('{"version_id": "cycle2_2026')
     signed = {"version_id": "cycle1_20260101_abcdef12", "cycle": 1, "created": "x"}
     with pytest.raises(CorruptState, match="accepted.json is corrupt"):
-        trust.check_not_older(kept, signed, explicit=False)
+        trust.check_not_older(kept, signed, None)
 
 
 def test_endpoint_paths_that_a_shell_would_read_are_refused(tmp_path: Path) -> None:

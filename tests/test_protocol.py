@@ -17,7 +17,7 @@ EXAMPLES = [
     p.Hello(models=["gemma_4b"]),
     p.Prepare("gemma_4b", "cycle1_20260101_abcdef12", {"a": {"sha256": "0", "size": 1}}, 1),
     p.DropIncoming("gemma_4b", "cycle1_20260101_abcdef12"),
-    p.Stage("gemma_4b", "cycle1_20260101_abcdef12", {}, signed={"x": 1}, explicit=True),
+    p.Stage("gemma_4b", "cycle1_20260101_abcdef12", {}, signed={"x": 1}, requested={"cycle": 1}),
     p.Trust("-----BEGIN PUBLIC KEY-----"),
     p.Health("gemma_4b", None, "/base", sentences="/s.json", service_url="http://127.0.0.1:1"),
     p.Activate("gemma_4b", "v", p.Reload("sigusr1", "/run/x.pid"), {"link": "gemma_4b"}),

@@ -146,7 +146,7 @@ def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) ->
                     version_id=old,
                     files=entry["files"],
                     signed=entry["signed"],
-                    explicit=False,
+                    requested=None,
                 )
             )
         session.close()
@@ -180,3 +180,72 @@ def test_conversions_are_signed_and_a_trusting_merged_endpoint_takes_them(
     assert metadata["version_id"] == signed_v and metadata["cycle"] == 5
     status = json.loads((fleet.endpoints["ep2"] / "status.json").read_text())
     assert "unsigned" not in json.dumps(status["models"]["gemma_4b"])
+
+
+DEPLOY_EP1 = ("--models", "gemma_4b", "--endpoints", "ep1")
+
+
+def _edit_manifest(fleet: Fleet, version_id: str, change) -> None:
+    path = fleet.store.adapters / "manifest.json"
+    data = json.loads(path.read_text())
+    for entry in data["versions"]["gemma_4b"]:
+        if entry["version_id"] == version_id:
+            change(entry)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def test_an_edited_unsigned_cycle_cannot_pass_an_old_release_off(fleet: Fleet, kit, tmp_path):
+    """The manifest's unsigned `cycle` of cycle 5 edited to 9, then `deploy --cycle 9`: the
+    endpoint compares the request with the signed cycle (5) and keeps its guard up."""
+    _use_key(fleet, tmp_path / "signing.pem")
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    old = version(fleet.store, fleet.params, kit.good, 5)
+    new = version(fleet.store, fleet.params, kit.good2, 6)
+    assert run_script("trust.py", "--endpoints", "ep1", params=fleet.params).returncode == 0
+    assert fleet.deploy("--cycle", "6", *DEPLOY_EP1).returncode == 0
+    _edit_manifest(fleet, old, lambda e: e.update(cycle=9))
+    proc = fleet.deploy("--cycle", "9", *DEPLOY_EP1)
+    assert proc.returncode == 2 and "rollback attack" in proc.stdout + proc.stderr
+    assert fleet.links("ep1")[0] == new
+
+
+def test_a_conversion_never_signs_weights_the_version_signature_does_not_cover(
+    fleet: Fleet, kit, tmp_path
+) -> None:
+    """A signed version's weights replaced and only the manifest's (unsigned) hash edited:
+    the merged endpoint that trusts the key must not get a freshly signed conversion."""
+    from adapter_deploy.common.fsutil import sha256_file
+
+    _use_key(fleet, tmp_path / "signing.pem")
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    signed_v = version(fleet.store, fleet.params, kit.good2, 5)
+    weights = fleet.store.adapters / "gemma_4b" / signed_v / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes((kit.regressed / "adapter_model.safetensors").read_bytes())
+    forged = {"sha256": sha256_file(weights), "size": weights.stat().st_size}
+    _edit_manifest(
+        fleet, signed_v, lambda e: e["files"].update({"adapter_model.safetensors": forged})
+    )
+    fleet.set_endpoint("ep2", platform="cuda", format="merged")
+    assert run_script("trust.py", "--endpoints", "ep2", params=fleet.params).returncode == 0
+    proc = fleet.deploy("--cycle", "5", "--models", "gemma_4b", "--endpoints", "ep2")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "not what the signed metadata records" in proc.stdout + proc.stderr
+    assert fleet.links("ep2") == (None, None)
+    assert not fleet.store.manifest().get("conversions")
+
+
+def test_signed_conversions_name_the_signed_adapter(fleet: Fleet, kit, tmp_path) -> None:
+    _use_key(fleet, tmp_path / "signing.pem")
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    signed_v = version(fleet.store, fleet.params, kit.good2, 5)
+    proc = run_script(
+        "convert.py", "--model", "gemma_4b", "--cycle", "5", "--format", "merged",
+        params=fleet.params,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    versions = fleet.store.manifest()["versions"]["gemma_4b"]
+    entry = next(v for v in versions if v["version_id"] == signed_v)
+    conversion = fleet.store.manifest()["conversions"][0]["signed"]["metadata"]["conversion"]
+    signed_files = entry["signed"]["metadata"]["files"]
+    assert conversion["adapter_files"] == {n: f["sha256"] for n, f in signed_files.items()}

@@ -66,7 +66,9 @@ class Stage(Request):
     version_id: str
     files: dict[str, dict[str, Any]]
     signed: dict[str, Any] | None = None
-    explicit: bool = False
+    # What the operator asked for: {"cycle": N} or {"version_id": id}. A release older than
+    # the newest accepted passes only when the request names its *signed* cycle or id.
+    requested: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,9 @@ def conversion_metadata(
         "format": conversion["format"],
         "gguf_type": conversion.get("gguf_type"),
         "key": conversion["key"],
-        "adapter_sha256": version.get("sha256"),
+        # The signed adapter it was made from, by the hashes the version's signature covers.
+        "adapter_sha256": version["files"]["adapter_model.safetensors"]["sha256"],
+        "adapter_files": {name: info["sha256"] for name, info in version["files"].items()},
     }
     return metadata
 

@@ -101,7 +101,7 @@ class EndpointSide:
 
         try:
             metadata = signing.verify(req.signed, trusted, req.model, req.version_id)
-            trust.check_not_older(kept, metadata, req.explicit)
+            trust.check_not_older(kept, metadata, req.requested)
         except SignatureRefused:
             releases.discard_incoming(kept, req.version_id)
             raise

@@ -37,10 +37,22 @@ def _order(metadata: dict[str, Any]) -> tuple[int, str]:
     return int(metadata["cycle"]), str(metadata["created"])
 
 
-def check_not_older(kept: ModelReleases, metadata: dict[str, Any], explicit: bool) -> None:
+def asked_for(metadata: dict[str, Any], requested: dict[str, Any] | None) -> bool:
+    """Did the operator ask for exactly this release? Compared with the signed fields, so an
+    edited (unsigned) manifest cannot pass an old release off as the one asked for."""
+    if not requested:
+        return False
+    if "version_id" in requested:
+        return requested["version_id"] == metadata["version_id"]
+    return "cycle" in requested and requested["cycle"] == metadata["cycle"]
+
+
+def check_not_older(
+    kept: ModelReleases, metadata: dict[str, Any], requested: dict[str, Any] | None
+) -> None:
     """Refuse a version older than the newest accepted unless the operator asked for it."""
     path = kept.root / "accepted.json"
-    if explicit or not path.exists():
+    if asked_for(metadata, requested) or not path.exists():
         return
     newest = _accepted(path)
     if _order(metadata) < _order(newest):

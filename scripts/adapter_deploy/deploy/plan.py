@@ -31,6 +31,7 @@ class Release:
     files: dict[str, dict[str, Any]]
     local_dir: Path
     signed: dict[str, Any] | None = None
+    requested: dict[str, Any] | None = None  # the operator's --cycle or --version, as asked
 
     @property
     def size(self) -> int:
@@ -76,8 +77,15 @@ def choose_releases(
         params.model(model)
         entry = pick_version(manifest, model, cycle, version)
         local = params.adapters_dir / model / entry["version_id"]
+        requested = {"version_id": version} if version else {"cycle": cycle}
         release = Release(
-            model, entry["version_id"], entry["cycle"], entry["files"], local, entry.get("signed")
+            model,
+            entry["version_id"],
+            entry["cycle"],
+            entry["files"],
+            local,
+            entry.get("signed"),
+            requested,
         )
         missing = [n for n in release.files if not (local / n).is_file()]
         if missing:
@@ -111,6 +119,7 @@ def for_endpoint(params: Params, ep: EndpointParams, release: Release) -> Releas
         converted.files,
         Path(converted.path),
         converted.signed,
+        release.requested,
     )
 
 

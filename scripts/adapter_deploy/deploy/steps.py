@@ -153,15 +153,15 @@ class EndpointRun:
             files = [release.local_dir / n for n in release.files]
             self.say(release.model, "transfer", f"{release.size} bytes")
             out.bytes_sent = self._push([release], files, prep["incoming"])
-        # Every deploy here is the operator's explicit choice of version, so an older one
-        # is an explicitly requested rollback, not a rollback attack.
+        # The operator's request travels as asked (--cycle N or --version ID): the endpoint
+        # waives its rollback-attack guard only when that names the release's signed fields.
         staged = self.session.call(
             p.Stage(
                 model=release.model,
                 version_id=release.version_id,
                 files=release.files,
                 signed=release.signed,
-                explicit=True,
+                requested=release.requested,
             )
         )
         self.say(release.model, "transfer", f"{staged['result']}, verified ({out.bytes_sent} B)")

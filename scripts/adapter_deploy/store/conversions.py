@@ -106,7 +106,9 @@ def convert_release(
                 convert_gguf.TOOLS_HINT, fix="run `make gguf-tools`, or use format merged"
             )
     adapters_dir = params.adapters_dir
-    entry = find_version(load_manifest(adapters_dir), model, version_id)
+    entry = _trusted_version(
+        params, model, find_version(load_manifest(adapters_dir), model, version_id)
+    )
     src = _checked_source(adapters_dir, model, entry)
     base = base_model or model_params.base_model
     local = local_base_dir(params, base)
@@ -149,8 +151,26 @@ def convert_release(
     return result
 
 
+def _trusted_version(params: Params, model: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """What a conversion may trust about its source. A signed version: its verified signed
+    metadata (files, cycle, created), never the manifest's unsigned copy, so a conversion
+    is never signed over weights the version's signature does not cover."""
+    signed = entry.get("signed")
+    if not signed:
+        return entry
+    from adapter_deploy import signing
+    from adapter_deploy.store.versioning import signing_key
+
+    key = signing_key(params, f"{model} {entry['version_id']}")
+    if key is None:  # nothing will be signed: a trusting endpoint refuses the result anyway
+        return entry
+    public = signing.public_pem(key)
+    metadata = signing.verify(signed, {signing.key_id(public): public}, model, entry["version_id"])
+    return {**entry, **metadata, "signed": signed}
+
+
 def _checked_source(adapters_dir: Path, model: str, entry: dict[str, Any]) -> Path:
-    """The version dir, with its adapter files matching the manifest."""
+    """The version dir, with its adapter files matching the (signed) record."""
     src = adapters_dir / model / entry["version_id"]
     if not src.is_dir():
         raise UsageError(
@@ -164,7 +184,9 @@ def _checked_source(adapters_dir: Path, model: str, entry: dict[str, Any]) -> Pa
     ]
     if bad:
         raise AdapterError(
-            f"{src}: {', '.join(bad)} missing or not what the manifest records",
+            f"{src}: {', '.join(bad)} missing or not what the "
+            + ("signed metadata" if entry.get("signed") else "manifest")
+            + " records; nothing was converted or signed",
             fix=f"restore it with `dvc checkout {src}.dvc`",
         )
     return src
