@@ -249,3 +249,27 @@ def test_signed_conversions_name_the_signed_adapter(fleet: Fleet, kit, tmp_path)
     conversion = fleet.store.manifest()["conversions"][0]["signed"]["metadata"]["conversion"]
     signed_files = entry["signed"]["metadata"]["files"]
     assert conversion["adapter_files"] == {n: f["sha256"] for n, f in signed_files.items()}
+
+
+def test_trust_covers_releases_already_there_and_rollbacks(fleet: Fleet, kit, tmp_path) -> None:
+    v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]  # unsigned
+    for cycle in ("1", "2"):
+        assert fleet.deploy("--cycle", cycle, *DEPLOY_EP1).returncode == 0
+    _use_key(fleet, tmp_path / "signing.pem")
+    assert run_script("keygen.py", params=fleet.params).returncode == 0
+    assert run_script("trust.py", "--endpoints", "ep1", params=fleet.params).returncode == 0
+    status_file = fleet.endpoints["ep1"] / "status.json"
+    state = json.loads(status_file.read_text())["models"]["gemma_4b"]["signature"]
+    assert state.startswith("unverified: staged before this endpoint trusted a key")
+    # cycle 1 is still on the endpoint, staged before trust: present is not trusted
+    proc = fleet.deploy("--cycle", "1", *DEPLOY_EP1)
+    assert proc.returncode == 2 and "unsigned" in proc.stdout + proc.stderr
+    rollback = fleet.deploy("--rollback", "--to", v1, *DEPLOY_EP1)
+    assert rollback.returncode == 2, rollback.stdout + rollback.stderr
+    assert "has no verified signature" in rollback.stdout + rollback.stderr
+    assert fleet.links("ep1") == (v2, v1)
+    signed_v = version(fleet.store, fleet.params, kit.good2, 5)
+    assert fleet.deploy("--cycle", "5", *DEPLOY_EP1).returncode == 0
+    state = json.loads(status_file.read_text())["models"]["gemma_4b"]["signature"]
+    assert state.startswith("verified: signed by trusted key")
+    assert fleet.links("ep1")[0] == signed_v

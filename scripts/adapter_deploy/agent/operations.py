@@ -90,11 +90,6 @@ class EndpointSide:
         trusted = _trusted_keys(self.adapter_dir)
         if not trusted:
             result = releases.stage(kept, req.version_id, req.files)
-            record_status(
-                self.adapter_dir,
-                req.model,
-                signature="unsigned: this endpoint trusts no signing key",
-            )
             return {"result": result, "signed": False}
         from adapter_deploy import signing
         from adapter_deploy.agent import trust
@@ -108,12 +103,33 @@ class EndpointSide:
         # The signed file list, not the request's, decides what may become a release.
         result = releases.stage(kept, req.version_id, check_file_names(metadata["files"]))
         trust.record_accepted(kept, metadata)
+        trust.record_signature(kept, req.version_id, req.signed["key_id"])
         return {"result": result, "signed": True}
 
     def trust(self, req: p.Trust) -> dict[str, Any]:
         from adapter_deploy.agent import trust
 
-        return {"key_id": trust.install_key(self.adapter_dir, req.public_pem.encode())}
+        kid = trust.install_key(self.adapter_dir, req.public_pem.encode())
+        for model in self.hello(p.Hello())["models"]:  # status.json tells the new state
+            kept = self.releases_of(model)
+            state = self._signature_state(kept, kept.active_id())
+            record_status(self.adapter_dir, model, signature=state)
+        return {"key_id": kid}
+
+    def _require_signed(self, kept: ModelReleases, version_id: str | None) -> None:
+        trusted = _trusted_keys(self.adapter_dir)
+        if trusted:
+            from adapter_deploy.agent import trust
+
+            trust.require_signed(kept, version_id, trusted)
+
+    def _signature_state(self, kept: ModelReleases, version_id: str | None) -> str:
+        trusted = _trusted_keys(self.adapter_dir)
+        if not trusted:
+            return "unsigned: this endpoint trusts no signing key"
+        from adapter_deploy.agent import trust
+
+        return trust.signature_state(kept, version_id, trusted)
 
     def health(self, req: p.Health) -> dict[str, Any]:
         """Health-check a staged release, or the active one (through the service if given)."""
@@ -151,6 +167,7 @@ class EndpointSide:
 
     def activate(self, req: p.Activate) -> dict[str, Any]:
         kept = self.releases_of(req.model)
+        self._require_signed(kept, check_version_id(req.version_id))
         links = [link for link, model in req.links.items() if model == req.model]
         releases.check_compat_links(self.adapter_dir, links)
         failpoints.trigger(self.adapter_dir, "activate.before_flip")
@@ -176,18 +193,25 @@ class EndpointSide:
             active=new,
             previous=kept.previous_id(),
             last_reload=reloaded,
+            signature=self._signature_state(kept, new),
         )
         return {"old": old, "new": new, "reload": reloaded}
 
     def restore(self, req: p.Restore) -> dict[str, Any]:
         kept = self.releases_of(req.model)
+        self._require_signed(kept, req.active)
         failpoints.trigger(self.adapter_dir, "restore.before_links")
         releases.set_links(kept, req.active and check_version_id(req.active), req.previous)
         failpoints.trigger(self.adapter_dir, "restore.after_links")
         reloaded = signal_reload(req.reload)
         previous = kept.previous_id()
         record_status(
-            self.adapter_dir, req.model, active=req.active, previous=previous, last_reload=reloaded
+            self.adapter_dir,
+            req.model,
+            active=req.active,
+            previous=previous,
+            last_reload=reloaded,
+            signature=self._signature_state(kept, req.active),
         )
         return {"active": req.active, "previous": previous, "reload": reloaded}
 

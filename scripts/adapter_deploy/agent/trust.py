@@ -2,6 +2,7 @@
 
 <adapter_dir>/trusted_keys/<key_id>.pub    installed by `make trust`
 <adapter_dir>/<model>/accepted.json        newest signed version accepted (rollback guard)
+<adapter_dir>/<model>/signatures.json      per release: the trusted key its signature passed
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_deploy.agent.releases import ModelReleases
+from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import CorruptState
 from adapter_deploy.common.fsutil import atomic_write_bytes, atomic_write_json, read_state
 from adapter_deploy.signing import SignatureRefused, key_id
@@ -78,3 +80,49 @@ def _accepted(path: Path) -> dict[str, Any]:
     if newest and not all(k in newest for k in ("version_id", "cycle", "created")):
         raise CorruptState(f"state file {path} is corrupt (fields missing)", fix)
     return newest
+
+
+def _signatures_file(kept: ModelReleases) -> Path:
+    return kept.root / "signatures.json"
+
+
+def signatures(kept: ModelReleases) -> dict[str, dict[str, Any]]:
+    path = _signatures_file(kept)
+    return read_state(
+        path,
+        f"remove {path} on the endpoint and deploy the kept versions again to re-verify them",
+    )
+
+
+def record_signature(kept: ModelReleases, version_id: str, kid: str) -> None:
+    """This release's signature passed verification against trusted key `kid`."""
+    records = signatures(kept)
+    records[version_id] = {"key_id": kid, "verified_at": utc_now()}
+    atomic_write_json(_signatures_file(kept), records)
+
+
+def require_signed(kept: ModelReleases, version_id: str | None, trusted: dict[str, bytes]) -> None:
+    """On a trusting endpoint, only a release whose signature passed against a key trusted
+    now may become active (a release staged before `make trust` has no such record)."""
+    if version_id is None or not trusted:
+        return
+    record = signatures(kept).get(version_id)
+    if record is None or record.get("key_id") not in trusted:
+        raise SignatureRefused(
+            f"{kept.model} {version_id} has no verified signature on this endpoint "
+            "(it trusts signed releases only)",
+            f"deploy it again (make deploy VERSION={version_id}) to verify its signature, "
+            "or pick a signed release",
+        )
+
+
+def signature_state(kept: ModelReleases, version_id: str | None, trusted: dict) -> str:
+    """What status.json says about the active release's signature."""
+    if version_id is None:
+        return "none: no release active"
+    if not trusted:
+        return "unsigned: this endpoint trusts no signing key"
+    record = signatures(kept).get(version_id)
+    if record and record.get("key_id") in trusted:
+        return f"verified: signed by trusted key {record['key_id']}"
+    return "unverified: staged before this endpoint trusted a key; deploy it again"
