@@ -33,6 +33,7 @@ from adapter_deploy.kit.gemma import build_kit
 from adapter_deploy.kit.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+JSON = {"Content-Type": "application/json"}
 
 TEXT = "The apostle James wrote about faith and works."
 RELEASES = ("cycle1_20260101_aaaaaaaa", "cycle2_20260102_bbbbbbbb")
@@ -48,7 +49,10 @@ def flip(model_dir: Path, name: str) -> None:
 def translate(url: str) -> float:
     body = json.dumps({"model": "gemma_4b", "text": TEXT}).encode()
     start = time.perf_counter()
-    with urllib.request.urlopen(urllib.request.Request(url + "/translate", body), timeout=60) as r:
+    with urllib.request.urlopen(
+        urllib.request.Request(url + "/translate", body, JSON),
+        timeout=60,
+    ) as r:
         r.read()
     return time.perf_counter() - start
 

@@ -52,7 +52,8 @@ def add_release(model_dir: Path, name: str, source: Path, corrupt: bool = False)
 def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode() if body is not None else None
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as r:
+        headers = {"Content-Type": "application/json"}
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -68,10 +69,9 @@ class Service:
     def __init__(self, tmp: Path, args: list[str], port: int) -> None:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = tmp / f"serve-{port}.log"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'scripts'}{os.pathsep}{ROOT}"}
         cmd = [sys.executable, "-m", "adapter_deploy.service", "--port", str(port), *args]
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=log)
 
     def health_code(self) -> int | None:
         try:

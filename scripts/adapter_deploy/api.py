@@ -160,6 +160,8 @@ def deploy(
     """Phases 3-6 on every endpoint in parallel, logged, alerted."""
     if cycle is None and version_id is None:
         raise UsageError("nothing to deploy", "pass --cycle N (make deploy CYCLE=N)")
+    if not endpoints:
+        raise UsageError("no endpoint given", "pass --endpoints NAME (make deploy ENDPOINT=NAME)")
     params.check_endpoints(endpoints)
     if not models:
         raise UsageError("no models chosen", "pass --all-adapters or --models NAME [NAME ...]")

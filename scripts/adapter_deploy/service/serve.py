@@ -11,6 +11,10 @@ It serves every model with an `active` link under the adapter dir (`--models` / 
     POST /translate {"model", "text"} -> {"text", "version_id", "latency_s"}
     GET  /status    -> per model: version_id, sha256, loaded_at, last_reload, fallback, ...
     GET  /health    -> 200 once every served model is loaded, 503 before
+Hostile or runaway requests are refused: a Host or Origin that is not loopback 403 (a web
+page or DNS rebinding), a body that is not `application/json` 415, an invalid
+Content-Length 400, a text over --max-input-tokens 413, a full queue 503 + Retry-After;
+a request whose client has gone is dropped before it runs; idle sockets time out.
 The pid goes to the pidfile once the service is ready and is removed on a clean exit.
 
 Signals: SIGUSR1 schedules a reload of every model (several signals coalesce into one pass);
@@ -33,7 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import select
 import signal
+import socket
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,7 +53,10 @@ from adapter_deploy.service.state import (
     DEFAULT_PORT,
     LOOPBACK,
     REQUEST_TIMEOUT_S,
+    Busy,
+    ClientGone,
     Control,
+    InputTooLong,
     Service,
     ServiceConfig,
     reason_of,
@@ -56,6 +65,9 @@ from adapter_deploy.service.state import (
 log = logging.getLogger("adapter_deploy.service")
 
 MAX_BODY = 64 * 1024  # a translation request is a sentence, not a document
+MAX_CONNECTIONS = 64  # open connections at once; more are closed at once (no thread each)
+SOCKET_TIMEOUT_S = 10.0  # a half-sent request is dropped after this
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 # --- HTTP -------------------------------------------------------------------------------
@@ -63,6 +75,7 @@ class Handler(BaseHTTPRequestHandler):
     """JSON over loopback HTTP; the service object hangs off the server."""
 
     server_version = "adapter-deploy-serve/1"
+    timeout = SOCKET_TIMEOUT_S  # socket timeout: an idle or half-sent request is dropped
 
     @property
     def service(self) -> Service:
@@ -71,15 +84,31 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("http: " + format, *args)  # keep stderr for the service's own events
 
-    def _reply(self, code: int, body: dict[str, Any]) -> None:
+    def _reply(self, code: int, body: dict[str, Any], headers: dict[str, str] = {}) -> None:  # noqa: B006
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
+    def _foreign(self) -> str | None:
+        """Why this request may come from a web page rather than a local program: a Host
+        that is not loopback (DNS rebinding) or a browser's Origin from another site."""
+        host = _hostname(self.headers.get("Host", ""))
+        if host not in LOOPBACK_HOSTS:
+            return f"Host {self.headers.get('Host')!r} is not loopback"
+        origin = self.headers.get("Origin")
+        if origin is not None and _hostname(urlsplit(origin).netloc) not in LOOPBACK_HOSTS:
+            return f"Origin {origin!r} is not loopback"
+        return None
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        if why := self._foreign():
+            self._reply(403, {"error": why})
+            return
         path = urlsplit(self.path).path
         if path == "/health":
             ok, body = self.service.health()
@@ -90,8 +119,16 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": f"no such path {path}; use /translate, /status, /health"})
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        if why := self._foreign():
+            self._reply(403, {"error": why})
+            return
         if urlsplit(self.path).path != "/translate":
             self._reply(404, {"error": "POST only to /translate"})
+            return
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            # Also what a browser cannot send cross-site without a CORS preflight we refuse.
+            self._reply(415, {"error": "send Content-Type: application/json"})
             return
         request, error = self._read_request()
         if error:
@@ -100,7 +137,10 @@ class Handler(BaseHTTPRequestHandler):
         self._translate(request["model"], request["text"])
 
     def _read_request(self) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
-        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.headers.get("Content-Length", "")
+        if not raw.isdigit():  # also refuses "-1", "abc" and a missing length
+            return {}, (400, {"error": f"invalid Content-Length {raw!r}"})
+        length = int(raw)
         if length > MAX_BODY:
             return {}, (413, {"error": f"request over {MAX_BODY} bytes"})
         try:
@@ -118,7 +158,14 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(503, {"error": "service is starting"})
             return
         try:
-            self._reply(200, self.service.translate(model, text))
+            self._reply(200, self.service.translate(model, text, self._client_gone))
+        except Busy as err:
+            queued = f"{err.args[0]} translations queued"
+            self._reply(503, {"error": f"busy: {queued}"}, {"Retry-After": "1"})
+        except InputTooLong as err:
+            self._reply(413, {"error": str(err) + "; send one sentence at a time"})
+        except ClientGone:
+            self.close_connection = True  # nobody to answer
         except KeyError:
             served = sorted(self.service.served)
             self._reply(404, {"error": f"model {model!r} is not served (served: {served})"})
@@ -128,10 +175,46 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("translate failed")
             self._reply(500, {"error": reason_of(err)})
 
+    def _client_gone(self) -> bool:
+        """Has the client closed its connection? (Peeks; never consumes its bytes.)"""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+
+def _hostname(netloc: str) -> str:
+    try:
+        return urlsplit(f"//{netloc}").hostname or ""
+    except ValueError:
+        return ""
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, but never more than MAX_CONNECTIONS of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: close at once rather than queue a thread
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 def start_http(service: Service) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((LOOPBACK, service.config.port), Handler)
-    server.daemon_threads = True
+    server = BoundedHTTPServer((LOOPBACK, service.config.port), Handler)
     server.service = service  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
@@ -185,7 +268,15 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     if args.models:
         config.models = args.models
     config.base_models.update(_parse_base_models(args.base_model))
-    for name in ("platform", "port", "pidfile", "diagnostics", "reload_mode"):
+    for name in (
+        "platform",
+        "port",
+        "pidfile",
+        "diagnostics",
+        "reload_mode",
+        "max_queue",
+        "max_input_tokens",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, Path(value) if name in ("pidfile", "diagnostics") else value)
@@ -205,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pidfile", help="written once ready, removed on clean exit")
     parser.add_argument("--diagnostics", help="session metadata JSONL (seed §7.3)")
     parser.add_argument("--reload-mode", choices=["auto", "standby", "inplace"])
+    parser.add_argument("--max-queue", type=int, help="translations waiting at most (16)")
+    parser.add_argument("--max-input-tokens", type=int, help="longest text in tokens (200)")
     return parser
 
 

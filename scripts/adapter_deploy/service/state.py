@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,8 +29,37 @@ log = logging.getLogger("adapter_deploy.service")
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 8765
 REQUEST_TIMEOUT_S = 120.0
+# A live-translation request is one sentence: longer input is refused (413) before it can
+# hold the single engine thread for seconds and queue everyone behind it.
+MAX_INPUT_TOKENS = 200
+MAX_QUEUE = 16  # translations waiting for the engine thread; beyond: 503 + Retry-After
 WARMUP_TEXT = "Amen."
 CONTROL_POLL_S = 0.02
+
+
+class Busy(Exception):
+    """The translation queue is full."""
+
+
+class ClientGone(Exception):
+    """The client left before its queued translation started: it was not run."""
+
+
+class InputTooLong(Exception):
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"text is {tokens} tokens, over the limit of {limit}")
+        self.tokens, self.limit = tokens, limit
+
+
+def input_tokens(engine: Any, text: str) -> int | None:
+    """The text's length in the engine's own tokens (None when the engine has no tokenizer)."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "encode"):
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    llm = getattr(engine, "llm", None)
+    if llm is not None:
+        return len(llm.tokenize(text.encode(), add_bos=False))
+    return None
 
 
 @dataclass
@@ -42,6 +72,8 @@ class ServiceConfig:
     pidfile: Path | None = None
     diagnostics: Path | None = None
     reload_mode: str = "auto"
+    max_input_tokens: int = MAX_INPUT_TOKENS
+    max_queue: int = MAX_QUEUE
 
     @property
     def engine_kind(self) -> str:
@@ -102,6 +134,8 @@ class Service:
         # One thread runs every serving engine call: MLX must not be driven from two threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.lock = threading.Lock()  # guards the served-model fields read by /status
+        self.queued = 0  # translations submitted and not finished (guarded by self.lock)
+        self.dropped = 0  # queued translations skipped because their client had gone
 
     # --- models and loading -------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -224,18 +258,45 @@ class Service:
         self._on_engine_thread(swap)
 
     # --- serving ------------------------------------------------------------------------
-    def translate(self, model: str, text: str) -> dict[str, Any]:
+    def translate(
+        self, model: str, text: str, gone: Callable[[], bool] = lambda: False
+    ) -> dict[str, Any]:
+        """Translate on the engine thread. Busy when the queue is full; InputTooLong over the
+        token cap; ClientGone when the caller left (or timed out) before its turn came."""
         served = self.served.get(model)
         if served is None or served.engine is None:
             raise KeyError(model)
+        with self.lock:
+            if self.queued >= self.config.max_queue:
+                raise Busy(self.queued)
+            self.queued += 1
+        timed_out = threading.Event()
 
         def job() -> dict[str, Any]:  # engine and release read together: what answered
+            if timed_out.is_set() or gone():
+                with self.lock:
+                    self.dropped += 1
+                raise ClientGone()
             engine, release = served.engine, served.release
+            tokens = input_tokens(engine, text)
+            if tokens is not None and tokens > self.config.max_input_tokens:
+                raise InputTooLong(tokens, self.config.max_input_tokens)
             answer = engine.translate(text)
             version = release.version_id if release else None
             return {"text": answer.text, "version_id": version, "latency_s": answer.latency_s}
 
-        return self.executor.submit(job).result(timeout=REQUEST_TIMEOUT_S)
+        future = self.executor.submit(job)
+        future.add_done_callback(lambda _: self._finished())
+        try:
+            return future.result(timeout=REQUEST_TIMEOUT_S)
+        except TimeoutError:
+            timed_out.set()  # still queued: it will not run; running: it finishes unseen
+            future.cancel()
+            raise
+
+    def _finished(self) -> None:
+        with self.lock:
+            self.queued -= 1
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         with self.lock:
@@ -250,6 +311,8 @@ class Service:
         return {
             "session_id": self.session_id,
             "pid": os.getpid(),
+            "queued": self.queued,
+            "dropped_requests": self.dropped,
             "started_at": self.started_at,
             "ready": self.ready,
             "engine": self.config.engine_kind,

@@ -78,7 +78,7 @@ def pick_version(
     """`version_id` (checked against `cycle` when both are given), else the cycle's newest."""
     if version_id is None:
         if cycle is None:
-            raise UsageError("no cycle given", "pass CYCLE=<n> (or --cycle N, --version ID)")
+            raise UsageError("no cycle given", "pass --cycle N or --version ID (make: CYCLE=N)")
         return newest_of_cycle(manifest, model, cycle)
     entry = find_version(manifest, model, check_version_id(version_id))
     if cycle is not None and entry["cycle"] != cycle:
