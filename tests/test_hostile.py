@@ -220,3 +220,18 @@ def test_a_compat_link_name_taken_by_a_real_folder_changes_nothing(fleet: Fleet)
     assert not list(adapter_dir.parent.glob(".*tmp-*")) and not list(adapter_dir.rglob(".*tmp-*"))
     status = json.loads((adapter_dir / "status.json").read_text())
     assert status["models"]["gemma_4b"]["active_version"] == v1
+
+
+def test_a_failed_dvc_push_is_a_remote_failure(store, tmp_path: Path) -> None:
+    """The DVC remote is away (a file where its folder should be): exit 3, not usage."""
+    from fixtures_repo import dvc, make_adapter
+
+    blocked = tmp_path / "remote-is-a-file"
+    blocked.write_text("not a folder")
+    dvc(store.repo, "remote", "add", "-f", "-d", "away", str(blocked / "store"))
+    src = make_adapter(tmp_path / "adapter")
+    proc = run_script(
+        "version.py", "--model", "gemma_4b", "--cycle", "1", "--src", str(src), params=store.params
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "dvc push failed" in proc.stderr and "DVC remote" in proc.stderr
