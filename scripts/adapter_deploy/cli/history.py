@@ -10,10 +10,9 @@ deployed, rolled back or refused according to the deploy log.
 """
 
 import argparse
-import json
 
 from adapter_deploy import api
-from adapter_deploy.cli.render import render
+from adapter_deploy.cli.render import print_per_model
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 
@@ -29,31 +28,27 @@ def _trend(value: object, before: object) -> str:
     return f"{value:g} ({value - before:+.3g}){mark}"
 
 
+def rows_for(versions: list[dict]) -> list[list[object]]:
+    rows, before = [], {}
+    for v in versions:
+        metrics = v.get("training_metrics", {})
+        rows.append(
+            [
+                v["version_id"],
+                v["cycle"],
+                v["created"][:10],
+                _trend(metrics.get("final_loss"), before.get("final_loss")),
+                _trend(metrics.get("eval_wer"), before.get("eval_wer")),
+                ", ".join(v["deployments"]) or "-",
+            ]
+        )
+        before = metrics
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
     data = api.history(load_params(args.params), args.model)
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    for model, versions in data.items():
-        rows, before = [], {}
-        for v in versions:
-            metrics = v.get("training_metrics", {})
-            rows.append(
-                [
-                    v["version_id"],
-                    v["cycle"],
-                    v["created"][:10],
-                    _trend(metrics.get("final_loss"), before.get("final_loss")),
-                    _trend(metrics.get("eval_wer"), before.get("eval_wer")),
-                    ", ".join(v["deployments"]) or "-",
-                ]
-            )
-            before = metrics
-        if rows:
-            print(render(model, COLUMNS, rows), end="")
-        else:
-            print(f"{model}: no versions yet")
-    return 0
+    return print_per_model(data, COLUMNS, rows_for, args.json)
 
 
 def cli() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich import box
@@ -53,6 +53,24 @@ def summary_rows(outcomes: list[EndpointOutcome]) -> list[list[Any]]:
                 ]
             )
     return rows
+
+
+def print_per_model(
+    listing: dict[str, list[dict[str, Any]]],
+    columns: Sequence[str],
+    rows_for: Callable[[list[dict[str, Any]]], list[list[object]]],
+    as_json: bool,
+) -> int:
+    """One table per model (versions, history), or the whole listing as JSON."""
+    if as_json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for model, versions in listing.items():
+        if versions:
+            print(render(model, columns, rows_for(versions)), end="")
+        else:
+            print(f"{model}: no versions yet (make version MODEL={model} CYCLE=1 SRC=...)")
+    return 0
 
 
 def print_run(result: RunResult, as_json: bool) -> int:

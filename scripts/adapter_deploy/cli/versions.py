@@ -6,10 +6,9 @@ Usage:
 """
 
 import argparse
-import json
 
 from adapter_deploy import api
-from adapter_deploy.cli.render import render
+from adapter_deploy.cli.render import print_per_model
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 
@@ -32,15 +31,7 @@ def rows_for(versions: list[dict]) -> list[list[object]]:
 
 def main(args: argparse.Namespace) -> int:
     listing = api.versions(load_params(args.params), args.model)
-    if args.json:
-        print(json.dumps(listing, indent=2))
-        return 0
-    for model, versions in listing.items():
-        if not versions:
-            print(f"{model}: no versions yet (make version MODEL={model} CYCLE=1 SRC=...)")
-            continue
-        print(render(model, COLUMNS, rows_for(versions)), end="")
-    return 0
+    return print_per_model(listing, COLUMNS, rows_for, args.json)
 
 
 def cli() -> argparse.ArgumentParser:
