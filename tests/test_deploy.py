@@ -22,7 +22,13 @@ def test_deploy_cycle1_to_both_endpoints(fleet: Fleet) -> None:
     log = fleet.log()
     assert {e["endpoint"] for e in log} == {"ep1", "ep2"}
     assert all(e["status"] == "success" for e in log)
-    assert log[0]["phases_completed"] == ["activate", "health_check", "transfer", "verify"]
+    assert log[0]["phases_completed"] == [
+        "version",
+        "transfer",
+        "health_check",
+        "activate",
+        "verify",
+    ]
     assert "ep1" in (fleet.store.adapters / "status.json").read_text()
     assert "gemma_4b#ep1#1" in fleet.store.git("tag", "-l").split()
 

@@ -249,3 +249,27 @@ def test_make_version_passes_values_as_single_arguments(store: Store, tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert "versioned cycle1_" in proc.stdout
     assert not pwned.exists()
+
+
+def test_training_metrics_are_checked_and_absence_is_recorded(store: Store, tmp_path: Path):
+    src = make_adapter(tmp_path / "no-metrics", seed=7)
+    (src / "training_metrics.json").unlink()
+    proc = run_script(
+        "version.py", "--model", "gemma_4b", "--cycle", "1", "--src", str(src), params=store.params
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "training metrics: none" in proc.stdout
+    entry = store.manifest()["versions"]["gemma_4b"][-1]
+    assert "training_metrics" not in entry and "training_metrics.json" not in entry["files"]
+    partial = make_adapter(tmp_path / "partial", seed=8)
+    (partial / "training_metrics.json").write_text(json.dumps({"final_loss": 0.3}))
+    args = ("--model", "gemma_4b", "--cycle", "2", "--src", str(partial), "--json")
+    proc = run_script("version.py", *args, params=store.params)
+    assert json.loads(proc.stdout)["metrics_missing"] == ["eval_wer", "epochs", "data_hours"]
+    bad = make_adapter(tmp_path / "bad", seed=9)
+    (bad / "training_metrics.json").write_text(json.dumps({"final_loss": -1, "epochs": "3"}))
+    before = store.state()
+    args = ("--model", "gemma_4b", "--cycle", "3", "--src", str(bad))
+    proc = run_script("version.py", *args, params=store.params)
+    assert proc.returncode == 2 and "final_loss=-1, epochs='3'" in proc.stderr
+    assert store.state() == before

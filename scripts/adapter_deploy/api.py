@@ -226,7 +226,10 @@ def phase(
         raise UsageError("no endpoint given", "pass --endpoints NAME (ENDPOINT=NAME)")
     params.check_endpoints(endpoints)
     chosen = choose_releases(params, models or sorted(params.models), cycle, version_id)
-    return RunResult(name, run_phase(params, name, endpoints, chosen))
+    run_id = fleet.new_run_id()
+    outcomes = run_phase(params, name, endpoints, chosen)
+    record(params, name, outcomes, run_id, cycle)
+    return RunResult(name, outcomes, run_id)
 
 
 def status(params: Params, endpoints: list[str] | None = None) -> StatusResult:

@@ -167,7 +167,8 @@ class Record(Request):
 
     op: ClassVar[str] = "record"
     model: str
-    verified: str | None = None
+    verified: str | None = None  # the release `active` points at passed VERIFY
+    health_status: str | None = None  # seed §7.2: "healthy", or why not
 
 
 @dataclass(frozen=True)

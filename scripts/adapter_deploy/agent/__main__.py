@@ -20,7 +20,7 @@ def main(args: argparse.Namespace) -> int:
     adapter_dir = Path(args.adapter_dir).expanduser()
     if args.read_only:
         return read_only_session(adapter_dir, sys.stdin, sys.stdout)
-    return serve_session(adapter_dir, args.holder, sys.stdin, sys.stdout)
+    return serve_session(adapter_dir, args.holder, sys.stdin, sys.stdout, args.endpoint)
 
 
 def cli() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def cli() -> argparse.ArgumentParser:
     parser.add_argument("--adapter-dir", required=True, help="the endpoint's adapter_dir")
     parser.add_argument("--holder", default="a deploy", help="who holds the lock (for errors)")
     parser.add_argument("--read-only", action="store_true", help="status queries only, no lock")
+    parser.add_argument("--endpoint", help="this endpoint's name in the deployer's params")
     return parser
 
 

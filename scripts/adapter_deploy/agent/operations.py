@@ -33,8 +33,12 @@ from adapter_deploy.common.names import check_file_names, check_name, check_vers
 class EndpointSide:
     """Operations on one endpoint's adapter_dir (what the session dispatches to)."""
 
-    def __init__(self, adapter_dir: Path) -> None:
+    def __init__(self, adapter_dir: Path, endpoint: str | None = None) -> None:
         self.adapter_dir = adapter_dir
+        self.endpoint = endpoint  # its name in the deployer's params, for status.json
+
+    def _record(self, model: str, **fields: Any) -> None:
+        record_status(self.adapter_dir, model, self.endpoint, **fields)
 
     def releases_of(self, model: str) -> ModelReleases:
         return ModelReleases(self.adapter_dir, check_name("model", model))
@@ -113,7 +117,7 @@ class EndpointSide:
         for model in self.hello(p.Hello())["models"]:  # status.json tells the new state
             kept = self.releases_of(model)
             state = self._signature_state(kept, kept.active_id())
-            record_status(self.adapter_dir, model, signature=state)
+            self._record(model, signature=state)
         return {"key_id": kid}
 
     def _require_signed(self, kept: ModelReleases, version_id: str | None) -> None:
@@ -187,12 +191,13 @@ class EndpointSide:
             ) from err
         reloaded = signal_reload(req.reload)
         failpoints.trigger(self.adapter_dir, "activate.after_reload")
-        record_status(
-            self.adapter_dir,
+        self._record(
             req.model,
             active=new,
             previous=kept.previous_id(),
-            last_reload=reloaded,
+            last_reload=reloaded["at"],
+            last_reload_detail=reloaded,
+            health_status="activated, not yet verified",
             signature=self._signature_state(kept, new),
         )
         return {"old": old, "new": new, "reload": reloaded}
@@ -205,12 +210,13 @@ class EndpointSide:
         failpoints.trigger(self.adapter_dir, "restore.after_links")
         reloaded = signal_reload(req.reload)
         previous = kept.previous_id()
-        record_status(
-            self.adapter_dir,
+        self._record(
             req.model,
             active=req.active,
             previous=previous,
-            last_reload=reloaded,
+            last_reload=reloaded["at"],
+            last_reload_detail=reloaded,
+            health_status="restored, not yet verified",
             signature=self._signature_state(kept, req.active),
         )
         return {"active": req.active, "previous": previous, "reload": reloaded}
@@ -231,7 +237,9 @@ class EndpointSide:
         return {"removed": releases.prune(self.releases_of(req.model), req.keep)}
 
     def record(self, req: p.Record) -> dict[str, Any]:
-        record_status(self.adapter_dir, check_name("model", req.model), verified=req.verified)
+        fields = {"verified": req.verified, "health_status": req.health_status}
+        given = {key: value for key, value in fields.items() if value is not None}
+        self._record(check_name("model", req.model), **given)
         return {}
 
     def status(self, req: p.Status) -> dict[str, Any]:

@@ -60,10 +60,12 @@ def _rsync_version() -> list[int] | None:
     return [int(x or 0) for x in found.groups()] if found else None
 
 
-def serve_session(adapter_dir: Path, holder: str, inp: TextIO, out: TextIO) -> int:
+def serve_session(
+    adapter_dir: Path, holder: str, inp: TextIO, out: TextIO, endpoint: str | None = None
+) -> int:
     """Answer requests until stdin closes; hold the endpoint lock throughout."""
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    side = EndpointSide(adapter_dir)
+    side = EndpointSide(adapter_dir, endpoint)
     try:
         with file_lock(adapter_dir / LOCK, holder, f"endpoint {adapter_dir}"):
             _reply(out, _ready())

@@ -23,10 +23,23 @@ def read_status(adapter_dir: Path) -> dict[str, Any]:
     return status
 
 
-def record_status(adapter_dir: Path, model: str, **fields: Any) -> None:
+PLAN_FIELDS = ("active_version", "previous_version", "last_reload", "health_status")
+
+
+def record_status(
+    adapter_dir: Path, model: str, endpoint: str | None = None, **fields: Any
+) -> None:
+    """Per model the plan's fields (seed §7.2) always present, richer ones beside them."""
     status = read_status(adapter_dir)
+    if endpoint:
+        status["endpoint"] = endpoint
     entry = status.setdefault("models", {}).setdefault(model, {})
     for key, value in fields.items():
         entry[_RENAMED.get(key, key)] = value
+    for key in PLAN_FIELDS:
+        entry.setdefault(key, None)
+    if isinstance(entry["last_reload"], dict):  # written before the plan's shape
+        entry["last_reload_detail"] = entry["last_reload"]
+        entry["last_reload"] = entry["last_reload_detail"].get("at")
     status["updated"] = utc_now()
     atomic_write_json(adapter_dir / STATUS, status)

@@ -31,7 +31,7 @@ def _trend(value: object, before: object) -> str:
 def rows_for(versions: list[dict]) -> list[list[object]]:
     rows, before = [], {}
     for v in versions:
-        metrics = v.get("training_metrics", {})
+        metrics = v.get("training_metrics") or {}
         rows.append(
             [
                 v["version_id"],

@@ -34,10 +34,16 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
-    elif result.created:
-        print(f"{result.model}: versioned {result.version_id} (tags: {', '.join(result.tags)})")
     else:
-        print(f"{result.model}: unchanged, already {result.version_id}")
+        if result.created:
+            tags = ", ".join(result.tags)
+            print(f"{result.model}: versioned {result.version_id} (tags: {tags})")
+        else:
+            print(f"{result.model}: unchanged, already {result.version_id}")
+        if len(result.missing) == 4:
+            print("  training metrics: none (no training_metrics.json beside the adapter)")
+        elif result.missing:
+            print(f"  training metrics lack: {', '.join(result.missing)}")
     return 0
 
 

@@ -22,8 +22,8 @@ def rows_for(versions: list[dict]) -> list[list[object]]:
             v["cycle"],
             v["created"][:10],
             v["sha256"][:8],
-            v["training_metrics"].get("final_loss"),
-            v["training_metrics"].get("eval_wer"),
+            (v.get("training_metrics") or {}).get("final_loss"),
+            (v.get("training_metrics") or {}).get("eval_wer"),
         ]
         for v in versions
     ]

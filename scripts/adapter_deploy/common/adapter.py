@@ -10,6 +10,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 from adapter_deploy.common.errors import AdapterError
 
@@ -138,11 +139,29 @@ def check_adapter(src: Path) -> None:
         )
 
 
-def read_metrics(path: Path | None) -> dict:
-    """Training metrics (seed §1.4); missing fields are allowed, unknown ones kept."""
+PLAN_METRICS = ("final_loss", "eval_wer", "epochs", "data_hours")  # seed §1.4
+
+
+def read_metrics(path: Path | None) -> tuple[dict[str, Any] | None, list[str]]:
+    """Training metrics (seed §1.4) and the plan's fields they lack. None when there is no
+    file (recorded as absent, never as {}); the plan's fields, where present, must be
+    non-negative numbers (all problems listed at once); unknown fields are kept."""
     if path is None or not path.is_file():
-        return {}
+        return None, list(PLAN_METRICS)
     problems = _metrics_problems(path)
     if problems:
         raise AdapterError(problems[0], 'pass a JSON object such as {"final_loss": 0.42}')
-    return json.loads(path.read_text())
+    metrics = json.loads(path.read_text())
+    bad = [
+        f"{name}={metrics[name]!r}"
+        for name in PLAN_METRICS
+        if name in metrics
+        and (isinstance(metrics[name], bool) or not isinstance(metrics[name], (int, float))
+             or metrics[name] < 0)
+    ]  # fmt: skip
+    if bad:
+        raise AdapterError(
+            f"{path.name}: {', '.join(bad)} must be non-negative numbers",
+            "fix the trainer's metrics output (or leave the field out)",
+        )
+    return metrics, [name for name in PLAN_METRICS if name not in metrics]

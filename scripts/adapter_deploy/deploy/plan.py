@@ -32,6 +32,7 @@ class Release:
     local_dir: Path
     signed: dict[str, Any] | None = None
     requested: dict[str, Any] | None = None  # the operator's --cycle or --version, as asked
+    converted: bool = False  # a conversion of the adapter (merged, bitsandbytes, gguf)
 
     @property
     def size(self) -> int:
@@ -120,6 +121,7 @@ def for_endpoint(params: Params, ep: EndpointParams, release: Release) -> Releas
         Path(converted.path),
         converted.signed,
         release.requested,
+        converted=True,
     )
 
 

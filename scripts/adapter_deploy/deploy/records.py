@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,19 +34,41 @@ DEPLOY_LOG = "deploy_log.jsonl"
 STATUS = "status.json"
 
 
-def _health_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
+def _health_detail(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One model's check, with what failed (kept beside the plan's aggregate)."""
     if not result:
         return None
-    p50 = result.get("latency_p50")
     return {
-        "all_passed": result.get("all_passed"),
-        "latency_p50_ms": round(p50 * 1000) if p50 is not None else None,
+        **_summary([result]),
         "failures": [
             {"input": r["input"], "output": r["output"], "reason": r["reason"]}
             for r in result.get("results", [])
             if not r["passed"]
         ],
         "error": result.get("error"),
+    }
+
+
+def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plan's shape: `all_passed` over every check, `latency_p50_ms` over every sentence
+    of every model (the checks' own p50 where a check has no sentences, e.g. did not load)."""
+    latencies = [r["latency_s"] for res in results for r in res.get("results", [])]
+    if not latencies:
+        latencies = [res["latency_p50"] for res in results if res.get("latency_p50") is not None]
+    p50 = statistics.median_low(latencies) if latencies else None
+    return {
+        "all_passed": all(bool(res.get("all_passed")) for res in results),
+        "latency_p50_ms": round(p50 * 1000) if p50 is not None else None,
+    }
+
+
+def health_results(models: list[ModelOutcome]) -> dict[str, Any]:
+    """seed §7.1: {"pre_activation": {...}, "post_activation": {...}} over all models."""
+    phases = ("pre_activation", "post_activation")
+    return {
+        phase: _summary([m.health[phase] for m in models if m.health.get(phase)])
+        for phase in phases
+        if any(m.health.get(phase) for m in models)
     }
 
 
@@ -59,28 +82,43 @@ def _status_of(outcome: EndpointOutcome) -> str:
     return "success"
 
 
+def _phases(action: str, models: list[ModelOutcome]) -> list[str]:
+    """In the order they ran; a deploy starts from a version (made or reused)."""
+    ran = ["version"] if action == "deploy" and models else []
+    for m in models:
+        ran += [phase for phase in m.phases if phase not in ran]
+    return ran
+
+
 def log_entry(
     action: str, outcome: EndpointOutcome, run_id: str, cycle: int | None
 ) -> dict[str, Any]:
+    models = outcome.models
     return {
         "timestamp": utc_now(),
         "run_id": run_id,
         "action": action,
         "cycle": cycle,
-        "models": [m.model for m in outcome.models],
-        "versions": {m.model: m.version_id for m in outcome.models},
-        "previous": {m.model: m.previous for m in outcome.models},
+        "models": [m.model for m in models],
+        "versions": {m.model: m.version_id for m in models},
+        "previous": {m.model: m.previous for m in models},
         "endpoint": outcome.endpoint,
-        "phases_completed": sorted({p for m in outcome.models for p in m.phases}),
-        "per_model": {m.model: {"status": m.status, "phases": m.phases} for m in outcome.models},
-        "health_check_results": {
-            m.model: {k: _health_summary(v) for k, v in m.health.items()} for m in outcome.models
+        "phases_completed": _phases(action, models),
+        "per_model": {m.model: {"status": m.status, "phases": m.phases} for m in models},
+        "health_check_results": health_results(models),
+        "health_check_results_per_model": {
+            m.model: {k: _health_detail(v) for k, v in m.health.items()} for m in models
         },
-        "bytes_sent": sum(m.bytes_sent for m in outcome.models),
+        "bytes_sent": sum(m.bytes_sent for m in models),
         "status": _status_of(outcome),
-        "error": outcome.error or "; ".join(m.error for m in outcome.models if m.error) or None,
+        "error": outcome.error or "; ".join(m.error for m in models if m.error) or None,
         "duration_s": outcome.duration_s,
     }
+
+
+_WORST = ("failed", "rolled_back", "aborted", "success")
+# Actions that change what runs; a transfer, precheck or verify alone changes nothing.
+CHANGES_WHAT_RUNS = ("deploy", "rollback", "activate")
 
 
 def record(
@@ -94,26 +132,37 @@ def record(
     entries = [log_entry(action, o, run_id, cycle) for o in outcomes]
     for entry in entries:
         append_jsonl(adapters / DEPLOY_LOG, entry)
-    with updating_manifest(adapters, f"{action} {run_id}") as manifest:
-        for entry in entries:
-            manifest["deployments"].append(
-                {
-                    k: entry[k]
-                    for k in (
-                        "timestamp",
-                        "run_id",
-                        "action",
-                        "cycle",
-                        "models",
-                        "versions",
-                        "endpoint",
-                        "status",
-                    )
-                }
-            )
-    _update_status(adapters, outcomes)
-    _assign_stages(params, outcomes)
+    if action in ("deploy", "rollback"):
+        with updating_manifest(adapters, f"{action} {run_id}") as manifest:
+            manifest["deployments"].append(_deployment(action, run_id, cycle, entries, outcomes))
+    if action in CHANGES_WHAT_RUNS:
+        _update_status(adapters, outcomes)
+        _assign_stages(params, outcomes)
     return entries
+
+
+def _deployment(
+    action: str,
+    run_id: str,
+    cycle: int | None,
+    entries: list[dict[str, Any]],
+    outcomes: list[EndpointOutcome],
+) -> dict[str, Any]:
+    """seed §1.4: one entry per run with its models and endpoints."""
+    statuses = [e["status"] for e in entries]
+    models = sorted({m for e in entries for m in e["models"]})
+    return {
+        "timestamp": entries[0]["timestamp"] if entries else utc_now(),
+        "cycle": cycle,
+        "models": models,
+        "endpoints": [e["endpoint"] for e in entries],
+        "status": next((s for s in _WORST if s in statuses), "success"),
+        "health_check_results": health_results([m for o in outcomes for m in o.models]),
+        "run_id": run_id,
+        "action": action,
+        "versions": {m: v for e in entries for m, v in e["versions"].items()},
+        "endpoint_status": {e["endpoint"]: e["status"] for e in entries},
+    }
 
 
 def _update_status(adapters: Path, outcomes: list[EndpointOutcome]) -> None:
@@ -129,10 +178,11 @@ def _update_status(adapters: Path, outcomes: list[EndpointOutcome]) -> None:
 
 
 def _model_status(m: ModelOutcome, old: dict[str, Any]) -> dict[str, Any]:
+    plan = dict.fromkeys(("active_version", "previous_version", "last_reload", "health_status"))
     if m.status == "rolled_back":
-        return {**old, "health_status": "rolled back from " + str(m.version_id)}
+        return {**plan, **old, "health_status": "rolled back from " + str(m.version_id)}
     if m.status == "unchanged":
-        return old or {"active_version": m.version_id, "previous_version": m.previous}
+        return {**plan, "active_version": m.version_id, "previous_version": m.previous, **old}
     return {
         "active_version": m.version_id,
         "previous_version": m.previous,

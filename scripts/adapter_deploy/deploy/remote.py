@@ -258,6 +258,7 @@ class Session:
     def __init__(self, conn: Connection, adapter_dir: str, read_only: bool = False) -> None:
         self.conn = conn
         args = ["session", "--adapter-dir", adapter_dir, "--holder", holder_text()]
+        args += ["--endpoint", conn.name]
         args += ["--read-only"] if read_only else []
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(

@@ -251,12 +251,15 @@ class EndpointRun:
         check = self.health(model, None, via_service=self.via_service)
         if check["all_passed"]:
             self.mark_verified(model, active)
+        else:
+            unhealthy = f"unhealthy: {active} failed its check after the rollback from {bad}"
+            self.session.call(p.Record(model=model, health_status=unhealthy))
         self.say(model, "rollback", f"back on {active}, healthy={check['all_passed']}")
 
     def mark_verified(self, model: str, version_id: str) -> None:
         """Remember on the endpoint that what `active` points at passed VERIFY."""
         assert self.session
-        self.session.call(p.Record(model=model, verified=version_id))
+        self.session.call(p.Record(model=model, verified=version_id, health_status="healthy"))
 
     def _fail(self, out: ModelOutcome, status: str, why: str, result: dict[str, Any]) -> None:
         out.status = status
@@ -285,6 +288,8 @@ class EndpointRun:
             fallback = before if trusted else {"active": previous, "previous": None}
             self.verify(release, out, fallback)
             return out
+        if release.converted:
+            out.phases.append("convert")
         self.transfer(release, out)
         failpoints.deployer("deploy.after_transfer")
         if not self.precheck(release, out):

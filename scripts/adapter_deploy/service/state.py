@@ -141,8 +141,10 @@ class Service:
     def model_names(self) -> list[str]:
         if self.config.models is not None:
             return list(self.config.models)
+        # Every model of the endpoint: served (an `active` link) or not yet (releases only).
         root = self.config.adapter_dir
-        return sorted(p.parent.name for p in root.glob("*/active") if p.is_symlink())
+        active = {p.parent.name for p in root.glob("*/active") if p.is_symlink()}
+        return sorted(active | {p.parent.name for p in root.glob("*/releases") if p.is_dir()})
 
     def link(self, model: str, name: str = "active") -> Path:
         return self.config.adapter_dir / model / name

@@ -40,6 +40,7 @@ class VersionResult:
     path: Path
     created: bool
     tags: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # the plan's metrics not given
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class VersionResult:
             "version_id": self.version_id,
             "path": str(self.path),
             "created": self.created,
+            "metrics_missing": self.missing,
             "tags": self.tags,
         }
 
@@ -63,14 +65,15 @@ def _existing(manifest: dict, model: str, cycle: int, files: dict) -> dict | Non
     return None
 
 
-def _stage_copy(src: Path, dest: Path, metrics: dict) -> dict[str, dict[str, Any]]:
+def _stage_copy(src: Path, dest: Path, metrics: dict | None) -> dict[str, dict[str, Any]]:
     """Copy the adapter into a hidden dir beside `dest`, then rename it into place."""
     staging = dest.with_name(f".incoming-{dest.name}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shutil.copyfile(src / PEFT_CONFIG, staging / PEFT_CONFIG)
     shutil.copyfile(src / PEFT_WEIGHTS, staging / PEFT_WEIGHTS)
-    (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if metrics is not None:
+        (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     files = {
         p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
         for p in sorted(staging.iterdir())
@@ -79,14 +82,16 @@ def _stage_copy(src: Path, dest: Path, metrics: dict) -> dict[str, dict[str, Any
     return files
 
 
-def _source_files(src: Path, metrics: dict) -> dict[str, dict[str, str]]:
+def _source_files(src: Path, metrics: dict | None) -> dict[str, dict[str, str]]:
     """The content identity of what would be versioned (for idempotency)."""
-    metrics_bytes = (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()
-    return {
+    identity = {
         PEFT_CONFIG: {"sha256": sha256_file(src / PEFT_CONFIG)},
         PEFT_WEIGHTS: {"sha256": sha256_file(src / PEFT_WEIGHTS)},
-        METRICS: {"sha256": hashlib.sha256(metrics_bytes).hexdigest()},
     }
+    if metrics is not None:
+        metrics_bytes = (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()
+        identity[METRICS] = {"sha256": hashlib.sha256(metrics_bytes).hexdigest()}
+    return identity
 
 
 def _cycle_tag(repo: Path, cycle: int, message: str, retag: bool) -> str:
@@ -124,7 +129,11 @@ def version_adapter(
     if metrics_file is not None and not metrics_file.is_file():
         raise UsageError(f"metrics file {metrics_file} not found", "pass an existing METRICS file")
     check_adapter(src)
-    metrics = read_metrics(metrics_file or src / METRICS)
+    metrics, missing = read_metrics(metrics_file or src / METRICS)
+    if metrics is None:
+        log.warning("no training metrics (no %s beside the adapter, no METRICS=)", METRICS)
+    elif missing:
+        log.warning("training metrics lack %s", ", ".join(missing))
     adapters_dir = params.adapters_dir
     repo = registry.repo_root(adapters_dir)
     identity = _source_files(src, metrics)
@@ -132,7 +141,7 @@ def version_adapter(
     if existing:
         vid = existing["version_id"]
         log.info("%s %s already holds these bytes; nothing changed", model, vid)
-        return VersionResult(model, vid, adapters_dir / model / vid, created=False)
+        return VersionResult(model, vid, adapters_dir / model / vid, created=False, missing=missing)
 
     when = now or datetime.now(UTC)
     sha = identity[PEFT_WEIGHTS]["sha256"]
@@ -164,7 +173,7 @@ def version_adapter(
         "cycle": cycle,
         "sha256": sha,
         "base_model": base,
-        "training_metrics": metrics,
+        **({"training_metrics": metrics} if metrics is not None else {}),
         "files": files,
     }
     entry["signed"] = _signature(params, model, entry)
@@ -178,7 +187,7 @@ def version_adapter(
     )
     message = f"cycle {cycle}: {model} {version_id}"
     tags = [_cycle_tag(repo, cycle, message, retag), _gto_tag(repo, model, cycle, version_id)]
-    return VersionResult(model, version_id, dest, created=True, tags=tags)
+    return VersionResult(model, version_id, dest, created=True, tags=tags, missing=missing)
 
 
 def _signature(params: Params, model: str, entry: dict[str, Any]) -> dict[str, Any] | None:
