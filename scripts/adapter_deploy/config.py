@@ -148,13 +148,7 @@ class Params(_Strict):
         return self.models[name]
 
     def endpoint(self, name: str) -> EndpointParams:
-        check_name("endpoint", name)
-        if name not in self.endpoints:
-            known = ", ".join(sorted(self.endpoints)) or "none"
-            raise UsageError(
-                f"unknown endpoint {name!r} (known: {known})",
-                f"add it under endpoints: in {self.source.name} or pick a known one",
-            )
+        self.check_endpoints([name])
         return self.endpoints[name]
 
     def check_endpoints(self, names: list[str]) -> None:

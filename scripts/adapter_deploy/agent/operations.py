@@ -36,6 +36,8 @@ class EndpointSide:
     def __init__(self, adapter_dir: Path, endpoint: str | None = None) -> None:
         self.adapter_dir = adapter_dir
         self.endpoint = endpoint  # its name in the deployer's params, for status.json
+        # (model, version) -> the file list `prepare` found a present release whole against
+        self._intact: dict[tuple[str, str], dict[str, Any]] = {}
 
     def _record(self, model: str, **fields: Any) -> None:
         record_status(self.adapter_dir, model, self.endpoint, **fields)
@@ -69,6 +71,7 @@ class EndpointSide:
         release = kept.release(check_version_id(req.version_id))
         check_file_names(req.files)
         if release.is_dir() and not releases.file_problems(release, req.files):
+            self._intact[(req.model, req.version_id)] = req.files
             return {"present": True, "incoming": None}
         free = shutil.disk_usage(self.adapter_dir).free
         if free < req.size + req.reserve:
@@ -93,7 +96,9 @@ class EndpointSide:
         check_file_names(req.files)
         trusted = _trusted_keys(self.adapter_dir)
         if not trusted:
-            result = releases.stage(kept, req.version_id, req.files)
+            result = releases.stage(
+                kept, req.version_id, req.files, self._was_intact(req, req.files)
+            )
             return {"result": result, "signed": False}
         from adapter_deploy import signing
         from adapter_deploy.agent import trust
@@ -105,10 +110,15 @@ class EndpointSide:
             releases.discard_incoming(kept, req.version_id)
             raise
         # The signed file list, not the request's, decides what may become a release.
-        result = releases.stage(kept, req.version_id, check_file_names(metadata["files"]))
+        signed_files = check_file_names(metadata["files"])
+        intact = self._was_intact(req, signed_files)
+        result = releases.stage(kept, req.version_id, signed_files, intact)
         trust.record_accepted(kept, metadata)
         trust.record_signature(kept, req.version_id, req.signed["key_id"])
         return {"result": result, "signed": True}
+
+    def _was_intact(self, req: p.Stage, files: dict[str, Any]) -> bool:
+        return self._intact.pop((req.model, req.version_id), None) == files
 
     def trust(self, req: p.Trust) -> dict[str, Any]:
         from adapter_deploy.agent import trust

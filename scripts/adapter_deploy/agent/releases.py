@@ -165,10 +165,15 @@ def prepare_incoming(kept: ModelReleases, version_id: str) -> Path:
     return incoming
 
 
-def stage(kept: ModelReleases, version_id: str, files: dict[str, dict[str, Any]]) -> str:
-    """Turn a verified transfer into releases/<id>. Returns 'present' or 'staged'."""
+def stage(
+    kept: ModelReleases, version_id: str, files: dict[str, dict[str, Any]], intact: bool = False
+) -> str:
+    """Turn a verified transfer into releases/<id>. Returns 'present' or 'staged'.
+
+    `intact`: this session already found the release whole against exactly `files` (prepare),
+    so it is not hashed a second time."""
     release = kept.release(version_id)
-    if release.is_dir() and not file_problems(release, files):
+    if release.is_dir() and (intact or not file_problems(release, files)):
         kept.record_files(version_id, files)
         return "present"
     if release.is_dir():

@@ -1,6 +1,6 @@
 """Phases 3-6 of a deploy (TRANSFER, PRE-CHECK, ACTIVATE, VERIFY) per endpoint.
 
-A deploy is a list of small named steps per endpoint and model (deploycore/steps.py);
+A deploy is a list of small named steps per endpoint and model (deploy/steps.py);
 rollback reuses the same link-restoring step. Endpoints run in parallel (bounded), each
 over one endpoint session (one multiplexed ssh connection); a failure on one
 endpoint never stops the others. Whatever fails, the endpoint keeps serving

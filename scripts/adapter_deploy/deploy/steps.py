@@ -2,7 +2,7 @@
 ACTIVATE, VERIFY, the automatic rollback) over one endpoint session.
 
 `EndpointRun.deploy_model()` runs them for one release; whatever fails, the endpoint keeps
-serving its last verified release (`fallback_for`). deploycore/deploy.py runs endpoints in
+serving its last verified release (`fallback_for`). deploy/fleet.py runs endpoints in
 parallel; phases.py and rollback.py reuse the same steps.
 """
 

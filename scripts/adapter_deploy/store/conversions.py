@@ -1,7 +1,7 @@
 """Phase 2, CONVERT (merged formats): merge + requantize a version, cached by content.
 
 `convert_release()` finds the version, builds (or finds) its conversion in the cache
-(deploycore/conversion_cache.py: the content key and the cache layout) and records it once in
+(store/conversion_cache.py: the content key and the cache layout) and records it once in
 the manifest's "conversions" list (model, version_id, format, key, sha256, size, files,
 created, signed), so the endpoint verifies it like an adapter, signature included. Converting
 the same inputs again finds the key and recomputes nothing (`cache_hit`).
