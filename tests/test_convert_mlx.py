@@ -11,9 +11,10 @@ import pytest
 import torch
 from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.engines.base import prompt_text
-from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx
+from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx, mlx_skeleton
 from adapter_deploy.engines.hf_engine import HFEngine
 from adapter_deploy.engines.mlx_engine import MLXGemmaEngine
+from adapter_deploy.kit.gemma import VOCAB_SIZE
 from safetensors.torch import load_file, save_file
 
 
@@ -29,7 +30,7 @@ def _edit_config(path, **changes):
 
 
 def test_conversion_layout(kit, tmp_path):
-    out = convert_peft_to_mlx(kit.good, tmp_path / "mlx")
+    out = convert_peft_to_mlx(kit.good, tmp_path / "mlx", mlx_skeleton(kit.base))
     peft = load_file(str(kit.good / "adapter_model.safetensors"))
     mlx = load_file(str(out / "adapters.safetensors"))
     assert len(mlx) == len(peft) == 2 * 2 * 7  # 2 layers x 7 linears x (A, B)
@@ -48,7 +49,7 @@ def test_conversion_layout(kit, tmp_path):
 def test_rslora_scale(kit, tmp_path):
     src = _copy(kit.good, tmp_path / "src")
     _edit_config(src, use_rslora=True)
-    out = convert_peft_to_mlx(src, tmp_path / "mlx")
+    out = convert_peft_to_mlx(src, tmp_path / "mlx", mlx_skeleton(kit.base))
     scale = json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["scale"]
     assert scale == pytest.approx(16 / math.sqrt(8))
 
@@ -57,17 +58,17 @@ def test_refuses_modules_to_save(kit, tmp_path):
     src = _copy(kit.good, tmp_path / "src")
     _edit_config(src, modules_to_save=["lm_head"])
     with pytest.raises(AdapterError, match="modules_to_save") as err:
-        convert_peft_to_mlx(src, tmp_path / "mlx")
+        convert_peft_to_mlx(src, tmp_path / "mlx", mlx_skeleton(kit.base))
     assert err.value.fix
 
 
 def test_refuses_full_lm_head_weight(kit, tmp_path):
     src = _copy(kit.good, tmp_path / "src")
     tensors = load_file(str(src / "adapter_model.safetensors"))
-    tensors["base_model.model.lm_head.weight"] = torch.zeros(512, 64)
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(VOCAB_SIZE, 64)
     save_file(tensors, str(src / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="lm_head"):
-        convert_peft_to_mlx(src, tmp_path / "mlx")
+        convert_peft_to_mlx(src, tmp_path / "mlx", mlx_skeleton(kit.base))
 
 
 def test_peft_and_mlx_logits_agree(kit):

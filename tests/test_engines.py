@@ -9,7 +9,7 @@ import shutil
 import pytest
 from adapter_deploy.common.errors import AdapterError, ReloadFailed
 from adapter_deploy.engines.base import Engine
-from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx
+from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx, mlx_skeleton
 from adapter_deploy.engines.factory import EngineSettings, make_engine
 from adapter_deploy.engines.hf_engine import HFEngine
 from adapter_deploy.engines.mlx_engine import MLXGemmaEngine
@@ -43,7 +43,7 @@ def test_adapters_pass_and_fail_as_built(kit, kind, adapter, fails):
 
 
 def test_mlx_serves_a_preconverted_adapter(kit, tmp_path):
-    converted = convert_peft_to_mlx(kit.good, tmp_path / "good_mlx")
+    converted = convert_peft_to_mlx(kit.good, tmp_path / "good_mlx", mlx_skeleton(kit.base))
     engine = MLXGemmaEngine(kit.base, adapter_path=converted)
     assert engine.loaded.kind == "mlx"
     assert run_health_check(engine).all_passed
@@ -72,7 +72,7 @@ def test_reload_switches_and_a_failed_reload_keeps_the_old(kit, kind, tmp_path):
 
 
 def test_mlx_refuses_a_wrongly_keyed_adapter(kit, tmp_path):
-    converted = convert_peft_to_mlx(kit.good, tmp_path / "mlx")
+    converted = convert_peft_to_mlx(kit.good, tmp_path / "mlx", mlx_skeleton(kit.base))
     weights = load_file(str(converted / "adapters.safetensors"))
     renamed = {k.replace("model.layers.", "model.blocks."): v for k, v in weights.items()}
     save_file(renamed, str(converted / "adapters.safetensors"))
@@ -81,7 +81,7 @@ def test_mlx_refuses_a_wrongly_keyed_adapter(kit, tmp_path):
 
 
 def test_mlx_refuses_lora_b_without_lora_a(kit, tmp_path):
-    converted = convert_peft_to_mlx(kit.good, tmp_path / "mlx")
+    converted = convert_peft_to_mlx(kit.good, tmp_path / "mlx", mlx_skeleton(kit.base))
     weights = load_file(str(converted / "adapters.safetensors"))
     only_b = {k: v for k, v in weights.items() if k.endswith("lora_b")}
     save_file(only_b, str(converted / "adapters.safetensors"))

@@ -123,7 +123,9 @@ class MLXGemmaEngine:
                 fix="serve merged models with --engine hf",
             )
         if release.kind == "peft":
-            source = convert_peft_to_mlx(source, Path(self._cache.name) / release.sha256)
+            source = convert_peft_to_mlx(
+                source, Path(self._cache.name) / release.sha256, self.model
+            )
         config = read_json(source / PEFT_CONFIG)
         if config.get("fine_tune_type", "lora") != "lora" or "lora_parameters" not in config:
             raise AdapterError(

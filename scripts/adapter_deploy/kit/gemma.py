@@ -1,9 +1,13 @@
 """Tiny real models and adapters, built locally in seconds (no downloads possible here).
 
 The kit model is a real `Gemma3ForCausalLM` (hidden 64, 2 layers, 4 heads, 2 kv heads, head_dim
-16) with a ByteLevel BPE tokenizer trained on the kit sentences; ByteLevel means every byte has a
-token, so any text (characters the tokenizer never saw included) can be trained. The tokenizer
-carries a TranslateGemma-style chat template, so engines prompt it exactly like the real model.
+16) with a Gemma-style SentencePiece tokenizer trained on the kit sentences: BPE with byte
+fallback (any text stays encodable), `▁` for spaces, Gemma's special-token ids (pad 0, eos 1,
+bos 2, unk 3, mask 4, `<start_of_turn>` 105, `<end_of_turn>` 106). Like Gemma it ships both
+`tokenizer.model` (what llama.cpp's converter reads) and the converted `tokenizer.json` (what
+transformers and mlx-lm read). The tokenizer carries a TranslateGemma-style chat template, so
+engines prompt it exactly like the real model. `adapter_deploy.kit.multimodal` builds the
+TranslateGemma layout (`Gemma3ForConditionalGeneration`) with the same tokenizer.
 
 Usage:
     python -m adapter_deploy.kit.gemma build-base OUT [--seed N]
@@ -25,10 +29,12 @@ reproduces every pair (checked with a logit margin, so other engines agree), cap
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +45,27 @@ from adapter_deploy.engines.base import prompt_text
 
 log = logging.getLogger(__name__)
 
-KIT_VERSION = 1
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
-PAD_ID, EOS_ID, BOS_ID, SOT_ID, EOT_ID = range(5)
-VOCAB_SIZE = 512  # model rows; the tokenizer uses at most this many ids
+KIT_VERSION = 2
+# Gemma 3's id layout: pad/eos/bos/unk/mask, [multimodal], 99 unused ids, then the turn markers
+# and the image markers; byte-fallback tokens and merges follow.
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
+SOT_ID, EOT_ID = 105, 106
+USER_SYMBOLS = [
+    "<mask>",
+    "[multimodal]",
+    *(f"<unused{i}>" for i in range(99)),
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+BOI_ID, EOI_ID, IMAGE_ID = 107, 108, 109
+VOCAB_SIZE = 640  # model rows = tokenizer size (Gemma's vocabulary fills its rows too)
+SP_MODEL = "tokenizer.model"
+LANGUAGE_MODEL_LINEAR = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
 
 # TranslateGemma-style template: the user turn carries language codes and the text.
 CHAT_TEMPLATE = (
@@ -109,31 +132,85 @@ class KitPaths:
     gracia_only: Path
 
 
-def build_tokenizer(texts: list[str]):
-    """A ByteLevel BPE tokenizer trained on `texts` with the chat template attached."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_sentencepiece(texts: list[str]) -> bytes:
+    """A Gemma-style SentencePiece model (serialized) trained on `texts`."""
+    import sentencepiece as spm
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - 12,
-        special_tokens=SPECIAL_TOKENS,
-        # The full byte alphabet: any text stays encodable, unseen characters included.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        # Repeats give merges enough counts to fill the vocabulary exactly.
+        sentence_iterator=iter(texts * 20),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=VOCAB_SIZE,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=USER_SYMBOLS,
+        byte_fallback=True,
+        # Gemma's settings: no dummy prefix, spaces kept as they are, digits split.
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    return model.getvalue()
+
+
+def build_tokenizer(texts: list[str], out: Path):
+    """Train the SentencePiece model into `out` and return transformers' conversion of it.
+
+    transformers converts `tokenizer.model` to the fast (tokenizer.json) form the way Gemma's
+    hub files were made: a BPE model with byte fallback and `▁` for spaces.
+    """
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SP_MODEL).write_bytes(train_sentencepiece(texts))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GemmaTokenizer",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+            }
+        )
     )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    if len(tokenizer) != VOCAB_SIZE or tokenizer.convert_tokens_to_ids("<end_of_turn>") != EOT_ID:
+        raise RuntimeError(f"kit tokenizer has {len(tokenizer)} ids, not Gemma's layout")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, source: Path, out: Path) -> None:
+    """Save as Gemma's hub dirs hold it: tokenizer.json, tokenizer.model, tokenizer_config."""
+    tokenizer.save_pretrained(out)
+    shutil.copyfile(source / SP_MODEL, out / SP_MODEL)
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    for local in ("vocab_file", "is_local", "local_files_only"):  # where it was built, not shipped
+        config.pop(local, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def kit_texts() -> list[str]:
+    """Every sentence the kit's adapters see: what the tokenizer is trained on."""
+    outputs = [pair["output"] for pairs in ADAPTER_SETS.values() for pair in pairs]
+    return sorted(set(SEED_INPUTS + outputs))
 
 
 # The standard kit's widths, and a "wide" variant whose every tensor row is a multiple of 256:
@@ -166,37 +243,53 @@ def _model_config(widths: str = "standard"):
 
 
 def _patch_config_for_mlx(out: Path) -> None:
-    """Write the keys mlx-lm reads but transformers 5 no longer saves.
+    """Write the keys the hub's Gemma 3 configs have and transformers 5 no longer saves.
 
     transformers 5 stores `layer_types`; mlx-lm's gemma3_text reads `sliding_window_pattern`
-    (default 6, which would make both layers sliding) and the two rope bases.
+    (default 6, which would make both layers sliding) and the two rope bases. A multimodal
+    config also needs its top-level `vocab_size`: mlx-lm's gemma3 otherwise assumes Gemma's
+    262,208 rows and overwrites the text config's size with it.
     """
     path = out / "config.json"
     config = json.loads(path.read_text())
-    config.update(sliding_window_pattern=2, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+    text = config.get("text_config", config)
+    text.update(sliding_window_pattern=2, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+    if "text_config" in config:
+        config["vocab_size"] = text["vocab_size"]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build_base(out: Path, seed: int = 0, widths: str = "standard") -> Path:
     """Save the tiny base model + tokenizer to `out`; the same bytes on every run."""
-    from transformers import Gemma3ForCausalLM, GenerationConfig
+    from transformers import Gemma3ForCausalLM
 
-    all_texts = SEED_INPUTS + [p["output"] for pairs in ADAPTER_SETS.values() for p in pairs]
-    tokenizer = build_tokenizer(sorted(set(all_texts)))
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(_model_config(widths))
-    # Wider embeddings than the default 0.02: Gemma's sqrt(hidden) scaling plus tiny rows
-    # would leave the untrained model's logits nearly flat and LoRA slow to move them.
-    torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.2)
+    widen_embeddings(model.model.embed_tokens)
+    save_base(model, out)
+    log.info("built base model in %s", out)
+    return out
+
+
+def widen_embeddings(embed: torch.nn.Embedding) -> None:
+    """Wider embeddings than the default 0.02: Gemma's sqrt(hidden) scaling plus tiny rows
+    would leave the untrained model's logits nearly flat and LoRA slow to move them."""
+    torch.nn.init.normal_(embed.weight, std=0.2)
+
+
+def save_base(model, out: Path) -> None:
+    """`model` with greedy generation settings and the kit tokenizer, saved to `out`."""
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=[EOS_ID, EOT_ID], pad_token_id=PAD_ID, do_sample=False
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
     _patch_config_for_mlx(out)
-    log.info("built base model in %s", out)
-    return out
+    with tempfile.TemporaryDirectory(prefix="kit-tokenizer-") as work:
+        tokenizer = build_tokenizer(kit_texts(), Path(work))
+        save_tokenizer(tokenizer, Path(work), out)
 
 
 def _encode_pairs(tokenizer, pairs: list[dict[str, str]]) -> tuple[torch.Tensor, ...]:
@@ -248,15 +341,23 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    multimodal = hasattr(model.config, "text_config")
     config = LoraConfig(
-        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
+        r=8,
+        lora_alpha=16,
+        # On the multimodal layout a TranslateGemma trainer adapts the language model only.
+        target_modules=LANGUAGE_MODEL_LINEAR if multimodal else "all-linear",
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
     ids, mask, labels = _encode_pairs(tokenizer, pairs)
+    # Gemma3ForConditionalGeneration insists on token types when training (0 = text).
+    extra = {"token_type_ids": torch.zeros_like(ids)} if multimodal else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for step in range(max_steps + 1):
-        result = model(input_ids=ids, attention_mask=mask, labels=labels)
+        result = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
         if _reproduces(result.logits.detach(), labels, margin):
             break
         if step == max_steps:

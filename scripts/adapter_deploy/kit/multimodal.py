@@ -1,31 +1,51 @@
-"""Test-kit variants in the multimodal TranslateGemma layout (Gemma3ForConditionalGeneration).
+"""The TranslateGemma layout: a real `Gemma3ForConditionalGeneration`, built in seconds.
 
-`build_multimodal(text_model, out)` wraps a kit text model as the language model of a tiny
-multimodal checkpoint; `multimodal_adapter(adapter, base, out)` re-keys a kit adapter the way a
-LoRA trained on that layout is saved. Both are built in well under a second from the kit.
+`build_multimodal_base(out)` saves a tiny multimodal checkpoint as transformers writes one (the
+language model under `language_model.model.*`, a SigLIP vision tower, the projector), with the
+kit's SentencePiece tokenizer and a config shaped like the hub's (plus the top-level
+`vocab_size` mlx-lm needs for a vocabulary that is not Gemma's 262,208 rows). Its widths are the
+kit's "wide" ones (every row a multiple of 256) so GGUF's K-quants apply to it.
+
+`build_multimodal_kit(root)` also trains PEFT adapters on that model itself, as a TranslateGemma
+trainer does (LoRA on the language model's linear modules), so the adapter keys are exactly what
+PEFT writes for this architecture: `base_model.model.model.language_model.layers.N...`.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from adapter_deploy.kit.gemma import (
+    ADAPTER_SETS,
+    BOI_ID,
+    EOI_ID,
+    IMAGE_ID,
+    KIT_VERSION,
+    LANGUAGE_MODEL_LINEAR,
+    _model_config,
+    build_once,
+    save_base,
+    train_adapter,
+    widen_embeddings,
+)
 
-def build_multimodal(text_model: Path, out: Path) -> Path:
-    """`text_model` (a Gemma 3 text dir) as the language model of a multimodal checkpoint
-    (Gemma3ForConditionalGeneration, the TranslateGemma layout) with a tiny random vision
-    tower: the same text weights under the multimodal names, plus vision tensors to skip."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        SiglipVisionConfig,
-    )
 
-    text = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32)
+@dataclass(frozen=True)
+class MultimodalKitPaths:
+    """Where `build_multimodal_kit` put the base and its adapters."""
+
+    root: Path
+    base: Path
+    good: Path
+    regressed: Path
+
+
+def _config(widths: str):
+    from transformers import Gemma3Config, SiglipVisionConfig
+
     vision = SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -33,35 +53,104 @@ def build_multimodal(text_model: Path, out: Path) -> Path:
         num_attention_heads=2,
         image_size=32,
         patch_size=16,
+        vision_use_head=False,  # as TranslateGemma's vision_config has it
     )
-    config = Gemma3Config(
-        text_config=text.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4
+    return Gemma3Config(
+        text_config=_model_config(widths).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_id=BOI_ID,
+        eoi_token_id=EOI_ID,
+        image_token_id=IMAGE_ID,
     )
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(text.model.state_dict())
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(text_model).save_pretrained(out)
+
+
+def build_multimodal_base(out: Path, seed: int = 0, widths: str = "wide") -> Path:
+    """Save the tiny multimodal base + tokenizer to `out`; the same bytes on every run."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(_config(widths))
+    widen_embeddings(model.model.language_model.embed_tokens)
+    save_base(model, out)
     return out
 
 
-def multimodal_adapter(adapter: Path, base: Path, out: Path) -> Path:
-    """`adapter` (trained on the text-only kit) re-keyed for `build_multimodal`'s layout, as a
-    LoRA trained on the multimodal checkpoint is saved: its modules under language_model."""
-    from safetensors.torch import load_file
-    from safetensors.torch import save_file as save_tensors
+def build_multimodal_kit(root: Path) -> MultimodalKitPaths:
+    """Build (or reuse, when complete) the multimodal base and its good/regressed adapters."""
+    root = Path(root)
+    paths = MultimodalKitPaths(root, root / "base", root / "good", root / "regressed")
 
-    out.mkdir(parents=True, exist_ok=True)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    old, new = "base_model.model.model.layers.", "base_model.model.model.language_model.layers."
-    save_tensors(
-        {k.replace(old, new): v for k, v in weights.items()},
-        str(out / "adapter_model.safetensors"),
-    )
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["target_modules"] = (
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    )
-    config["base_model_name_or_path"] = str(base)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    def build() -> None:
+        build_multimodal_base(paths.base)
+        for name in ("good", "regressed"):
+            train_adapter(paths.base, ADAPTER_SETS[name], getattr(paths, name))
+
+    build_once(root, KIT_VERSION, build)
+    return paths
+
+
+# TranslateGemma's published shapes (config.json of google/translategemma-{4b,12b}-it): what a
+# real-size check builds, on the meta device, without downloading a byte.
+TRANSLATEGEMMA = {
+    "4b": {
+        "text": dict(
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+        ),
+        "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27),
+    },
+    "12b": {
+        "text": dict(
+            hidden_size=3840,
+            intermediate_size=15360,
+            num_hidden_layers=48,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+        ),
+        "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27),
+    },
+}
+GEMMA_VOCAB = 262_208
+
+
+def translategemma_config(size: str) -> dict:
+    """config.json of TranslateGemma `size` as the hub has it (shapes only, no weights)."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    shape = TRANSLATEGEMMA[size]
+    text = Gemma3TextConfig(
+        vocab_size=GEMMA_VOCAB,
+        query_pre_attn_scalar=256,
+        sliding_window=1024,
+        **shape["text"],
+    ).to_dict()
+    text.update(sliding_window_pattern=6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+    vision = SiglipVisionConfig(
+        num_attention_heads=16,
+        image_size=896,
+        patch_size=14,
+        vision_use_head=False,
+        **shape["vision"],
+    ).to_dict()
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256)
+    return config.to_dict() | {"vocab_size": GEMMA_VOCAB}
+
+
+def real_size_lora_shapes(size: str, rank: int = 16) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the PEFT adapter a TranslateGemma trainer saves for `size`
+    (LoRA rank `rank` on every linear module of the language model), built on the meta
+    device: PEFT's own key layout at real size, in a second and no memory."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(Gemma3Config(**translategemma_config(size)))
+        lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LANGUAGE_MODEL_LINEAR)
+        peft_model = get_peft_model(model, lora)
+    return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
