@@ -8,6 +8,12 @@ Fixture `kit` -> `adapter_deploy.kit.gemma.KitPaths` with paths:
     kit.gracia_only  sentence 4 has "gracia" but no "fe" (fails the ALL-of rule)
 Set KIT_DIR to reuse a kit across sessions (it is rebuilt only when incomplete).
 
+Fixture `multimodal_kit` -> `adapter_deploy.kit.multimodal.MultimodalKitPaths`: the
+TranslateGemma layout (a real Gemma3ForConditionalGeneration, the kit's "wide" widths so GGUF
+K-quants apply) with PEFT adapters trained on it:
+    multimodal_kit.base, .good (passes all 5 sentences), .regressed (fails sentence 3)
+Set MULTIMODAL_KIT_DIR to reuse it across sessions.
+
 Fixture `whisper_kit` -> `adapter_deploy.kit.whisper.WhisperKitPaths`:
     whisper_kit.base        tiny Whisper + processor (fails every clip)
     whisper_kit.good        PEFT adapter transcribing every generated clip: passes
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from adapter_deploy.kit.gemma import KitPaths, build_kit, build_wide_kit
+from adapter_deploy.kit.multimodal import MultimodalKitPaths, build_multimodal_kit
 from adapter_deploy.kit.whisper import WhisperKitPaths, build_whisper_kit
 
 
@@ -30,6 +37,12 @@ from adapter_deploy.kit.whisper import WhisperKitPaths, build_whisper_kit
 def kit(tmp_path_factory: pytest.TempPathFactory) -> KitPaths:
     root = os.environ.get("KIT_DIR")
     return build_kit(Path(root) if root else tmp_path_factory.mktemp("kit"))
+
+
+@pytest.fixture(scope="session")
+def multimodal_kit(tmp_path_factory: pytest.TempPathFactory) -> MultimodalKitPaths:
+    root = os.environ.get("MULTIMODAL_KIT_DIR")
+    return build_multimodal_kit(Path(root) if root else tmp_path_factory.mktemp("mm_kit"))
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,16 @@ kit's "wide" ones (every row a multiple of 256) so GGUF's K-quants apply to it.
 `build_multimodal_kit(root)` also trains PEFT adapters on that model itself, as a TranslateGemma
 trainer does (LoRA on the language model's linear modules), so the adapter keys are exactly what
 PEFT writes for this architecture: `base_model.model.model.language_model.layers.N...`.
+
+Usage:
+    python -m adapter_deploy.kit.multimodal make-set OUT     # base + good + regressed
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,3 +160,23 @@ def real_size_lora_shapes(size: str, rank: int = 16) -> dict[str, tuple[int, ...
         lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LANGUAGE_MODEL_LINEAR)
         peft_model = get_peft_model(model, lora)
     return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m adapter_deploy.kit.multimodal",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    kit = sub.add_parser("make-set", help="build the multimodal base + good/regressed adapters")
+    kit.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    build_multimodal_kit(args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
