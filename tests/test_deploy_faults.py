@@ -19,11 +19,13 @@ def _tree(path: Path) -> list[str]:
 
 
 def test_dry_run_touches_nothing(fleet: Fleet) -> None:
-    proc = fleet.deploy(
-        "--cycle", "1", "--all-adapters", "--models", "gemma_4b", "--endpoints", "ep1", "--dry-run"
-    )
-    # --all-adapters wins over --models: whisper has no cycle-1 version -> clear error first
-    assert proc.returncode == 2 and "whisper has no version in cycle 1" in proc.stderr
+    proc = fleet.deploy("--cycle", "1", "--all-adapters", "--endpoints", "ep1", "--dry-run")
+    # --all-adapters: the models cycle 1 has; whisper has no cycle-1 version and is listed
+    assert proc.returncode == 0, proc.stderr
+    assert "not in this cycle (left as they are): whisper" in proc.stdout
+    assert "[ep1] gemma_4b" in proc.stdout and "whisper" not in proc.stdout.split("\n", 1)[1]
+    proc = fleet.deploy("--cycle", "9", "--all-adapters", "--endpoints", "ep1", "--json")
+    assert proc.returncode == 2 and "cycle 9 has no version of any model" in proc.stderr
     proc = fleet.deploy(
         "--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2", "--dry-run"
     )

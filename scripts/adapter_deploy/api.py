@@ -29,7 +29,12 @@ from adapter_deploy.deploy.remote import Connection, Session
 from adapter_deploy.deploy.rollback import rollback_endpoint
 from adapter_deploy.store import registry
 from adapter_deploy.store.conversions import ConversionResult, convert_release
-from adapter_deploy.store.manifest import load_manifest, pick_version, versions_of
+from adapter_deploy.store.manifest import (
+    load_manifest,
+    models_in_cycle,
+    pick_version,
+    versions_of,
+)
 from adapter_deploy.store.versioning import VersionResult, version_adapter
 
 
@@ -42,6 +47,7 @@ class RunResult:
     run_id: str | None = None
     note: str | None = None  # e.g. what a bare rollback undoes
     plan: list[str] | None = None  # the dry run's actions; nothing was done
+    not_in_cycle: list[str] = field(default_factory=list)  # --all-adapters: models left out
 
     @property
     def exit_code(self) -> int:
@@ -55,6 +61,7 @@ class RunResult:
             "exit_code": self.exit_code,
             "note": self.note,
             "plan": self.plan,
+            "not_in_cycle": self.not_in_cycle,
             "endpoints": [o.to_dict() for o in self.outcomes],
         }
 
@@ -150,31 +157,55 @@ def _refuse_in_quiet_hours(params: Params, endpoints: list[str], force: bool) ->
 def deploy(
     params: Params,
     endpoints: list[str],
-    models: list[str],
+    models: list[str] | None,
     cycle: int | None,
     version_id: str | None = None,
     force: bool = False,
     dry_run: bool = False,
     progress: bool = False,
 ) -> RunResult:
-    """Phases 3-6 on every endpoint in parallel, logged, alerted."""
+    """Phases 3-6 on every endpoint in parallel, logged, alerted.
+
+    `models` None is --all-adapters: the models that have a version in `cycle` (the plan's
+    "deploy all adapters from the cycle"); the others are reported, not an error.
+    """
     if cycle is None and version_id is None:
         raise UsageError("nothing to deploy", "pass --cycle N (make deploy CYCLE=N)")
     if not endpoints:
         raise UsageError("no endpoint given", "pass --endpoints NAME (make deploy ENDPOINT=NAME)")
     params.check_endpoints(endpoints)
-    if not models:
-        raise UsageError("no models chosen", "pass --all-adapters or --models NAME [NAME ...]")
+    models, not_in_cycle = _models_to_deploy(params, models, cycle)
     chosen = choose_releases(params, models, cycle, version_id)
     _refuse_in_quiet_hours(params, endpoints, force)
     if dry_run:
-        return RunResult("deploy", plan=dry_run_plan(params, endpoints, chosen))
+        plan = dry_run_plan(params, endpoints, chosen)
+        return RunResult("deploy", plan=plan, not_in_cycle=not_in_cycle)
     run_id = fleet.new_run_id()
     outcomes = fleet.deploy(params, endpoints, chosen, progress=progress)
     failpoints.deployer("deploy.before_log")
     record(params, "deploy", outcomes, run_id, cycle)
     send_alerts(params, "deploy", outcomes)
-    return RunResult("deploy", outcomes, run_id)
+    return RunResult("deploy", outcomes, run_id, not_in_cycle=not_in_cycle)
+
+
+def _models_to_deploy(
+    params: Params, models: list[str] | None, cycle: int | None
+) -> tuple[list[str], list[str]]:
+    """(models to deploy, models of --all-adapters that cycle has no version of)."""
+    if models is not None:
+        if not models:
+            raise UsageError("no models chosen", "pass --all-adapters or --models NAME [NAME ...]")
+        return models, []
+    everything = sorted(params.models)
+    if cycle is None:
+        return everything, []
+    have, missing = models_in_cycle(load_manifest(params.adapters_dir), everything, cycle)
+    if not have:
+        raise UsageError(
+            f"cycle {cycle} has no version of any model",
+            f"version one first: make version MODEL=<model> CYCLE={cycle} SRC=<adapter dir>",
+        )
+    return have, missing
 
 
 def rollback(
@@ -225,11 +256,12 @@ def phase(
     if not endpoints:
         raise UsageError("no endpoint given", "pass --endpoints NAME (ENDPOINT=NAME)")
     params.check_endpoints(endpoints)
-    chosen = choose_releases(params, models or sorted(params.models), cycle, version_id)
+    models, not_in_cycle = _models_to_deploy(params, models or None, cycle)
+    chosen = choose_releases(params, models, cycle, version_id)
     run_id = fleet.new_run_id()
     outcomes = run_phase(params, name, endpoints, chosen)
     record(params, name, outcomes, run_id, cycle)
-    return RunResult(name, outcomes, run_id)
+    return RunResult(name, outcomes, run_id, not_in_cycle=not_in_cycle)
 
 
 def status(params: Params, endpoints: list[str] | None = None) -> StatusResult:

@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
             params, args.endpoints, args.models, args.to, args.force, args.dry_run
         )
         return print_run(result, args.json)
-    models = sorted(params.models) if args.all_adapters else (args.models or [])
+    models = None if args.all_adapters else (args.models or [])
     result = api.deploy(
         params,
         args.endpoints or [],
@@ -48,7 +48,9 @@ def cli() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
     parser.add_argument("--cycle", type=int, help="deploy each model's newest version of cycle N")
     parser.add_argument("--version", help="deploy this exact version id (one model)")
-    parser.add_argument("--all-adapters", action="store_true", help="every model in params.yaml")
+    parser.add_argument(
+        "--all-adapters", action="store_true", help="every model with a version in the cycle"
+    )
     parser.add_argument("--models", nargs="+", help="models to deploy or roll back")
     parser.add_argument("--endpoints", nargs="+", help="endpoints from params.yaml")
     parser.add_argument("--rollback", action="store_true", help="roll back instead of deploying")

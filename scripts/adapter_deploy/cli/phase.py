@@ -34,7 +34,9 @@ def cli() -> argparse.ArgumentParser:
     parser.add_argument("phase", choices=PHASES, help="which phase to run")
     parser.add_argument("--cycle", type=int, help="each model's newest version of cycle N")
     parser.add_argument("--version", help="this exact version id")
-    parser.add_argument("--models", nargs="+", help="models (default: all in params.yaml)")
+    parser.add_argument(
+        "--models", nargs="+", help="models (default: those with a version in the cycle)"
+    )
     parser.add_argument("--endpoints", nargs="+", help="endpoints from params.yaml")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
     return parser

@@ -80,6 +80,8 @@ def print_run(result: RunResult, as_json: bool) -> int:
         return result.exit_code
     if result.note:
         print(result.note)
+    if result.not_in_cycle:
+        print("not in this cycle (left as they are): " + ", ".join(result.not_in_cycle))
     if result.plan is not None:
         print("dry run: nothing will be changed")
         print("\n".join(result.plan))

@@ -89,6 +89,14 @@ def pick_version(
     return entry
 
 
+def models_in_cycle(
+    manifest: dict[str, Any], models: list[str], cycle: int
+) -> tuple[list[str], list[str]]:
+    """(`models` with a version in `cycle`, the others): what "deploy the cycle" means."""
+    have = [m for m in models if any(v["cycle"] == cycle for v in versions_of(manifest, m))]
+    return have, [m for m in models if m not in have]
+
+
 def newest_of_cycle(manifest: dict[str, Any], model: str, cycle: int) -> dict[str, Any]:
     candidates = [v for v in versions_of(manifest, model) if v["cycle"] == cycle]
     if not candidates:
