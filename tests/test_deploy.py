@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fixtures_fleet import Fleet, restart_deploy_and_rollback
+from fixtures_fleet import Fleet, restart_deploy_and_rollback, version
 
 
 def test_deploy_cycle1_to_both_endpoints(fleet: Fleet) -> None:
@@ -96,3 +96,29 @@ def test_cuda_merged_endpoint_with_restart_reload_and_rollback(fleet: Fleet, tmp
         assert (active / "config.json").is_file()
 
     restart_deploy_and_rollback(fleet, tmp_path, check_active, format="merged")
+
+
+def test_store_tree_is_clean_after_version_deploy_and_rollback(fleet: Fleet, kit) -> None:
+    """Deploy records are committed in their own commits; locks and caches are ignored."""
+    git = fleet.store.git
+    git("add", "-A")  # the fixture's own edits of params.yaml
+    git("commit", "-q", "-m", "fixture settings")
+    v4 = version(fleet.store, fleet.params, kit.gracia_only, 4)
+    assert git("status", "--porcelain") == ""
+    assert git("show", "--stat", "--format=%s", "HEAD").startswith(f"version gemma_4b {v4}")
+    v1 = fleet.versions["cycle1"]
+    for args in (("--cycle", "1"), ("--cycle", "2"), ("--rollback",)):
+        proc = fleet.deploy(*args, "--models", "gemma_4b", "--endpoints", "ep1")
+        assert proc.returncode == 0, proc.stderr
+        assert git("status", "--porcelain") == "", args
+    subjects = git("log", "--format=%s", "-3").splitlines()
+    assert subjects[0].startswith("rollback ") and subjects[1].startswith("deploy ")
+    assert f"gemma_4b {v1} on ep1: success" in subjects[2]
+    changed = git("show", "--name-only", "--format=", "HEAD~2").split()
+    assert changed == [
+        "adapters/.gitignore",
+        "adapters/deploy_log.jsonl",
+        "adapters/manifest.json",
+        "adapters/status.json",
+    ]
+    assert "/.status.lock" in (fleet.store.adapters / ".gitignore").read_text()

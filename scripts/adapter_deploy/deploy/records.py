@@ -5,6 +5,9 @@
 - adapters/status.json: endpoint -> model -> active/previous/last reload/health
 - git tags `<model>#<endpoint>#<n>` (GTO stage assignments) on the version's commit,
   so `gto show` answers "which version runs where"
+
+The record files are committed in a commit of their own ("deploy <run_id>: ..."), so the store's
+tree is clean after every action and a version's commit never carries deploy records.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from adapter_deploy.common.fsutil import (
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome
 from adapter_deploy.store import registry
-from adapter_deploy.store.manifest import updating_manifest
+from adapter_deploy.store.manifest import MANIFEST, ignore_in_store, updating_manifest
 
 log = logging.getLogger(__name__)
 DEPLOY_LOG = "deploy_log.jsonl"
@@ -138,7 +141,23 @@ def record(
     if action in CHANGES_WHAT_RUNS:
         _update_status(adapters, outcomes)
         _assign_stages(params, outcomes)
+    registry.commit_records(
+        adapters,
+        [DEPLOY_LOG, MANIFEST, STATUS, ".gitignore"],
+        _commit_message(action, run_id, entries),
+    )
     return entries
+
+
+def _commit_message(action: str, run_id: str, entries: list[dict[str, Any]]) -> str:
+    """`deploy <run_id>: gemma_4b cycle1_… on mac-dev: success`, one line per endpoint."""
+    lines = []
+    for entry in entries:
+        versions = ", ".join(f"{m} {v}" for m, v in entry["versions"].items()) or "nothing"
+        lines.append(f"{versions} on {entry['endpoint']}: {entry['status']}")
+    if len(lines) == 1:
+        return f"{action} {run_id}: {lines[0]}"
+    return f"{action} {run_id}: {len(lines)} endpoints\n\n" + "\n".join(lines)
 
 
 def _deployment(
@@ -166,6 +185,7 @@ def _deployment(
 
 
 def _update_status(adapters: Path, outcomes: list[EndpointOutcome]) -> None:
+    ignore_in_store(adapters, "/.status.lock")
     with file_lock(adapters / ".status.lock", "status update", str(adapters / STATUS)):
         path = adapters / STATUS
         status = read_status(adapters)

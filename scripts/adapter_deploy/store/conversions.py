@@ -20,8 +20,14 @@ from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import AdapterError, UsageError
 from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.config import Params, check_name, check_version_id
+from adapter_deploy.store import registry
 from adapter_deploy.store.conversion_cache import CacheJob, base_identity, tool_versions
-from adapter_deploy.store.manifest import find_version, load_manifest, updating_manifest
+from adapter_deploy.store.manifest import (
+    find_version,
+    ignore_in_store,
+    load_manifest,
+    updating_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +107,7 @@ def convert_release(
             raise UsageError(
                 f"unknown GGUF type {gguf_type!r}", fix="use " + ", ".join(convert_gguf.GGUF_TYPES)
             )
-        if not convert_gguf.tools_available(gguf_type):
-            raise AdapterError(
-                convert_gguf.TOOLS_HINT, fix="run `make gguf-tools`, or use format merged"
-            )
+        convert_gguf.check_tools(gguf_type)
     adapters_dir = params.adapters_dir
     entry = _trusted_version(
         params, model, find_version(load_manifest(adapters_dir), model, version_id)
@@ -113,7 +116,7 @@ def convert_release(
     base = base_model or model_params.base_model
     local = local_base_dir(params, base)
     cache = adapters_dir / CACHE_DIR
-    _ignore_cache_dir(adapters_dir)
+    ignore_in_store(adapters_dir, f"/{CACHE_DIR}/")  # rebuildable machine state
     job = CacheJob(
         cache=cache,
         src=src,
@@ -139,6 +142,9 @@ def convert_release(
         gguf_type if fmt == "gguf" else None,
     )
     result.signed = _record(params, entry, result, base)
+    registry.commit_records(
+        adapters_dir, ["manifest.json", ".gitignore"], f"convert {model} {version_id} to {fmt}"
+    )
     result.seconds = time.perf_counter() - start
     log.info(
         "%s %s -> %s: %s (%s)",
@@ -190,14 +196,6 @@ def _checked_source(adapters_dir: Path, model: str, entry: dict[str, Any]) -> Pa
             fix=f"restore it with `dvc checkout {src}.dvc`",
         )
     return src
-
-
-def _ignore_cache_dir(adapters_dir: Path) -> None:
-    """The conversion cache is rebuildable machine state, never something to commit."""
-    ignore = adapters_dir / ".gitignore"
-    lines = ignore.read_text().splitlines() if ignore.exists() else []
-    if f"/{CACHE_DIR}/" not in lines:
-        ignore.write_text("\n".join([*lines, f"/{CACHE_DIR}/"]) + "\n")
 
 
 def _record(

@@ -43,19 +43,22 @@ def load_manifest(adapters_dir: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def updating_manifest(adapters_dir: Path, holder: str) -> Iterator[dict[str, Any]]:
     """Yield the manifest for changes; write it back atomically if the block succeeds."""
-    _ignore_lock_file(adapters_dir)
+    ignore_in_store(adapters_dir, f"/{LOCK}")
     with file_lock(adapters_dir / LOCK, holder, f"{adapters_dir / MANIFEST}"):
         data = load_manifest(adapters_dir)
         yield data
         atomic_write_json(adapters_dir / MANIFEST, data)
 
 
-def _ignore_lock_file(adapters_dir: Path) -> None:
-    """The lock file is machine state, never something to commit."""
+def ignore_in_store(adapters_dir: Path, pattern: str) -> None:
+    """Keep machine state (locks, caches) out of git: add `pattern` to the store's .gitignore.
+
+    The .gitignore is committed with the next version or deploy record.
+    """
     ignore = adapters_dir / ".gitignore"
     lines = ignore.read_text().splitlines() if ignore.exists() else []
-    if f"/{LOCK}" not in lines:
-        ignore.write_text("\n".join([*lines, f"/{LOCK}"]) + "\n")
+    if pattern not in lines:
+        ignore.write_text("\n".join([*lines, pattern]) + "\n")
 
 
 def versions_of(manifest: dict[str, Any], model: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adapter_deploy.common.errors import ConfigError, RemoteError, UsageError
+from adapter_deploy.common.errors import AdapterDeployError, ConfigError, RemoteError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,22 @@ def commit(repo: Path, paths: list[Path], message: str) -> str:
     git(repo, "add", "--", *rel)
     git(repo, "commit", "--quiet", "--no-verify", "-m", message, "--", *rel)
     return git(repo, "rev-parse", "HEAD").strip()
+
+
+def commit_records(adapters_dir: Path, names: list[str], message: str) -> str | None:
+    """Commit the store's record files `names` (those that changed) in a commit of their own,
+    so the tree is clean after every deploy, rollback and conversion and the next version's
+    commit holds only that version. None when nothing changed or the store is not in git."""
+    try:
+        repo = repo_root(adapters_dir)
+    except AdapterDeployError:
+        log.warning("adapter store is not a git repo: deploy records are not committed")
+        return None
+    paths = [adapters_dir / name for name in names if (adapters_dir / name).exists()]
+    rel = [str(p.relative_to(repo)) for p in paths]
+    if not rel or not git(repo, "status", "--porcelain", "--", *rel).strip():
+        return None
+    return commit(repo, paths, message)
 
 
 def tags(repo: Path, pattern: str) -> list[str]:
