@@ -55,6 +55,12 @@ class QuietWindow(_Strict):
     end: str = Field(pattern=r"^([01][0-9]|2[0-4]):[0-5][0-9]$")
 
 
+# The unit `make service-install` installs, and the restart command that matches it: a systemd
+# user unit, which the ssh user restarts without root (see deploy/service_install.py).
+SERVICE_UNIT = "adapter-serve"
+DEFAULT_RESTART_COMMAND = ["systemctl", "--user", "restart", SERVICE_UNIT]
+
+
 class EndpointParams(_Strict):
     host: str = "localhost"
     user: str | None = None
@@ -74,6 +80,7 @@ class EndpointParams(_Strict):
     models: list[str] | None = None
     service_url: str | None = None
     pidfile: str | None = None
+    service_dir: str | None = None  # where make service-install puts the unit / launchd agent
     compat_links: dict[str, str] = {}
     format: Literal["adapter", "merged", "bitsandbytes", "gguf"] | None = None
     formats: dict[str, Literal["adapter", "merged", "bitsandbytes", "gguf"]] = {}
@@ -101,7 +108,7 @@ class EndpointParams(_Strict):
             raise ValueError("must be a plain host/user name (letters, digits, . _ - @ : [ ])")
         return value
 
-    @field_validator("adapter_dir", "project_dir", "python", "pidfile", "rsync_path")
+    @field_validator("adapter_dir", "project_dir", "python", "pidfile", "rsync_path", "service_dir")
     @classmethod
     def _safe_path(cls, value: str | None) -> str | None:
         # These reach the endpoint's shell (ssh, rsync): no quotes, spaces, `, $, ; or leading -.

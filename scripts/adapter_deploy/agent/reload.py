@@ -11,6 +11,7 @@ from typing import Any
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import ReloadFailed
 from adapter_deploy.common.pidfile import live_pid
+from adapter_deploy.config import DEFAULT_RESTART_COMMAND, SERVICE_UNIT
 from adapter_deploy.protocol import Reload
 
 
@@ -34,11 +35,12 @@ def signal_reload(reload: Reload) -> dict[str, Any]:
                 "start the inference service (python -m adapter_deploy.service) and deploy again",
             ) from None
         return {"method": "sigusr1", "pid": pid, "at": when}
-    command = restart_command or ["systemctl", "restart", "stark-translate"]
+    command = restart_command or DEFAULT_RESTART_COMMAND
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ReloadFailed(
             f"restart command {command} failed: {proc.stderr.strip()[-200:]}",
-            "check the service unit on the endpoint (systemctl status)",
+            "check the service on the endpoint (systemctl --user status "
+            f"{SERVICE_UNIT}; `make doctor` checks it runs without a password)",
         )
     return {"method": "restart", "command": command, "at": when}

@@ -1,0 +1,146 @@
+"""The inference service as the endpoint's own service manager runs it (install and forget).
+
+- NVIDIA / Linux (`platform: cuda` or `cpu`): a systemd **user** unit,
+  `~/.config/systemd/user/adapter-serve.service`. A user unit is restarted by the ssh user
+  itself (`systemctl --user restart adapter-serve`: no root, no sudoers line, no polkit
+  prompt), and with lingering (`loginctl enable-linger`, once) it starts at boot without a
+  login. `ExecReload` sends SIGUSR1, so `systemctl --user reload adapter-serve` is the hot
+  reload.
+- Mac (`platform: mlx`): a launchd agent, `~/Library/LaunchAgents/<LAUNCHD_LABEL>.plist`,
+  with RunAtLoad and KeepAlive (back after a reboot and after a crash) and its output in a log
+  file; `reload_method: sigusr1` signals the pid in `pidfile` as before.
+
+Both run `<python> -m adapter_deploy.service --params <project_dir>/params.yaml --endpoint
+<name>` from the project `make bootstrap` installed.
+"""
+
+from __future__ import annotations
+
+import plistlib
+import shlex
+from dataclasses import dataclass, field
+
+from adapter_deploy.common.errors import UsageError
+from adapter_deploy.config import DEFAULT_RESTART_COMMAND, SERVICE_UNIT, EndpointParams
+
+UNIT_FILE = f"{SERVICE_UNIT}.service"
+LAUNCHD_LABEL = "org.adapter-deploy.serve"
+
+
+@dataclass(frozen=True)
+class ServiceFiles:
+    """What `make service-install` puts on one endpoint and the commands that start it."""
+
+    kind: str  # systemd | launchd
+    directory: str  # where the file goes on the endpoint (~ is the ssh user's home)
+    filename: str
+    text: str
+    start: list[list[str]] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return f"{self.directory.rstrip('/')}/{self.filename}"
+
+
+def service_command(name: str, ep: EndpointParams) -> list[str]:
+    """The service's argv on the endpoint, from the project `make bootstrap` installed."""
+    project = _project_dir(name, ep)
+    python = ep.python or f"{project}/.venv/bin/python"
+    return [
+        python,
+        "-m",
+        "adapter_deploy.service",
+        "--params",
+        f"{project}/params.yaml",
+        "--endpoint",
+        name,
+    ]
+
+
+def service_files(name: str, ep: EndpointParams) -> ServiceFiles:
+    """The unit (Linux) or launchd agent (Mac) for endpoint `name`."""
+    if ep.platform == "mlx":
+        return _launchd(name, ep)
+    return _systemd(name, ep)
+
+
+def _project_dir(name: str, ep: EndpointParams) -> str:
+    if not ep.project_dir:
+        raise UsageError(f"{name} has no project_dir", "set project_dir in params.yaml")
+    if ep.project_dir.startswith("~"):
+        # systemd and launchd do not expand ~; the files name absolute paths.
+        raise UsageError(
+            f"{name}: project_dir {ep.project_dir} starts with ~",
+            "give project_dir (and python) as absolute paths for the service files",
+        )
+    return ep.project_dir.rstrip("/")
+
+
+def _systemd(name: str, ep: EndpointParams) -> ServiceFiles:
+    project = _project_dir(name, ep)
+    text = f"""\
+# Adapter Deploy inference service for endpoint {name}: a systemd user unit.
+# Installed by `make service-install ENDPOINT={name}` to ~/.config/systemd/user/.
+# Lingering (`loginctl enable-linger`, once, as root if polkit asks) starts it at boot.
+# params.yaml: reload_method: restart (default restart_command:
+#   [{", ".join(DEFAULT_RESTART_COMMAND)}]); `systemctl --user reload {SERVICE_UNIT}` hot-reloads.
+[Unit]
+Description=Adapter Deploy inference service ({name})
+After=network-online.target
+
+[Service]
+Type=simple
+WorkingDirectory={project}
+ExecStart={shlex.join(service_command(name, ep))}
+ExecReload=/bin/kill -USR1 $MAINPID
+Restart=on-failure
+RestartSec=5
+KillSignal=SIGTERM
+TimeoutStopSec=30
+
+[Install]
+WantedBy=default.target
+"""
+    start = [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", UNIT_FILE],
+    ]
+    directory = ep.service_dir or "~/.config/systemd/user"
+    return ServiceFiles("systemd", directory, UNIT_FILE, text, start)
+
+
+def _launchd(name: str, ep: EndpointParams) -> ServiceFiles:
+    project = _project_dir(name, ep)
+    log = f"{project}/logs/adapter-serve.log"
+    agent = {
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": service_command(name, ep),
+        "WorkingDirectory": project,
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "ThrottleInterval": 5,
+        "StandardOutPath": log,
+        "StandardErrorPath": log,
+        "ProcessType": "Interactive",  # the live translation must not be throttled
+    }
+    text = plistlib.dumps(agent, sort_keys=True).decode()
+    plist = f"{LAUNCHD_LABEL}.plist"
+    directory = ep.service_dir or "~/Library/LaunchAgents"
+    start = [
+        ["mkdir", "-p", f"{project}/logs"],
+        # bootout fails when it is not loaded yet: `|| true` in the shell line below.
+        ["launchctl", "bootout", f"gui/$(id -u)/{LAUNCHD_LABEL}"],
+        ["launchctl", "bootstrap", "gui/$(id -u)", f"{directory.rstrip('/')}/{plist}"],
+    ]
+    return ServiceFiles("launchd", directory, plist, text, start)
+
+
+def start_script(files: ServiceFiles) -> str:
+    """The shell line that starts the installed service (run on the endpoint over ssh)."""
+    lines = []
+    for argv in files.start:
+        line = " ".join(a if "$(" in a else shlex.quote(a) for a in argv)
+        if argv[:2] == ["launchctl", "bootout"]:
+            line += " 2>/dev/null || true"
+        lines.append(line)
+    return " && ".join(lines)
