@@ -128,6 +128,12 @@ class EndpointParams(_Strict):
 
 class StoreParams(_Strict):
     adapters_dir: str = "adapters"
+    # Any DVC remote URL (ssh://user@host/path, s3://bucket/path, a local dir); becomes the
+    # store's default DVC remote, and `make version` pushes every version there.
+    remote: str | None = None
+    # `dvc remote modify` settings for it (keyfile, port, region, ...); committed with
+    # .dvc/config, so never a password: use `dvc remote modify --local` for secrets.
+    remote_config: dict[str, str] = {}
     signing_key: str | None = None  # ed25519 private key (make keygen); never committed
     signature_expiry_days: int = Field(365, description="signed metadata expires after this")
 

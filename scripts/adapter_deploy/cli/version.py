@@ -38,6 +38,8 @@ def main(args: argparse.Namespace) -> int:
         if result.created:
             tags = ", ".join(result.tags)
             print(f"{result.model}: versioned {result.version_id} (tags: {tags})")
+            if result.pushed_to:
+                print(f"  pushed to the DVC remote {result.pushed_to}")
         else:
             print(f"{result.model}: unchanged, already {result.version_id}")
         if len(result.missing) == 4:

@@ -23,6 +23,7 @@ from pathlib import Path
 from adapter_deploy.kit.net import free_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SFTP_SERVER = "internal-sftp"  # built into sshd: no path to find
 
 
 @dataclass
@@ -92,6 +93,8 @@ def running_sshd(directory: Path) -> Iterator[SSHServer]:
         "UsePAM no\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin yes\n"
         "KbdInteractiveAuthentication no\nMaxStartups 100:30:200\nMaxSessions 100\n"
         "AcceptEnv LANG\n"
+        # DVC's ssh remote (dvc-ssh) talks SFTP.
+        f"Subsystem sftp {SFTP_SERVER}\n"
     )
     host_key = (d / "host_ed25519.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")

@@ -61,13 +61,40 @@ def has_default_remote(repo: Path) -> bool:
     return proc.returncode == 0 and bool(proc.stdout.strip())
 
 
-def track(repo: Path, version_dir: Path) -> list[Path]:
-    """`dvc add` a version dir (and push when a remote is set); returns files for git."""
+STORE_REMOTE = "adapter-store"  # the DVC remote params.yaml's store.remote names
+
+
+def use_remote(repo: Path, url: str, options: dict[str, str]) -> Path:
+    """Make `url` (with `dvc remote modify` `options`) the store's default DVC remote; the
+    .dvc/config file that now says so, for the next commit."""
+    dvc(repo, "remote", "add", "--force", "--default", STORE_REMOTE, url)
+    for key, value in sorted(options.items()):
+        dvc(repo, "remote", "modify", STORE_REMOTE, key, value)
+    return repo / ".dvc" / "config"
+
+
+def default_remote_url(repo: Path) -> str | None:
+    """The URL of the store's default DVC remote, None without one."""
+    if not has_default_remote(repo):
+        return None
+    name = dvc(repo, "remote", "default").strip()
+    # `dvc config`, not `dvc remote list`: the list wraps long URLs at the terminal width.
+    return dvc(repo, "config", f"remote.{name}.url").strip() or None
+
+
+def track(repo: Path, version_dir: Path) -> tuple[list[Path], str | None]:
+    """`dvc add` a version dir and push it when there is a default remote: (files for git,
+    the remote's URL or None when the version exists only on this machine)."""
     dvc(repo, "add", "--quiet", str(version_dir.relative_to(repo)))
-    if has_default_remote(repo):
-        log.info("pushing %s to the DVC remote", version_dir.name)
+    remote = default_remote_url(repo)
+    if remote:
+        log.info("pushing %s to the DVC remote %s", version_dir.name, remote)
         dvc(repo, "push", "--quiet", str(version_dir.relative_to(repo)) + ".dvc")
-    return [version_dir.with_name(version_dir.name + ".dvc"), version_dir.parent / ".gitignore"]
+    git_paths = [
+        version_dir.with_name(version_dir.name + ".dvc"),
+        version_dir.parent / ".gitignore",
+    ]
+    return git_paths, remote
 
 
 def commit(repo: Path, paths: list[Path], message: str) -> str:

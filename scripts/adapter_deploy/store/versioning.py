@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from adapter_deploy import signing
 from adapter_deploy.common.adapter import (
     METRICS,
@@ -41,6 +43,7 @@ class VersionResult:
     created: bool
     tags: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # the plan's metrics not given
+    pushed_to: str | None = None  # the DVC remote that holds it; None: only this machine
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,7 @@ class VersionResult:
             "created": self.created,
             "metrics_missing": self.missing,
             "tags": self.tags,
+            "pushed_to": self.pushed_to,
         }
 
 
@@ -161,8 +165,13 @@ def version_adapter(
             model,
         )
     files = _stage_copy(src, dest, metrics)
+    extra_paths = [declare_artifact(repo, adapters_dir, model, model_params)]
+    if params.store.remote:
+        extra_paths.append(
+            registry.use_remote(repo, params.store.remote, params.store.remote_config)
+        )
     try:
-        git_paths = registry.track(repo, dest)
+        git_paths, pushed_to = registry.track(repo, dest)
     except Exception:
         shutil.rmtree(dest, ignore_errors=True)
         dest.with_name(dest.name + ".dvc").unlink(missing_ok=True)
@@ -182,12 +191,38 @@ def version_adapter(
         manifest["endpoints"] = _endpoint_summary(params)
     registry.commit(
         repo,
-        [adapters_dir / "manifest.json", adapters_dir / ".gitignore", *git_paths],
+        [adapters_dir / "manifest.json", adapters_dir / ".gitignore", *git_paths, *extra_paths],
         f"version {model} {version_id}",
     )
     message = f"cycle {cycle}: {model} {version_id}"
     tags = [_cycle_tag(repo, cycle, message, retag), _gto_tag(repo, model, cycle, version_id)]
-    return VersionResult(model, version_id, dest, created=True, tags=tags, missing=missing)
+    if pushed_to is None:
+        log.warning(
+            "no DVC remote: %s %s exists only on this machine (set store.remote in params.yaml)",
+            model,
+            version_id,
+        )
+    return VersionResult(
+        model, version_id, dest, created=True, tags=tags, missing=missing, pushed_to=pushed_to
+    )
+
+
+def declare_artifact(repo: Path, adapters_dir: Path, model: str, model_params: Any) -> Path:
+    """The model as an `artifacts:` entry of the store's dvc.yaml (DVC's model registry:
+    `dvc.api.artifacts_show`, Studio and `gto` list it, and read its versions from the
+    `<model>@vN.k.0` tags); the dvc.yaml file, for the version's commit."""
+    path = repo / "dvc.yaml"
+    data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+    entry = {
+        "path": str((adapters_dir / model).relative_to(repo)),
+        "type": "model",
+        "desc": f"{model_params.task} LoRA adapters for {model_params.base_model}",
+        "labels": [model_params.task, "lora", "peft"],
+    }
+    if data.get("artifacts", {}).get(model) != entry:
+        data.setdefault("artifacts", {})[model] = entry
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def _signature(params: Params, model: str, entry: dict[str, Any]) -> dict[str, Any] | None:
