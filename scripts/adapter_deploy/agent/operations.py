@@ -147,7 +147,13 @@ class EndpointSide:
 
     def health(self, req: p.Health) -> dict[str, Any]:
         """Health-check a staged release, or the active one (through the service if given)."""
-        from adapter_deploy.health import check_release, load_sentences, run_health_check
+        from adapter_deploy.health import (
+            check_release,
+            load_clips,
+            load_sentences,
+            run_health_check,
+            run_transcription_check,
+        )
 
         kept = self.releases_of(req.model)
         if req.version_id:
@@ -163,21 +169,25 @@ class EndpointSide:
                 return _forced_failure("failpoint verify: post-activation check forced to fail")
         where = Path(req.sentences) if req.sentences else None
         limit = req.latency_limit
-        if req.task == "transcription":
-            return check_release(
-                path.resolve(), req.base_model, req.engine, where, limit, task=req.task
-            ).to_dict()
-        chosen = load_sentences(where) if where else None
+        transcription = req.task == "transcription"
         if req.service_url is None:
+            # A transcription check takes the clip file's path: it fails (not raises) without one.
+            chosen: Any = where
+            if not transcription and where:
+                chosen = load_sentences(where)
             return check_release(
-                path.resolve(), req.base_model, req.engine, chosen, limit
+                path.resolve(), req.base_model, req.engine, chosen, limit, task=req.task
             ).to_dict()
         from adapter_deploy.engines.service_client import ServiceEngine, wait_for_version
 
         # Acknowledged reload: the service must report the release `active` points at now.
         wait_for_version(req.service_url, req.model, path.resolve().name, req.reload_timeout)
         engine = ServiceEngine(req.service_url, req.model)
-        return run_health_check(engine, chosen, limit).to_dict()
+        if transcription:
+            # Each reference clip goes through the service's /transcribe, as a client's would.
+            clips = load_clips(where) if where else ()
+            return run_transcription_check(engine, clips, limit).to_dict()
+        return run_health_check(engine, load_sentences(where) if where else None, limit).to_dict()
 
     def activate(self, req: p.Activate) -> dict[str, Any]:
         kept = self.releases_of(req.model)

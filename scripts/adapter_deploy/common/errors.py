@@ -61,6 +61,21 @@ class CorruptState(UsageError):
     """A state file is not what this project writes: reported, never read as empty."""
 
 
+class BadAudio(UsageError):
+    """An audio clip that is not a PCM WAV we can decode."""
+
+
+class AudioTooLong(BadAudio):
+    """A clip longer than the model hears at once: it would be cut, so it is refused."""
+
+    def __init__(self, seconds: float, limit: float) -> None:
+        super().__init__(
+            f"audio is {seconds:.1f} s, over the model's {limit:g} s window",
+            fix="send shorter clips, one utterance at a time",
+        )
+        self.seconds, self.limit = seconds, limit
+
+
 class RemoteError(AdapterDeployError):
     exit_code = 3
 

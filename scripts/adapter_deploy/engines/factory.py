@@ -28,6 +28,13 @@ from adapter_deploy.engines.base import Engine, adapter_kind, base_model_of
 ENGINE_KINDS = ("hf", "mlx", "whisper")
 TASKS = ("translation", "transcription")
 _PLATFORM_KINDS = {"mlx": "mlx", "cuda": "hf", "cpu": "hf", "hf": "hf", "whisper": "whisper"}
+# By class name, so asking what an engine is never imports another engine's libraries.
+_CLASS_KINDS = {
+    "HFEngine": "hf",
+    "MLXGemmaEngine": "mlx",
+    "LlamaCppEngine": "llamacpp",
+    "WhisperEngine": "whisper",
+}
 
 
 def engine_kind_for(platform_or_kind: str) -> str:
@@ -41,6 +48,12 @@ def engine_kind_for(platform_or_kind: str) -> str:
             f"unknown engine/platform {platform_or_kind!r}",
             fix="use auto, hf, mlx or whisper (platforms: mlx, cuda, cpu)",
         ) from None
+
+
+def kind_of(engine: object) -> str:
+    """The kind of a built engine: hf, mlx, llamacpp or whisper (else its class name)."""
+    name = type(engine).__name__
+    return _CLASS_KINDS.get(name, name)
 
 
 def make_engine(

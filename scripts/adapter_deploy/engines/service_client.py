@@ -5,6 +5,7 @@ Used by the deployer's VERIFY phase on the endpoint side, next to the service:
     from adapter_deploy.engines.service_client import ServiceEngine, wait_for_version
     wait_for_version("http://127.0.0.1:8765", "gemma_4b", "cycle2_20260315_f1e2d3c4", 30)
     result = run_health_check(ServiceEngine("http://127.0.0.1:8765", "gemma_4b"))
+    result = run_transcription_check(ServiceEngine("http://127.0.0.1:8765", "whisper"), clips)
 
 Only loopback URLs are accepted: the service listens on 127.0.0.1 and the deployer reaches it
 through the endpoint's ssh connection, never across the network.
@@ -16,8 +17,9 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from adapter_deploy.common.errors import ReloadFailed, RemoteError, UsageError
 
@@ -38,11 +40,17 @@ def _checked(url: str) -> str:
     return url.rstrip("/")
 
 
-def _request(url: str, timeout: float, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One JSON request; HTTP errors come back as RemoteError carrying the service's message."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
-    request.add_header("Content-Type", "application/json")
+def _request(
+    url: str,
+    timeout: float,
+    body: dict[str, Any] | None = None,
+    audio: bytes | None = None,
+) -> dict[str, Any]:
+    """One request (a JSON `body`, WAV `audio` or neither: GET) answered with JSON; HTTP
+    errors come back as RemoteError carrying the service's message."""
+    data = json.dumps(body).encode() if body is not None else audio
+    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+    request.add_header("Content-Type", "application/json" if audio is None else "audio/wav")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -158,6 +166,21 @@ class ServiceEngine:
         answer = _request(
             self.url + "/translate", self.timeout, {"model": self.model, "text": text}
         )
+        return Translation(str(answer.get("text", "")), time.perf_counter() - start)
+
+    def transcribe(self, audio_path: str | Path) -> Translation:
+        """POST the WAV file to /transcribe; latency is the round trip, as for `translate`."""
+        from adapter_deploy.engines.base import Translation
+
+        try:
+            audio = Path(audio_path).read_bytes()
+        except OSError as err:
+            raise UsageError(
+                f"audio file {audio_path} is unreadable ({err})", fix="check the clip file"
+            ) from err
+        start = time.perf_counter()
+        url = f"{self.url}/transcribe?model={quote(self.model, safe='')}"
+        answer = _request(url, self.timeout, audio=audio)
         return Translation(str(answer.get("text", "")), time.perf_counter() - start)
 
     def reload(self, adapter_path: object) -> bool:

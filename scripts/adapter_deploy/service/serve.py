@@ -3,17 +3,24 @@
 Usage:
     python -m adapter_deploy.service --params params.yaml --endpoint mac-dev
     python -m adapter_deploy.service --adapter-dir DIR [--models gemma_4b ...] \\
-        [--base-model gemma_4b=/models/base ...] [--platform cpu|cuda|mlx|auto] \\
-        [--port 8765] [--pidfile FILE] [--diagnostics FILE] [--reload-mode auto|standby|inplace]
+        [--base-model gemma_4b=/models/base ...] [--task whisper=transcription ...] \\
+        [--platform cpu|cuda|mlx|auto] [--port 8765] [--pidfile FILE] [--diagnostics FILE] \\
+        [--reload-mode auto|standby|inplace]
 
 It serves every model with an `active` link under the adapter dir (`--models` / the endpoint's
-`models:` narrows that), on 127.0.0.1 only:
+`models:` narrows that), on 127.0.0.1 only. A model's task (params.yaml `task:`, or `--task`;
+default translation) picks its engine: transcription models get the Whisper engine.
     POST /translate {"model", "text"} -> {"text", "version_id", "latency_s"}
-    GET  /status    -> per model: version_id, sha256, loaded_at, last_reload, fallback, ...
+    POST /transcribe?model=NAME, body: a PCM WAV file (Content-Type audio/wav or
+         application/octet-stream) -> {"text", "version_id", "latency_s"}
+    GET  /status    -> per model: task, engine, version_id, sha256, loaded_at, last_reload,
+                       fallback, requests, ...
     GET  /health    -> 200 once every served model is loaded, 503 before
 Hostile or runaway requests are refused: a Host or Origin that is not loopback 403 (a web
-page or DNS rebinding), a body that is not `application/json` 415, an invalid
-Content-Length 400, a text over --max-input-tokens 413, a full queue 503 + Retry-After;
+page or DNS rebinding), a body of another Content-Type 415, an invalid Content-Length 400,
+a text over --max-input-tokens 413, a body over 64 KiB (/translate) or --max-audio-bytes
+(/transcribe) 413, audio that is no PCM WAV 400, audio longer than the model's window 413,
+a request for a model of the other task 400, a full queue 503 + Retry-After;
 a request whose client has gone is dropped before it runs; idle sockets time out.
 The pid goes to the pidfile once the service is ready and is removed on a clean exit.
 
@@ -41,17 +48,20 @@ import select
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from adapter_deploy.common.errors import UsageError
+from adapter_deploy.common.errors import AudioTooLong, BadAudio, UsageError
 from adapter_deploy.common.runner import make_parser, run
+from adapter_deploy.engines.factory import TASKS
 from adapter_deploy.service.state import (
     DEFAULT_PORT,
     LOOPBACK,
+    MAX_AUDIO_BYTES,
     REQUEST_TIMEOUT_S,
     Busy,
     ClientGone,
@@ -59,6 +69,7 @@ from adapter_deploy.service.state import (
     InputTooLong,
     Service,
     ServiceConfig,
+    WrongTask,
     reason_of,
 )
 
@@ -68,6 +79,15 @@ MAX_BODY = 64 * 1024  # a translation request is a sentence, not a document
 MAX_CONNECTIONS = 64  # open connections at once; more are closed at once (no thread each)
 SOCKET_TIMEOUT_S = 10.0  # a half-sent request is dropped after this
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# What a WAV upload is labelled with; none of them is a type a web page may send cross-site
+# without a CORS preflight (which is never answered), like application/json.
+AUDIO_TYPES = {
+    "audio/wav",
+    "audio/x-wav",
+    "audio/wave",
+    "audio/vnd.wave",
+    "application/octet-stream",
+}
 
 
 # --- HTTP -------------------------------------------------------------------------------
@@ -116,16 +136,21 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/status":
             self._reply(200, self.service.status())
         else:
-            self._reply(404, {"error": f"no such path {path}; use /translate, /status, /health"})
+            paths = "/translate, /transcribe, /status, /health"
+            self._reply(404, {"error": f"no such path {path}; use {paths}"})
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         if why := self._foreign():
             self._reply(403, {"error": why})
             return
-        if urlsplit(self.path).path != "/translate":
-            self._reply(404, {"error": "POST only to /translate"})
+        url = urlsplit(self.path)
+        if url.path == "/transcribe":
+            self._transcribe_request(url.query)
             return
-        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if url.path != "/translate":
+            self._reply(404, {"error": "POST only to /translate or /transcribe"})
+            return
+        kind = self._content_type()
         if kind != "application/json":
             # Also what a browser cannot send cross-site without a CORS preflight we refuse.
             self._reply(415, {"error": "send Content-Type: application/json"})
@@ -134,17 +159,44 @@ class Handler(BaseHTTPRequestHandler):
         if error:
             self._reply(*error)
             return
-        self._translate(request["model"], request["text"])
+        model = request["model"]
+        self._answer(
+            model, lambda: self.service.translate(model, request["text"], self._client_gone)
+        )
 
-    def _read_request(self) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
+    def _content_type(self) -> str:
+        return self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+    def _transcribe_request(self, query: str) -> None:
+        models = parse_qs(query).get("model", [])
+        if len(models) != 1 or not models[0]:
+            self._reply(400, {"error": "name one model: POST /transcribe?model=NAME"})
+            return
+        if self._content_type() not in AUDIO_TYPES:
+            self._reply(415, {"error": "send the WAV file with Content-Type: audio/wav"})
+            return
+        body, error = self._read_body(self.service.config.max_audio_bytes)
+        if error:
+            self._reply(*error)
+            return
+        model = models[0]
+        self._answer(model, lambda: self.service.transcribe(model, body, self._client_gone))
+
+    def _read_body(self, limit: int) -> tuple[bytes, tuple[int, dict[str, Any]] | None]:
         raw = self.headers.get("Content-Length", "")
         if not raw.isdigit():  # also refuses "-1", "abc" and a missing length
-            return {}, (400, {"error": f"invalid Content-Length {raw!r}"})
+            return b"", (400, {"error": f"invalid Content-Length {raw!r}"})
         length = int(raw)
-        if length > MAX_BODY:
-            return {}, (413, {"error": f"request over {MAX_BODY} bytes"})
+        if length > limit:  # refused unread: nothing that large is ever held in memory
+            return b"", (413, {"error": f"request over {limit} bytes"})
+        return self.rfile.read(length), None
+
+    def _read_request(self) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
+        data, error = self._read_body(MAX_BODY)
+        if error:
+            return {}, error
         try:
-            request = json.loads(self.rfile.read(length) or b"null")
+            request = json.loads(data or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             return {}, (400, {"error": f"body is not JSON ({err})"})
         if not isinstance(request, dict) or not all(
@@ -153,17 +205,24 @@ class Handler(BaseHTTPRequestHandler):
             return {}, (400, {"error": 'send {"model": str, "text": str}'})
         return request, None
 
-    def _translate(self, model: str, text: str) -> None:
+    def _answer(self, model: str, ask: Callable[[], dict[str, Any]]) -> None:
+        """Reply with what `ask` (a translate or transcribe call) answers, or why it could not."""
         if not self.service.ready:
             self._reply(503, {"error": "service is starting"})
             return
         try:
-            self._reply(200, self.service.translate(model, text, self._client_gone))
+            self._reply(200, ask())
         except Busy as err:
-            queued = f"{err.args[0]} translations queued"
+            queued = f"{err.args[0]} requests queued"
             self._reply(503, {"error": f"busy: {queued}"}, {"Retry-After": "1"})
         except InputTooLong as err:
             self._reply(413, {"error": str(err) + "; send one sentence at a time"})
+        except AudioTooLong as err:
+            self._reply(413, {"error": err.one_line()})
+        except BadAudio as err:
+            self._reply(400, {"error": err.one_line()})
+        except WrongTask as err:
+            self._reply(400, {"error": str(err)})
         except ClientGone:
             self.close_connection = True  # nobody to answer
         except KeyError:
@@ -172,7 +231,7 @@ class Handler(BaseHTTPRequestHandler):
         except FutureTimeout:
             self._reply(504, {"error": f"no answer within {REQUEST_TIMEOUT_S} s"})
         except Exception as err:  # an engine failure answers 500, the service keeps going
-            log.exception("translate failed")
+            log.exception("request for %s failed", model)
             self._reply(500, {"error": reason_of(err)})
 
     def _client_gone(self) -> bool:
@@ -237,6 +296,16 @@ def _parse_base_models(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _parse_tasks(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        model, sep, task = item.partition("=")
+        if not sep or not model or task not in TASKS:
+            raise UsageError(f"bad --task {item!r}", fix="write MODEL=translation|transcription")
+        out[model] = task
+    return out
+
+
 def _port_of(url: str) -> int:
     parts = urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost"):
@@ -253,9 +322,8 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         params = load_params(args.params)
         ep = params.endpoint(args.endpoint)
         config.adapter_dir = params.resolve(ep.adapter_dir)
-        config.models = ep.models or [
-            m for m, mp in params.models.items() if mp.task == "translation"
-        ]
+        config.models = ep.models or list(params.models)
+        config.tasks = {m: mp.task for m, mp in params.models.items()}
         config.base_models = {m: mp.base_model for m, mp in params.models.items()}
         config.base_models.update({m: str(params.resolve(p)) for m, p in ep.base_models.items()})
         config.platform = ep.platform
@@ -268,6 +336,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     if args.models:
         config.models = args.models
     config.base_models.update(_parse_base_models(args.base_model))
+    config.tasks.update(_parse_tasks(args.task))
     for name in (
         "platform",
         "port",
@@ -276,6 +345,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         "reload_mode",
         "max_queue",
         "max_input_tokens",
+        "max_audio_bytes",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -291,13 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter-dir", help="endpoint adapter dir (<model>/active links)")
     parser.add_argument("--models", nargs="+", help="models to serve (default: all with active)")
     parser.add_argument("--base-model", action="append", default=[], metavar="MODEL=PATH")
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="MODEL=TASK",
+        help="a model's task: translation (default) or transcription (Whisper)",
+    )
     parser.add_argument("--platform", choices=["auto", "mlx", "cuda", "cpu", "hf"])
     parser.add_argument("--port", type=int, help=f"loopback port (default {DEFAULT_PORT})")
     parser.add_argument("--pidfile", help="written once ready, removed on clean exit")
     parser.add_argument("--diagnostics", help="session metadata JSONL (seed §7.3)")
     parser.add_argument("--reload-mode", choices=["auto", "standby", "inplace"])
-    parser.add_argument("--max-queue", type=int, help="translations waiting at most (16)")
+    parser.add_argument("--max-queue", type=int, help="requests waiting at most (16)")
     parser.add_argument("--max-input-tokens", type=int, help="longest text in tokens (200)")
+    parser.add_argument(
+        "--max-audio-bytes", type=int, help=f"largest /transcribe body ({MAX_AUDIO_BYTES})"
+    )
     return parser
 
 

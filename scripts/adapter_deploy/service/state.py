@@ -21,8 +21,8 @@ from typing import Any
 from adapter_deploy.common import pidfile
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.fsutil import append_jsonl
-from adapter_deploy.engines.base import Engine, LoadedRelease, describe_release
-from adapter_deploy.engines.factory import engine_kind_for, make_engine
+from adapter_deploy.engines.base import Engine, LoadedRelease, Translation, describe_release
+from adapter_deploy.engines.factory import engine_kind_for, kind_of, make_engine
 
 log = logging.getLogger("adapter_deploy.service")
 
@@ -32,17 +32,32 @@ REQUEST_TIMEOUT_S = 120.0
 # A live-translation request is one sentence: longer input is refused (413) before it can
 # hold the single engine thread for seconds and queue everyone behind it.
 MAX_INPUT_TOKENS = 200
-MAX_QUEUE = 16  # translations waiting for the engine thread; beyond: 503 + Retry-After
+MAX_QUEUE = 16  # requests waiting for the engine thread; beyond: 503 + Retry-After
+# A transcription request is one WAV clip: 30 s (a real Whisper's whole window) of 48 kHz
+# 16-bit stereo is 5.8 MB; a larger body is refused (413) before it is read.
+MAX_AUDIO_BYTES = 8 * 1024 * 1024
 WARMUP_TEXT = "Amen."
+WARMUP_AUDIO_S = 0.5  # of silence: a Whisper engine's first call pays its one-time costs
 CONTROL_POLL_S = 0.02
 
 
 class Busy(Exception):
-    """The translation queue is full."""
+    """The request queue is full."""
 
 
 class ClientGone(Exception):
-    """The client left before its queued translation started: it was not run."""
+    """The client left before its queued request started: it was not run."""
+
+
+class WrongTask(Exception):
+    """A request for a model of the other task: text to a Whisper model, audio to a Gemma."""
+
+    def __init__(self, model: str, task: str) -> None:
+        if task == "transcription":
+            fix = f"POST its WAV audio to /transcribe?model={model}"
+        else:
+            fix = 'POST {"model", "text"} JSON to /translate'
+        super().__init__(f"model {model!r} is a {task} model; {fix}")
 
 
 class InputTooLong(Exception):
@@ -74,6 +89,11 @@ class ServiceConfig:
     reload_mode: str = "auto"
     max_input_tokens: int = MAX_INPUT_TOKENS
     max_queue: int = MAX_QUEUE
+    max_audio_bytes: int = MAX_AUDIO_BYTES
+    tasks: dict[str, str] = field(default_factory=dict)  # model -> task; default translation
+
+    def task_of(self, model: str) -> str:
+        return self.tasks.get(model, "translation")
 
     @property
     def engine_kind(self) -> str:
@@ -93,21 +113,27 @@ class ServedModel:
     """One served model: its engine, what that engine serves, and how the last reload went."""
 
     name: str
+    task: str = "translation"
     engine: Engine | None = None
+    engine_kind: str | None = None  # hf, mlx, llamacpp or whisper, once an engine serves
     release: LoadedRelease | None = None
     source: str | None = None  # "active", "previous" or "base"
     loaded_at: str | None = None
     last_reload: dict[str, Any] | None = None
     error: str | None = None  # why nothing at all could be loaded
+    requests: int = 0  # requests this model answered
 
     def serve(self, engine: Engine, source: str) -> None:
         self.engine, self.release, self.source = engine, engine.loaded, source
+        self.engine_kind = kind_of(engine)
         self.loaded_at, self.error = utc_now(ms=True), None
 
     def status(self) -> dict[str, Any]:
         release = self.release.to_dict() if self.release else {}
         return {
             "ready": self.engine is not None,
+            "task": self.task,
+            "engine": self.engine_kind,
             "version_id": release.get("version_id"),
             "sha256": release.get("sha256"),
             "path": release.get("path"),
@@ -117,6 +143,7 @@ class ServedModel:
             "loaded_at": self.loaded_at,
             "last_reload": self.last_reload,
             "error": self.error,
+            "requests": self.requests,
         }
 
 
@@ -134,8 +161,8 @@ class Service:
         # One thread runs every serving engine call: MLX must not be driven from two threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.lock = threading.Lock()  # guards the served-model fields read by /status
-        self.queued = 0  # translations submitted and not finished (guarded by self.lock)
-        self.dropped = 0  # queued translations skipped because their client had gone
+        self.queued = 0  # requests submitted and not finished (guarded by self.lock)
+        self.dropped = 0  # queued requests skipped because their client had gone
 
     # --- models and loading -------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -151,9 +178,17 @@ class Service:
 
     def _build(self, target: Path | None, model: str) -> Engine:
         """A new engine for `target` (None: base model only), warmed up before it serves."""
-        base = self.config.base_models.get(model)
-        engine = make_engine(self.config.platform, adapter_path=target, base_model=base)
-        engine.translate(WARMUP_TEXT)  # first call pays one-time costs; not on a user's request
+        base, task = self.config.base_models.get(model), self.config.task_of(model)
+        engine: Any = make_engine(
+            self.config.platform, adapter_path=target, base_model=base, task=task
+        )
+        # The first call pays one-time costs; not on a user's request.
+        if task == "transcription":
+            import numpy as np
+
+            engine.transcribe(np.zeros(int(engine.sample_rate * WARMUP_AUDIO_S), np.float32))
+        else:
+            engine.translate(WARMUP_TEXT)
         return engine
 
     def _on_engine_thread(self, fn: Any) -> Any:
@@ -163,13 +198,14 @@ class Service:
         # MLX engines are built on the engine thread (MLX stays on one thread). torch is safe
         # across threads, and an HF engine built on the engine thread translated ~10x slower
         # there (measured, bench/bench_reload.py), so HF engines are built here.
-        if self.config.standby or self.config.engine_kind == "hf":
+        mlx = self.config.engine_kind == "mlx" and self.config.task_of(model) == "translation"
+        if self.config.standby or not mlx:
             return self._build(target, model)
         return self._on_engine_thread(lambda: self._build(target, model))
 
     def load_initial(self, model: str) -> None:
         """Serve active, else previous, else the base model (seed §6.4), loudly."""
-        served, errors = ServedModel(model), []
+        served, errors = ServedModel(model, self.config.task_of(model)), []
         for source in ("active", "previous"):
             link = self.link(model, source)
             if not link.exists():
@@ -264,10 +300,43 @@ class Service:
         self, model: str, text: str, gone: Callable[[], bool] = lambda: False
     ) -> dict[str, Any]:
         """Translate on the engine thread. Busy when the queue is full; InputTooLong over the
-        token cap; ClientGone when the caller left (or timed out) before its turn came."""
+        token cap; ClientGone when the caller left (or timed out) before its turn came;
+        WrongTask for a transcription model; KeyError for a model not served."""
+        served = self._serving(model, "translation")
+
+        def work(engine: Any) -> Translation:
+            tokens = input_tokens(engine, text)
+            if tokens is not None and tokens > self.config.max_input_tokens:
+                raise InputTooLong(tokens, self.config.max_input_tokens)
+            return engine.translate(text)
+
+        return self._run(served, work, gone)
+
+    def transcribe(
+        self, model: str, audio: bytes, gone: Callable[[], bool] = lambda: False
+    ) -> dict[str, Any]:
+        """Transcribe WAV bytes on the engine thread; as `translate`, plus BadAudio for bytes
+        that are no PCM WAV and AudioTooLong past the model's window."""
+        from adapter_deploy.engines.whisper_engine import decode_wav
+
+        served = self._serving(model, "transcription")
+        engine: Any = served.engine
+        # Decoded on the request's own thread: a bad or overlong clip never takes a queue place.
+        samples = decode_wav(audio, engine.sample_rate, engine.window_s, "the request body")
+        return self._run(served, lambda whisper: whisper.transcribe(samples), gone)
+
+    def _serving(self, model: str, task: str) -> ServedModel:
         served = self.served.get(model)
         if served is None or served.engine is None:
             raise KeyError(model)
+        if served.task != task:
+            raise WrongTask(model, served.task)
+        return served
+
+    def _run(
+        self, served: ServedModel, work: Callable[[Any], Translation], gone: Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Run `work` on the engine that serves when its turn comes; its answer and release."""
         with self.lock:
             if self.queued >= self.config.max_queue:
                 raise Busy(self.queued)
@@ -280,10 +349,9 @@ class Service:
                     self.dropped += 1
                 raise ClientGone()
             engine, release = served.engine, served.release
-            tokens = input_tokens(engine, text)
-            if tokens is not None and tokens > self.config.max_input_tokens:
-                raise InputTooLong(tokens, self.config.max_input_tokens)
-            answer = engine.translate(text)
+            answer = work(engine)
+            with self.lock:
+                served.requests += 1
             version = release.version_id if release else None
             return {"text": answer.text, "version_id": version, "latency_s": answer.latency_s}
 
@@ -331,7 +399,19 @@ class Service:
         self.ready = True
         adapters = {m: None for m in self.model_names()}
         adapters.update({n: _vid(s) for n, s in self.served.items()})
-        self._diagnose({"event": "session", "started_at": self.started_at, "adapters": adapters})
+        models = {
+            m: {"task": self.config.task_of(m), "engine": s.engine_kind if s else None}
+            for m in adapters
+            for s in [self.served.get(m)]
+        }
+        self._diagnose(
+            {
+                "event": "session",
+                "started_at": self.started_at,
+                "adapters": adapters,
+                "models": models,
+            }
+        )
         log.info("ready on http://%s:%d: %s", LOOPBACK, self.config.port, adapters)
 
     def run_controller(self) -> None:
@@ -355,7 +435,9 @@ class Service:
 
     def _diagnose_reload(self, model: str, old: LoadedRelease | None, record: Any) -> None:
         record = dict(record or {})
-        self._diagnose({"event": "reload", "model": model, "from": _vid_of(old), **record})
+        served = self.served.get(model)
+        what = {"task": self.config.task_of(model), "engine": served and served.engine_kind}
+        self._diagnose({"event": "reload", "model": model, **what, "from": _vid_of(old), **record})
 
     def _diagnose(self, record: dict[str, Any]) -> None:
         if self.config.diagnostics:
