@@ -28,6 +28,7 @@ EXAMPLES = [
     p.Prune("gemma_4b", 3),
     p.Record("gemma_4b", verified="v"),
     p.Status("http://127.0.0.1:1"),
+    p.Doctor({"gemma_4b": "/base"}, p.Reload("restart", None, ["true"]), None, "/opt/rsync"),
 ]
 
 

@@ -8,7 +8,8 @@ then every request is one JSON line `{"op": ..., <fields>}` and every reply one 
 Each request is one frozen dataclass below; its fields are the whole request. A change to a
 request's fields or meaning raises `PROTOCOL_VERSION`, so a deployer and an endpoint of
 different code refuse each other at the ready line, before anything is transferred, instead
-of failing mid-deploy. Protocol 1 was the unversioned protocol of `scripts/endpoint.py`.
+of failing mid-deploy. Protocol 1 was the unversioned protocol of `scripts/endpoint.py`;
+protocol 3 added `doctor` (the endpoint's facts for `make doctor`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 
 from adapter_deploy.common.errors import ProtocolError, ProtocolMismatch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,20 @@ class Status(Request):
     service_url: str | None = None
 
 
+@dataclass(frozen=True)
+class Doctor(Request):
+    """The endpoint's facts for `make doctor`, changing nothing: python, rsync, clock, free
+    space at adapter_dir, each base model (model -> path or hub id) present and readable,
+    trusted keys, and per `reload` the service's pid (pidfile, `service_url`'s /status) or
+    whether the restart command can run without a password."""
+
+    op: ClassVar[str] = "doctor"
+    base_models: dict[str, str] = field(default_factory=dict)
+    reload: Reload = field(default_factory=Reload)
+    service_url: str | None = None
+    rsync_path: str | None = None
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (
@@ -196,6 +211,7 @@ REQUESTS: dict[str, type[Request]] = {
         Prune,
         Record,
         Status,
+        Doctor,
     )
 }
 _NESTED = {"reload": Reload}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from adapter_deploy import __version__, protocol
+from adapter_deploy.agent import doctor
 from adapter_deploy.agent.operations import EndpointSide
 from adapter_deploy.common.errors import AdapterDeployError, RemoteError, UsageError
 from adapter_deploy.common.fsutil import file_lock
@@ -87,6 +88,8 @@ def dispatch(side: EndpointSide, line: str) -> dict[str, Any]:
 
 def _answer(side: EndpointSide, request: protocol.Request) -> dict[str, Any]:
     try:
+        if isinstance(request, protocol.Doctor):  # read-only facts, agent/doctor.py
+            return {"ok": True, "result": doctor.facts(side.adapter_dir, request)}
         return {"ok": True, "result": side.handle(request)}
     except AdapterDeployError as err:
         return _error_reply(err)
@@ -96,7 +99,8 @@ def _answer(side: EndpointSide, request: protocol.Request) -> dict[str, Any]:
 
 
 def read_only_session(adapter_dir: Path, inp: TextIO, out: TextIO) -> int:
-    """Status queries only: no lock, nothing created (an endpoint never deployed is empty)."""
+    """Status and doctor queries only: no lock, nothing created (an endpoint never deployed
+    is empty)."""
     _reply(out, _ready())
     for line in inp:
         try:
@@ -104,9 +108,9 @@ def read_only_session(adapter_dir: Path, inp: TextIO, out: TextIO) -> int:
         except AdapterDeployError as err:
             _reply(out, _error_reply(err))
             continue
-        if not isinstance(request, protocol.Status):
+        if not isinstance(request, protocol.Status | protocol.Doctor):
             _reply(out, _error_reply(UsageError("read-only session", "open a deploy session")))
-        elif not adapter_dir.is_dir():
+        elif not adapter_dir.is_dir() and isinstance(request, protocol.Status):
             _reply(out, {"ok": True, "result": {"models": {}}})
         else:
             _reply(out, _answer(EndpointSide(adapter_dir), request))

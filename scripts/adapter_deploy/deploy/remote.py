@@ -28,16 +28,17 @@ from adapter_deploy.config import EndpointParams
 
 log = logging.getLogger(__name__)
 
+# First match wins: a changed key also prints "Host key verification failed".
 _SSH_FAILURES = [
-    (
-        "Host key verification failed",
-        "host key of {host} is unknown or has changed",
-        "verify the endpoint's key (ssh-keyscan) and add it to known_hosts",
-    ),
     (
         "REMOTE HOST IDENTIFICATION HAS CHANGED",
         "host key of {host} has changed",
         "confirm the endpoint was reinstalled, then update known_hosts (ssh-keygen -R)",
+    ),
+    (
+        "Host key verification failed",
+        "host key of {host} is unknown or has changed",
+        "verify the endpoint's key (ssh-keyscan) and add it to known_hosts",
     ),
     (
         "Permission denied",
