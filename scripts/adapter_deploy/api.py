@@ -15,10 +15,11 @@ from typing import Any
 
 from adapter_deploy import protocol, signing
 from adapter_deploy.common import failpoints
-from adapter_deploy.common.errors import NothingToRollBack, UsageError
+from adapter_deploy.common.errors import AdapterDeployError, NothingToRollBack, UsageError
 from adapter_deploy.common.fsutil import read_jsonl
 from adapter_deploy.common.names import check_version_id
-from adapter_deploy.config import Params
+from adapter_deploy.config import EndpointParams, Params
+from adapter_deploy.deploy import doctor as preflight
 from adapter_deploy.deploy import fleet, quiet
 from adapter_deploy.deploy.alerts import send_alerts
 from adapter_deploy.deploy.fleet_status import fleet_status
@@ -27,6 +28,7 @@ from adapter_deploy.deploy.plan import EndpointOutcome, choose_releases, dry_run
 from adapter_deploy.deploy.records import DEPLOY_LOG, last_run, record
 from adapter_deploy.deploy.remote import Connection, Session
 from adapter_deploy.deploy.rollback import rollback_endpoint
+from adapter_deploy.deploy.service_install import ServiceFiles, service_files, start_script
 from adapter_deploy.store import registry
 from adapter_deploy.store.conversions import ConversionResult, convert_release
 from adapter_deploy.store.manifest import (
@@ -270,6 +272,30 @@ def status(params: Params, endpoints: list[str] | None = None) -> StatusResult:
     return StatusResult(fleet_status(params, names))
 
 
+@dataclass
+class DoctorResult:
+    """Per endpoint its checks (ok / warn / FAIL / skip rows) and the code a deploy would
+    stop with; the worst endpoint decides (0: a deploy would work everywhere)."""
+
+    endpoints: list[dict[str, Any]]
+
+    @property
+    def exit_code(self) -> int:
+        return max([0, *(e["exit_code"] for e in self.endpoints)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code, "endpoints": self.endpoints}
+
+
+def doctor(params: Params, endpoints: list[str] | None = None) -> DoctorResult:
+    """Live preflight of each endpoint (default: all): would a deploy work there?"""
+    names = endpoints or sorted(params.endpoints)
+    if not names:
+        raise UsageError("no endpoints in params.yaml", "add one under endpoints:")
+    params.check_endpoints(names)
+    return DoctorResult(preflight.doctor(params, names))
+
+
 def keygen(params: Params, out: Path | None = None) -> tuple[Path, str]:
     """A new signing key pair at `out` (default store.signing_key): public key path, key id."""
     target = out or (params.resolve(params.store.signing_key) if params.store.signing_key else None)
@@ -314,15 +340,25 @@ BOOTSTRAP_CODE = [
     "scripts",
     "engines",
     "systemd",
+    "launchd",
+    "health",
 ]
 BOOTSTRAP_LEFT_BEHIND = ["/scripts/adapter_deploy/kit/"]
+
+
+def install_targets(ep: EndpointParams) -> list[str]:
+    """What bootstrap makes on an endpoint: the project, and llama.cpp's tools (a CUDA build
+    where the endpoint has nvcc and the NVIDIA driver) where it serves GGUF releases."""
+    serves_gguf = ep.format == "gguf" or "gguf" in ep.formats.values()
+    return ["install", "gguf-tools"] if serves_gguf else ["install"]
 
 
 def bootstrap(
     params: Params, endpoints: list[str], source: Path | None = None, install: bool = True
 ) -> dict[str, int]:
     """Copy this project's checkout (default: the params file's directory) to each endpoint's
-    project_dir and `make install` it there; bytes sent per endpoint."""
+    project_dir and `make install` it there (`make install gguf-tools` for an endpoint serving
+    GGUF releases); bytes sent per endpoint."""
     if not endpoints:
         raise UsageError("no endpoint given", "pass ENDPOINT=<name>")
     params.check_endpoints(endpoints)
@@ -343,7 +379,71 @@ def bootstrap(
                 code = [checkout / c for c in BOOTSTRAP_CODE if (checkout / c).exists()]
                 sent[name] = conn.sync_tree(code, ep.project_dir, BOOTSTRAP_LEFT_BEHIND)
                 if install:
-                    conn.run(["make", "-C", ep.project_dir, "install"])
+                    conn.run(["make", "-C", ep.project_dir, *install_targets(ep)])
             finally:
                 conn.close()
     return sent
+
+
+@dataclass
+class ServiceInstall:
+    """What `make service-install` did (or, in a dry run, would do) on one endpoint."""
+
+    endpoint: str
+    kind: str  # systemd | launchd
+    path: str
+    text: str
+    start: str  # the shell line that starts it
+    started: bool = False
+    warning: str | None = None
+
+
+def service_install(
+    params: Params, endpoints: list[str], start: bool = True, dry_run: bool = False
+) -> list[ServiceInstall]:
+    """Install the inference service as the endpoint's service manager runs it (systemd user
+    unit, launchd agent) and start it; see deploy/service_install.py."""
+    if not endpoints:
+        raise UsageError("no endpoint given", "pass ENDPOINT=<name>")
+    params.check_endpoints(endpoints)
+    planned = [(name, service_files(name, params.endpoint(name))) for name in endpoints]
+    results = [
+        ServiceInstall(name, files.kind, files.path, files.text, start_script(files))
+        for name, files in planned
+    ]
+    if dry_run:
+        return results
+    with tempfile.TemporaryDirectory() as work:
+        for (name, files), result in zip(planned, results, strict=True):
+            conn = Connection(name, params.endpoint(name), Path(work))
+            try:
+                _install_service(conn, files, Path(work), result, start)
+            finally:
+                conn.close()
+    return results
+
+
+def _install_service(
+    conn: Connection, files: ServiceFiles, work: Path, result: ServiceInstall, start: bool
+) -> None:
+    local = work / conn.name / files.filename
+    local.parent.mkdir(parents=True)
+    local.write_text(files.text)
+    directory = conn.remote_path(files.directory)
+    if conn.local:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    else:
+        conn.run(["mkdir", "-p", "--", directory])
+    conn.push([local], directory, progress=False)
+    if not start:
+        return
+    conn.run(["sh", "-c", result.start])
+    result.started = True
+    if files.kind == "systemd":
+        try:
+            conn.run(["loginctl", "enable-linger"])
+        except AdapterDeployError as err:
+            result.warning = (
+                f"lingering is off, so the service starts at login, not at boot "
+                f"({err.one_line()}); run `sudo loginctl enable-linger <user>` there once"
+            )
