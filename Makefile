@@ -30,22 +30,56 @@ $(VENV)/.install-stamp: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
-# llama.cpp's tools for GGUF releases. llama-cpp-python builds llama.cpp from source (about
-# 5 minutes on 2 cores), so its wheel is built once and kept outside the checkout.
+# llama.cpp's tools for GGUF releases, all from one llama-cpp-python sdist (downloaded once into
+# the cache): its wheel, built from source (about 5 minutes on 2 cores, kept outside the
+# checkout; a CUDA build where `nvcc` and the NVIDIA driver are, a portable CPU build elsewhere; CMAKE_ARGS in
+# the environment wins), and llama.cpp's own HF->GGUF converter (convert_hf_to_gguf.py, its
+# conversion/ and gguf-py/ packages, models/templates) extracted into LLAMA_SRC, where
+# adapter_deploy.convert.gguf runs it ($$ADAPTER_DEPLOY_LLAMA_CPP names another tree).
+# Keep LLAMA_CPP_VERSION equal to adapter_deploy.convert.gguf.LLAMA_CPP_VERSION.
 LLAMA_CPP_VERSION := 0.3.36
-WHEELS := $${XDG_CACHE_HOME:-$$HOME/.cache}/adapter-deploy/wheels
+GGUF_CACHE := $${XDG_CACHE_HOME:-$$HOME/.cache}/adapter-deploy
+WHEELS := $(GGUF_CACHE)/wheels
+LLAMA_SDIST := $(GGUF_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_SRC := $${ADAPTER_DEPLOY_LLAMA_CPP:-$(GGUF_CACHE)/llama.cpp-$(LLAMA_CPP_VERSION)}
+# CUDA needs the toolkit (nvcc) to build and the driver (nvidia-smi ships with it) to load: a
+# box with nvcc but no driver gets the CPU build, which imports there.
+GGUF_CMAKE_ARGS := $${CMAKE_ARGS:-$$(command -v nvcc >/dev/null 2>&1 && \
+  command -v nvidia-smi >/dev/null 2>&1 && echo -DGGML_CUDA=on || echo -DGGML_NATIVE=OFF)}
+# The sdist, fetched once (pip's own client; the wheel and the converter both come from it).
+FETCH_SDIST = sd="$(LLAMA_SDIST)"; if [ ! -f "$$sd" ]; then \
+  $(PY) -m pip download --quiet --no-deps --no-binary :all: -d "$$(dirname "$$sd")" \
+    "llama-cpp-python==$(LLAMA_CPP_VERSION)"; fi
 
-gguf-tools: $(VENV)/.gguf-stamp ## install llama-cpp-python + gguf (wheel built once, cached)
+gguf-tools: $(VENV)/.gguf-stamp ## llama-cpp-python (CUDA build where nvcc+driver) + llama.cpp's converter
+	@set -e; src="$(LLAMA_SRC)"; if [ ! -f "$$src/convert_hf_to_gguf.py" ] || \
+	  [ ! -f "$$src/converter.json" ]; then \
+	  $(FETCH_SDIST); echo "extracting llama.cpp's converter into $$src"; \
+	  tmp="$$src.incoming-$$$$"; rm -rf "$$tmp"; mkdir -p "$$tmp"; \
+	  top="llama_cpp_python-$(LLAMA_CPP_VERSION)"; lc="$$top/vendor/llama.cpp"; \
+	  tar -xzf "$$sd" -C "$$tmp" --strip-components=3 "$$lc/convert_hf_to_gguf.py" \
+	    "$$lc/conversion" "$$lc/gguf-py" "$$lc/models/templates" "$$lc/LICENSE"; \
+	  commit=$$(tar -xzOf "$$sd" "$$top/.git/modules/vendor/llama.cpp/HEAD" 2>/dev/null || true); \
+	  printf '{"llama-cpp-python": "%s", "llama.cpp": "%s"}\n' "$(LLAMA_CPP_VERSION)" \
+	    "$${commit:-unknown}" > "$$tmp/converter.json"; \
+	  rm -rf "$$src"; mv "$$tmp" "$$src"; \
+	fi
+
+gguf-cmake-args: ## print the CMAKE_ARGS `make gguf-tools` builds llama-cpp-python with here
+	@echo "$(GGUF_CMAKE_ARGS)"
 
 $(VENV)/.gguf-stamp: $(VENV)/.install-stamp
-	@w="$(WHEELS)"; mkdir -p "$$w"; \
+	@set -e; args="$(GGUF_CMAKE_ARGS)"; w="$(WHEELS)"; \
+	case "$$args" in *GGML_CUDA=on*) w="$$w/cuda";; esac; mkdir -p "$$w"; \
 	if ! ls "$$w"/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
-	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (~5 min; cached in $$w)"; \
-	  CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip wheel --quiet --no-deps \
-	    -w "$$w" "llama-cpp-python==$(LLAMA_CPP_VERSION)"; \
+	  $(FETCH_SDIST); \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (CMAKE_ARGS=$$args; cached in $$w)"; \
+	  CMAKE_ARGS="$$args" $(PY) -m pip wheel --quiet --no-deps -w "$$w" "$$sd"; \
 	fi; \
-	$(PY) -m pip install --quiet --find-links "$$w" \
-	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" "gguf>=0.17"
+	$(PY) -m pip install --quiet --no-index --find-links "$$w" \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" || $(PY) -m pip install --quiet --find-links "$$w" \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"; \
+	$(PY) -m pip install --quiet "gguf>=0.17"
 	@touch $@
 
 test: install gguf-tools ## run the test suite (pytest)
@@ -87,6 +121,9 @@ rollback: install ## [ENDPOINT=..] [MODELS=..] [TO=version_id]: roll back (bare:
 status: install ## [ENDPOINT=..]: endpoint x model table, read live (JSON=1 for JSON)
 	@set -f; $(PY) scripts/status.py $${ENDPOINT:+--endpoints $$ENDPOINT} $${JSON:+--json}
 
+doctor: install ## [ENDPOINT=..] [JSON=1]: live preflight per endpoint: would a deploy work?
+	@set -f; $(PY) scripts/doctor.py $${ENDPOINT:+--endpoints $$ENDPOINT} $${JSON:+--json}
+
 transfer precheck activate verify: install ## CYCLE=1 ENDPOINT=..: run one deploy phase alone
 	@set -f; $(PY) scripts/phase.py $@ $(WHAT) $${ENDPOINT:+--endpoints $$ENDPOINT} \
 	  $${MODELS:+--models $$MODELS} $${JSON:+--json}
@@ -104,6 +141,10 @@ keygen: install ## create the ed25519 signing key (path: store.signing_key in pa
 trust: install ## ENDPOINT=..: install the public signing key on endpoints
 	@set -f; $(PY) scripts/trust.py $${ENDPOINT:+--endpoints $$ENDPOINT}
 
+service-install: install ## ENDPOINT=.. [DRY_RUN=1]: install + start the service (systemd user unit / launchd)
+	@set -f; $(PY) scripts/service_install.py $${ENDPOINT:+--endpoints $$ENDPOINT} \
+	  $${DRY_RUN:+--dry-run} $${JSON:+--json}
+
 demo: install ## the whole story on a tiny local model and a local endpoint (under demo/)
 	@$(PY) scripts/demo.py
 
@@ -116,5 +157,5 @@ bench: install ## run the benchmarks and print their figures
 gpu-check: install ## NVIDIA only: 4-bit bitsandbytes, fp16, adapter reload on CUDA, health-checked
 	$(PY) bench/gpu_check.py
 
-.PHONY: help install test lint version versions bench gpu-check gguf-tools deploy rollback status transfer precheck \
-  activate verify health-check bootstrap demo demo-clean history keygen trust convert
+.PHONY: help install test lint version versions bench gpu-check gguf-tools gguf-cmake-args deploy rollback status doctor transfer precheck \
+  activate verify health-check bootstrap demo demo-clean history keygen trust convert service-install

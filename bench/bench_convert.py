@@ -7,7 +7,7 @@ Builds the kit into DIR (default .kit/, reused when complete), versions kit.good
 scratch store (manifest only; no git/DVC needed to convert) and times `convert_release`:
 each format from an empty cache (after one untimed warm-up that pays the imports), bitsandbytes
 again with the merged release already cached (it links those weights), and a repeat of the same
-inputs (cache hit), and gguf per type (F16 by the gguf writer; Q8_0 and Q4_K_M by llama.cpp's
+inputs (cache hit), and gguf per type (F16 by llama.cpp's converter; Q8_0 and Q4_K_M by llama.cpp's
 quantizer; each from an empty cache, so the merge is included). gguf is reported as skipped
 while llama.cpp's tools are missing (`make gguf-tools`).
 Goals: merged and bitsandbytes <= 2 s each on the kit model, cache hit <= 0.25 s.

@@ -14,7 +14,7 @@ from adapter_deploy.engines.base import prompt_text
 from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx, mlx_skeleton
 from adapter_deploy.engines.hf_engine import HFEngine
 from adapter_deploy.engines.mlx_engine import MLXGemmaEngine
-from adapter_deploy.kit.gemma import VOCAB_SIZE
+from adapter_deploy.kit.gemma import KIT_LAYERS, VOCAB_SIZE
 from safetensors.torch import load_file, save_file
 
 
@@ -33,14 +33,14 @@ def test_conversion_layout(kit, tmp_path):
     out = convert_peft_to_mlx(kit.good, tmp_path / "mlx", mlx_skeleton(kit.base))
     peft = load_file(str(kit.good / "adapter_model.safetensors"))
     mlx = load_file(str(out / "adapters.safetensors"))
-    assert len(mlx) == len(peft) == 2 * 2 * 7  # 2 layers x 7 linears x (A, B)
+    assert len(mlx) == len(peft) == KIT_LAYERS * 7 * 2  # layers x 7 linears x (A, B)
     a = peft["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     b = peft["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert torch.equal(mlx["model.layers.0.self_attn.q_proj.lora_a"], a.T)
     assert torch.equal(mlx["model.layers.0.self_attn.q_proj.lora_b"], b.T)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora"
-    assert config["num_layers"] == 2
+    assert config["num_layers"] == KIT_LAYERS
     params = config["lora_parameters"]
     assert (params["rank"], params["scale"], params["dropout"]) == (8, 2.0, 0.0)
     assert "self_attn.q_proj" in params["keys"] and len(params["keys"]) == 7

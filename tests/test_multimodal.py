@@ -21,6 +21,7 @@ from adapter_deploy.engines.convert_mlx import (
     plan_conversion,
 )
 from adapter_deploy.engines.service_client import service_status
+from adapter_deploy.kit.gemma import KIT_LAYERS
 from adapter_deploy.kit.multimodal import (
     TRANSLATEGEMMA,
     real_size_lora_shapes,
@@ -94,7 +95,7 @@ def test_multimodal_conversion_lands_on_the_language_model(multimodal_kit: Any, 
     assert torch.equal(mlx[MLX_LAYERS + "1.mlp.down_proj.lora_a"], a.T)
     assert all(k.startswith(MLX_LAYERS) for k in mlx)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["num_layers"] == 2 and len(config["lora_parameters"]["keys"]) == 7
+    assert config["num_layers"] == KIT_LAYERS and len(config["lora_parameters"]["keys"]) == 7
 
 
 @pytest.mark.parametrize(
@@ -133,7 +134,7 @@ def test_vision_tower_lora_is_refused_with_every_unmatched_module(
         for ab in "AB"
     }
     src = _rekeyed(multimodal_kit.good, tmp_path / "src", "", "", extra)
-    with pytest.raises(AdapterError, match=r"2 of 16 LoRA modules") as err:
+    with pytest.raises(AdapterError, match=rf"2 of {KIT_LAYERS * 7 + 2} LoRA modules") as err:
         convert_peft_to_mlx(src, tmp_path / "mlx", mlx_skeleton(multimodal_kit.base))
     assert "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj" in str(err.value)
     assert "self_attn.k_proj (no such module)" in str(err.value) and err.value.fix
@@ -142,7 +143,8 @@ def test_vision_tower_lora_is_refused_with_every_unmatched_module(
 
 def test_adapter_of_another_base_size_is_refused(kit: Any, multimodal_kit: Any, tmp_path: Path):
     """The text kit (hidden 64) adapter names fit the multimodal tree; its sizes do not."""
-    with pytest.raises(AdapterError, match=r"14 of 14 LoRA modules.*64->64.*256->") as err:
+    n = KIT_LAYERS * 7
+    with pytest.raises(AdapterError, match=rf"{n} of {n} LoRA modules.*64->64.*256->") as err:
         convert_peft_to_mlx(kit.good, tmp_path / "mlx", mlx_skeleton(multimodal_kit.base))
     assert "language_model.model.layers.0" in str(err.value)
 

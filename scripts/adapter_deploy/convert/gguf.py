@@ -1,23 +1,41 @@
 """Merged transformers model dir -> one GGUF file for llama.cpp endpoints.
 
-Two steps, both with llama.cpp's own published tools (nothing of llama.cpp is copied here):
-    F16     written by this module with the `gguf` package's writer and its tensor-name map
-            (llama.cpp's HF->GGUF converter script is not shipped in any wheel); Gemma 3,
-            the architecture we serve: text-only, or the multimodal TranslateGemma layout
-            whose language model is written and whose vision tower is left out
+Two steps, both run with llama.cpp's own tools at the pinned version (nothing of llama.cpp is
+copied into this project):
+    F16     llama.cpp's converter, `convert_hf_to_gguf.py --outtype f16`, run as a subprocess
+            with this project's python from the source tree `make gguf-tools` extracts from the
+            llama-cpp-python sdist (LLAMA_CPP_VERSION) into
+            ~/.cache/adapter-deploy/llama.cpp-<version>/ ($ADAPTER_DEPLOY_LLAMA_CPP names
+            another tree). The converter writes the tokenizer as llama.cpp reads Gemma's:
+            SentencePiece (`tokenizer.model`), its special tokens, chat template and hparams.
+            Gemma 3 text-only (Gemma3ForCausalLM) or the multimodal TranslateGemma layout
+            (Gemma3ForConditionalGeneration), whose language model is written and whose
+            vision tower is left out (llama.cpp keeps vision in a separate mmproj file, and
+            translation needs none)
     Q8_0, Q4_K_M
             the F16 file requantized by llama.cpp's `llama_model_quantize` (llama-cpp-python)
 
+The converter reads the merged dir through a staging dir of links: transformers 5 saves a
+tokenizer_config.json without `added_tokens_decoder`, the field the converter types Gemma's
+special tokens (`<start_of_turn>` ...) from, so the staged copy gets it back from the dir's own
+tokenizer.json (the same list transformers loads); the merged dir itself is never changed.
+
 Only safetensors are read. K-quants (Q4_K_M) need tensor rows in multiples of 256; llama.cpp
-falls back to a legacy quant type for narrower tensors, so tiny models still convert.
+falls back to a legacy quant type for narrower tensors, so tiny models still convert. The
+converter's version (llama-cpp-python release, llama.cpp commit, gguf-py version) is part of
+the conversion key (`tool_versions()`), so a new converter reconverts.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -30,41 +48,77 @@ log = logging.getLogger(__name__)
 GGUF_TYPES = ("Q4_K_M", "Q8_0", "F16")
 DEFAULT_GGUF_TYPE = "Q4_K_M"
 GGUF_FILE = "model.gguf"
-# transformers model_type -> GGUF architecture. "gemma3" is the multimodal checkpoint
-# (Gemma3ForConditionalGeneration, e.g. TranslateGemma): its language model is written and
-# the vision tower left out; llama.cpp keeps vision in a separate mmproj file, and
-# translation needs none.
-_ARCHITECTURES = {"gemma3_text": "gemma3", "gemma3": "gemma3"}
-# Where the language model's tensors live in a multimodal checkpoint, as saved by
-# transformers 4 and 5, and the text-only name each prefix stands for.
-_TEXT_PREFIXES = {
-    "language_model.model.": "model.",
-    "model.language_model.": "model.",
-    "language_model.lm_head.": "lm_head.",
-}
-_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.")
-_VISION_PREFIXES += ("model.multi_modal_projector.",)
-# Gemma's RMSNorm multiplies by (1 + weight); llama.cpp multiplies by the stored weight.
-_NORM_SHIFT = {"gemma3": 1.0}
+# The llama-cpp-python release whose vendored llama.cpp converts and quantizes (the Makefile's
+# LLAMA_CPP_VERSION; a test keeps the two equal).
+LLAMA_CPP_VERSION = "0.3.36"
+CONVERTER_ENV = "ADAPTER_DEPLOY_LLAMA_CPP"  # a llama.cpp source tree other than the cached one
+CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
+CONVERTER_INFO = "converter.json"  # written last by `make gguf-tools`: which source this is
+SENTENCEPIECE_MODEL = "tokenizer.model"
+LLAMA_CPP_GEMMA3_SWA_PATTERN = 6  # every 6th layer full attention (see layer_pattern_mismatch)
+CONVERT_TIMEOUT_S = 3600
+# What this project serves as GGUF: Gemma 3, text-only or the multimodal TranslateGemma layout.
+_MODEL_TYPES = ("gemma3_text", "gemma3")
+_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+_INSTALL_FIX = f"run `make gguf-tools` (or set {CONVERTER_ENV} to a llama.cpp source tree)"
+
+
+def converter_dir() -> Path:
+    """The llama.cpp source tree the converter runs from (see the module docstring)."""
+    named = os.environ.get(CONVERTER_ENV)
+    if named:
+        return Path(named).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "adapter-deploy" / f"llama.cpp-{LLAMA_CPP_VERSION}"
+
+
+def converter_info() -> dict[str, Any] | None:
+    """The converter's version record, or None where no complete source tree is present."""
+    src = converter_dir()
+    if not (src / CONVERTER_SCRIPT).is_file() or not (src / "gguf-py" / "gguf").is_dir():
+        return None
+    try:
+        info = json.loads((src / CONVERTER_INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    try:
+        project = tomllib.loads((src / "gguf-py" / "pyproject.toml").read_text())
+        info["gguf-py"] = project["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        info["gguf-py"] = None
+    return info
 
 
 def tools_available(gguf_type: str = DEFAULT_GGUF_TYPE) -> bool:
-    """The `gguf` writer is always needed; llama-cpp-python only to requantize."""
-    needed = ("gguf",) if gguf_type == "F16" else ("gguf", "llama_cpp")
-    return all(importlib.util.find_spec(m) is not None for m in needed)
+    """The converter's source tree always; llama-cpp-python only to requantize."""
+    if converter_info() is None:
+        return False
+    return gguf_type == "F16" or importlib.util.find_spec("llama_cpp") is not None
 
 
-@functools.cache  # what is installed does not change under a running process
-def tool_versions() -> dict[str, str | None]:
+def check_tools(gguf_type: str = DEFAULT_GGUF_TYPE) -> None:
+    """Raise with the fix where the tools `gguf_type` needs are missing."""
+    if converter_info() is None:
+        raise AdapterError(
+            f"llama.cpp's GGUF converter ({CONVERTER_SCRIPT}, llama-cpp-python "
+            f"{LLAMA_CPP_VERSION}) is not in {converter_dir()}",
+            fix=_INSTALL_FIX + ", or use format merged",
+        )
+    if gguf_type != "F16" and importlib.util.find_spec("llama_cpp") is None:
+        raise AdapterError(TOOLS_HINT, fix="run `make gguf-tools`, or use format merged")
+
+
+def tool_versions() -> dict[str, Any]:
+    """The converter's and the quantizer's versions: part of a gguf conversion's key."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found: dict[str, str | None] = {}
-    for name in ("gguf", "llama-cpp-python"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    try:
+        quantizer = version("llama-cpp-python")
+    except PackageNotFoundError:
+        quantizer = None
+    return {"llama-cpp-python": quantizer, "gguf_converter": converter_info()}
 
 
 def convert_to_gguf(
@@ -73,8 +127,8 @@ def convert_to_gguf(
     """Write `out_dir/model.gguf` of type `gguf_type` from a merged model dir; return its path."""
     if gguf_type not in GGUF_TYPES:
         raise AdapterError(f"unknown GGUF type {gguf_type!r}", fix="use " + ", ".join(GGUF_TYPES))
-    if not tools_available(gguf_type):
-        raise AdapterError(TOOLS_HINT, fix="run `make gguf-tools`, or use format merged")
+    check_supported(Path(merged_dir))
+    check_tools(gguf_type)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / GGUF_FILE
@@ -89,173 +143,100 @@ def convert_to_gguf(
     return target
 
 
-def write_f16(model_dir: Path, out_file: Path) -> Path:
-    """The merged model as an F16 GGUF file (1-D tensors stay F32, as llama.cpp expects)."""
-    import gguf
-    import numpy as np
-
+def check_supported(model_dir: Path) -> None:
+    """Refuse what this project does not serve as GGUF, before the converter runs."""
     config = read_json(model_dir / "config.json")
-    arch = _architecture(config, model_dir)
-    tied = config.get("tie_word_embeddings", True)
-    config = _text_config(config)
-    writer = gguf.GGUFWriter(str(out_file), arch)
-    _write_hparams(writer, config, model_dir.name)
-    n_vocab = int(config["vocab_size"])
-    _write_tokenizer(writer, model_dir, n_vocab)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, int(config["num_hidden_layers"]))
-    shift = _NORM_SHIFT.get(arch, 0.0)
-    for name, tensor in _tensors(model_dir):
-        name = _text_name(name)
-        if name is None or (name == "lm_head.weight" and tied):
-            continue  # vision, or tied to the token embedding (llama.cpp reuses it as output)
-        mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if mapped is None:
-            raise AdapterError(
-                f"{model_dir}: tensor {name} has no GGUF name for {arch}",
-                fix="gguf conversion supports Gemma 3 models; use format merged",
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type not in _MODEL_TYPES or not set(archs) & set(_ARCHITECTURES):
+        raise AdapterError(
+            f"{model_dir}: gguf conversion does not support model_type {model_type!r} "
+            f"({', '.join(archs) or 'no architectures'})",
+            fix="gguf conversion supports Gemma 3 models (" + ", ".join(_ARCHITECTURES) + "); "
+            "use format merged",
+        )
+    if not (model_dir / SENTENCEPIECE_MODEL).is_file():
+        raise AdapterError(
+            f"{model_dir} has no {SENTENCEPIECE_MODEL} (Gemma's SentencePiece model, which "
+            "llama.cpp's converter reads)",
+            fix="merge again from a base model that ships tokenizer.model",
+        )
+    if not any(model_dir.glob("*.safetensors")):
+        raise AdapterError(f"{model_dir} holds no safetensors weights", fix="merge it again")
+    mismatch = layer_pattern_mismatch(config)
+    if mismatch:
+        log.warning("%s: %s; llama.cpp will not attend as transformers does", model_dir, mismatch)
+
+
+def layer_pattern_mismatch(config: dict[str, Any]) -> str | None:
+    """How a config's sliding/full layers differ from the ones llama.cpp gives a Gemma 3 GGUF.
+
+    llama.cpp's converter writes no per-layer pattern for Gemma 3, so llama.cpp assumes
+    Gemma 3's own: every 6th layer full attention, the other five sliding (global rope base on
+    the full layers, the local one on the sliding). Hub checkpoints have exactly that; a
+    config with another pattern converts, but the GGUF runs a different model.
+    """
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers = text.get("layer_types")
+    if not isinstance(layers, list):
+        return None
+    assumed = [
+        "full_attention" if (i + 1) % LLAMA_CPP_GEMMA3_SWA_PATTERN == 0 else "sliding_attention"
+        for i in range(len(layers))
+    ]
+    if layers == assumed:
+        return None
+    return f"layer_types {layers} are not Gemma 3's 5 sliding : 1 full ({assumed})"
+
+
+def write_f16(model_dir: Path, out_file: Path) -> Path:
+    """The merged model as an F16 GGUF file, written by llama.cpp's own converter."""
+    src = converter_dir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter reads the dir, nothing else
+    env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, never another one
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p
+    )
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=out_file.parent) as tmp:
+        staged = _stage(model_dir, Path(tmp) / model_dir.name)
+        cmd = [sys.executable, str(src / CONVERTER_SCRIPT), "--outtype", "f16"]
+        cmd += ["--outfile", str(out_file), str(staged)]
+        log.debug("running %s", " ".join(cmd))
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=CONVERT_TIMEOUT_S
             )
-        data = tensor.float().numpy()
-        if name.endswith("norm.weight"):
-            data = data + shift
-        data = data.astype(np.float16 if data.ndim > 1 else np.float32)
-        writer.add_tensor(mapped, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        except subprocess.TimeoutExpired as err:
+            raise AdapterError(
+                f"llama.cpp's converter ran past {CONVERT_TIMEOUT_S}s on {model_dir}",
+                fix="check the machine's load and memory, then convert again",
+            ) from err
+    log.debug("converter output:\n%s", proc.stderr)
+    if proc.returncode != 0 or not out_file.is_file():
+        out_file.unlink(missing_ok=True)
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise AdapterError(
+            f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}): {tail}",
+            fix="see the converter's reason above; "
+            f"{_INSTALL_FIX} if its own imports failed, or use format merged",
+        )
     return out_file
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A multimodal config's language-model part (a text-only config as it is)."""
-    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
-
-
-def _text_name(name: str) -> str | None:
-    """The text-only name of a checkpoint tensor; None for the vision tower and projector."""
-    if name.startswith(_VISION_PREFIXES):
-        return None
-    for prefix, text in _TEXT_PREFIXES.items():
-        if name.startswith(prefix):
-            return text + name[len(prefix) :]
-    return name
-
-
-def _architecture(config: dict[str, Any], model_dir: Path) -> str:
-    model_type = config.get("model_type")
-    if model_type not in _ARCHITECTURES:
-        raise AdapterError(
-            f"{model_dir}: gguf conversion does not support model_type {model_type!r}",
-            fix="gguf conversion supports Gemma 3 models (gemma3, gemma3_text); use format merged",
-        )
-    return _ARCHITECTURES[model_type]
-
-
-def _rope_theta(config: dict[str, Any], layer_type: str, default: float) -> float:
-    rope = (config.get("rope_parameters") or {}).get(layer_type) or {}
-    return float(rope.get("rope_theta", default))
-
-
-def _write_hparams(writer: Any, config: dict[str, Any], name: str) -> None:
-    import gguf
-
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-    layers = config.get("layer_types") or []
-    writer.add_name(name)
-    writer.add_context_length(int(config["max_position_embeddings"]))
-    writer.add_embedding_length(int(config["hidden_size"]))
-    writer.add_block_count(int(config["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_head_count(int(config["num_attention_heads"]))
-    writer.add_head_count_kv(int(config["num_key_value_heads"]))
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config, "full_attention", config.get("rope_theta", 1e6)))
-    if config.get("sliding_window"):
-        writer.add_sliding_window(int(config["sliding_window"]))
-        if layers:  # per layer, so llama.cpp does not assume Gemma 3's default 5:1 pattern
-            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layers])
-    if config.get("final_logit_softcapping"):
-        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-
-
-def _write_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> None:
-    """A byte-level BPE tokenizer (tokenizer.json) as GGUF's "gpt2" tokenizer model."""
-    import gguf
-
-    data = read_json(model_dir / "tokenizer.json")
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise AdapterError(
-            f"{model_dir}/tokenizer.json is a {model.get('type')} tokenizer",
-            fix="gguf conversion here supports byte-level BPE tokenizers; use format merged",
-        )
-    by_id = {i: t for t, i in model["vocab"].items()}
-    special = {t["id"]: t for t in data.get("added_tokens", [])}
-    by_id.update({i: t["content"] for i, t in special.items()})
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i in by_id:
-            tokens.append(by_id[i])
-            kind = special.get(i)
-            types.append(
-                gguf.TokenType.NORMAL
-                if kind is None
-                else (gguf.TokenType.CONTROL if kind["special"] else gguf.TokenType.USER_DEFINED)
-            )
-        else:  # embedding rows the tokenizer never produces
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    ids = _special_ids(model_dir, model["vocab"] | {t["content"]: i for i, t in special.items()})
-    for key, token_id in ids.items():
-        getattr(writer, f"add_{key}_token_id")(token_id)
-    writer.add_add_bos_token(False)  # the chat template writes <bos> itself
-    template = _chat_template(model_dir)
-    if template:
-        writer.add_chat_template(template)
-
-
-def _special_ids(model_dir: Path, vocab: dict[str, int]) -> dict[str, int]:
+def _stage(model_dir: Path, staged: Path) -> Path:
+    """`model_dir` as links, with tokenizer_config.json's `added_tokens_decoder` restored."""
+    staged.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.is_file() and path.name != "tokenizer_config.json":
+            (staged / path.name).symlink_to(path.resolve())
     config = read_json(model_dir / "tokenizer_config.json")
-    ids = {}
-    for key in ("bos", "eos", "pad", "unk"):
-        token = config.get(f"{key}_token")
-        if isinstance(token, dict):
-            token = token.get("content")
-        if token in vocab:
-            ids[key] = vocab[token]
-    if "<end_of_turn>" in vocab:  # Gemma ends a turn with it; llama.cpp stops there
-        ids["eot"] = vocab["<end_of_turn>"]
-    return ids
-
-
-def _chat_template(model_dir: Path) -> str | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = read_json(model_dir / "tokenizer_config.json").get("chat_template")
-    return template if isinstance(template, str) else None
-
-
-def _tensors(model_dir: Path):
-    """(name, tensor) of every safetensors shard, in file order."""
-    from safetensors import safe_open
-
-    shards = sorted(model_dir.glob("*.safetensors"))
-    if not shards:
-        raise AdapterError(f"{model_dir} holds no safetensors weights", fix="merge it again")
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as fh:
-            for name in fh.keys():
-                yield name, fh.get_tensor(name)
+    if "added_tokens_decoder" not in config:
+        added = read_json(model_dir / "tokenizer.json").get("added_tokens") or []
+        config["added_tokens_decoder"] = {
+            str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added
+        }
+    (staged / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return staged
 
 
 def quantize(src: Path, dst: Path, gguf_type: str) -> Path:

@@ -1,7 +1,9 @@
 """PEFT adapter -> merged transformers model (for NVIDIA endpoints that serve merged weights).
 
     merged        merge_and_unload into the base, saved as fp16 (or bf16) safetensors with the
-                  base's tokenizer: a plain transformers model dir, nothing of the adapter
+                  base's tokenizer: a plain transformers model dir, nothing of the adapter, plus
+                  the base's SentencePiece `tokenizer.model` where it has one (transformers 5
+                  saves only tokenizer.json; llama.cpp's GGUF converter reads Gemma's .model)
     bitsandbytes  the same merged weights plus `quantization.json`, a load-time 4-bit nf4
                   BitsAndBytesConfig. It is NOT a `quantization_config` in config.json (that
                   tells transformers the weights are already quantized); HFEngine applies it
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from adapter_deploy.common.errors import AdapterError
@@ -30,6 +33,7 @@ from adapter_deploy.engines.quantization import BNB_4BIT_NF4, QUANTIZATION_FILE
 log = logging.getLogger(__name__)
 
 MERGED_DTYPES = ("float16", "bfloat16", "float32")
+SENTENCEPIECE_MODEL = "tokenizer.model"
 
 
 def merge_adapter(
@@ -73,9 +77,27 @@ def merge_adapter(
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    _copy_sentencepiece(base, out_dir)
     (out_dir / "README.md").unlink(missing_ok=True)
     log.debug("merged %s into %s -> %s (%s)", adapter_dir, base, out_dir, dtype)
     return out_dir
+
+
+def _copy_sentencepiece(base: str, out_dir: Path) -> None:
+    """The base's `tokenizer.model` beside the merged weights (a local dir, else the hub's)."""
+    local = Path(base)
+    if local.is_dir():
+        if (local / SENTENCEPIECE_MODEL).is_file():
+            shutil.copyfile(local / SENTENCEPIECE_MODEL, out_dir / SENTENCEPIECE_MODEL)
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        found = hf_hub_download(base, SENTENCEPIECE_MODEL)
+    except Exception as err:  # not in the repo, offline, gated: huggingface_hub's many errors
+        log.debug("%s: no %s (%s)", base, SENTENCEPIECE_MODEL, err)
+        return
+    shutil.copyfile(found, out_dir / SENTENCEPIECE_MODEL)
 
 
 def write_bnb_quantization(out_dir: str | Path) -> Path:

@@ -1,13 +1,14 @@
 """Tiny real models and adapters, built locally in seconds (no downloads possible here).
 
-The kit model is a real `Gemma3ForCausalLM` (hidden 64, 2 layers, 4 heads, 2 kv heads, head_dim
-16) with a Gemma-style SentencePiece tokenizer trained on the kit sentences: BPE with byte
-fallback (any text stays encodable), `▁` for spaces, Gemma's special-token ids (pad 0, eos 1,
-bos 2, unk 3, mask 4, `<start_of_turn>` 105, `<end_of_turn>` 106). Like Gemma it ships both
-`tokenizer.model` (what llama.cpp's converter reads) and the converted `tokenizer.json` (what
-transformers and mlx-lm read). The tokenizer carries a TranslateGemma-style chat template, so
-engines prompt it exactly like the real model. `adapter_deploy.kit.multimodal` builds the
-TranslateGemma layout (`Gemma3ForConditionalGeneration`) with the same tokenizer.
+The kit model is a real `Gemma3ForCausalLM` (hidden 64, 6 layers in Gemma 3's 5 sliding + 1
+full pattern, 4 heads, 2 kv heads, head_dim 16) with a Gemma-style SentencePiece tokenizer
+trained on the kit sentences: BPE with byte fallback (any text stays encodable), `▁` for
+spaces, Gemma's special-token ids (pad 0, eos 1, bos 2, unk 3, mask 4, `<start_of_turn>` 105,
+`<end_of_turn>` 106). Like Gemma it ships both `tokenizer.model` (what llama.cpp's converter
+reads) and the converted `tokenizer.json` (what transformers and mlx-lm read). The tokenizer
+carries a TranslateGemma-style chat template, so engines prompt it exactly like the real model.
+`adapter_deploy.kit.multimodal` builds the TranslateGemma layout
+(`Gemma3ForConditionalGeneration`) with the same tokenizer.
 
 Usage:
     python -m adapter_deploy.kit.gemma build-base OUT [--seed N]
@@ -45,7 +46,7 @@ from adapter_deploy.engines.base import prompt_text
 
 log = logging.getLogger(__name__)
 
-KIT_VERSION = 2
+KIT_VERSION = 3
 # Gemma 3's id layout: pad/eos/bos/unk/mask, [multimodal], 99 unused ids, then the turn markers
 # and the image markers; byte-fallback tokens and merges follow.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
@@ -63,6 +64,10 @@ USER_SYMBOLS = [
 BOI_ID, EOI_ID, IMAGE_ID = 107, 108, 109
 VOCAB_SIZE = 640  # model rows = tokenizer size (Gemma's vocabulary fills its rows too)
 SP_MODEL = "tokenizer.model"
+GEMMA3_SLIDING_PATTERN = 6
+# One full Gemma 3 attention block: five sliding layers and a full one. mlx-lm's gemma3_text
+# also needs at least `sliding_window_pattern` layers (it reads the full layer's cache).
+KIT_LAYERS = 6
 LANGUAGE_MODEL_LINEAR = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
@@ -228,12 +233,14 @@ def _model_config(widths: str = "standard"):
     return Gemma3TextConfig(
         vocab_size=VOCAB_SIZE,
         **size,
-        num_hidden_layers=2,
+        num_hidden_layers=KIT_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         query_pre_attn_scalar=size["head_dim"],
         sliding_window=512,
-        sliding_window_pattern=2,
+        # Gemma 3's own pattern (every 6th layer full): llama.cpp assumes it for every Gemma 3
+        # GGUF, so a kit with another one would answer differently there.
+        sliding_window_pattern=GEMMA3_SLIDING_PATTERN,
         max_position_embeddings=2048,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
@@ -246,14 +253,18 @@ def _patch_config_for_mlx(out: Path) -> None:
     """Write the keys the hub's Gemma 3 configs have and transformers 5 no longer saves.
 
     transformers 5 stores `layer_types`; mlx-lm's gemma3_text reads `sliding_window_pattern`
-    (default 6, which would make both layers sliding) and the two rope bases. A multimodal
+    (mlx-lm's default is 6 too; hub configs spell it out) and the two rope bases. A multimodal
     config also needs its top-level `vocab_size`: mlx-lm's gemma3 otherwise assumes Gemma's
     262,208 rows and overwrites the text config's size with it.
     """
     path = out / "config.json"
     config = json.loads(path.read_text())
     text = config.get("text_config", config)
-    text.update(sliding_window_pattern=2, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+    text.update(
+        sliding_window_pattern=GEMMA3_SLIDING_PATTERN,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
+    )
     if "text_config" in config:
         config["vocab_size"] = text["vocab_size"]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -8,8 +8,10 @@ A conversion is keyed by what decides its bytes:
         base:    a local base dir: "sha256:" + sha256 over (name, sha256) of every top-level file
                  (config.json, *.safetensors, tokenizer files, ...); a hub id: "hub:<id>",
         format (gguf: with its type, e.g. "gguf-Q4_K_M"), dtype,
-        tools:   transformers, peft, torch and safetensors versions (gguf: also gguf and
-                 llama-cpp-python) + RECIPE (this code's version)})
+        tools:   transformers, peft, torch and safetensors versions (gguf: also the installed
+                 llama-cpp-python, the quantizer, and `gguf_converter`: the llama-cpp-python
+                 release, llama.cpp commit and gguf-py version of the converter's source tree)
+                 + RECIPE (this code's version)})
 
 and lives in a local, content-addressed cache beside the version store (git-ignored, not DVC:
 every entry can be rebuilt from DVC-tracked inputs):
@@ -24,7 +26,8 @@ every entry can be rebuilt from DVC-tracked inputs):
 
 A bitsandbytes release hard-links the merged release's weights (building that first when
 needed) and adds quantization.json; a gguf release is written from the merged release (F16 by
-the `gguf` writer, then requantized by llama.cpp for Q8_0 / Q4_K_M).
+llama.cpp's own converter, convert_hf_to_gguf.py, then requantized by llama.cpp for Q8_0 /
+Q4_K_M).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from adapter_deploy.common.fsutil import atomic_write_json, file_lock, sha256_fi
 log = logging.getLogger("adapter_deploy.store.conversions")
 
 PROVENANCE = "conversion.json"
-RECIPE = 2  # bump when this code changes what a conversion writes
+RECIPE = 3  # bump when this code changes what a conversion writes
 _BASE_IDS = "base-identities.json"
 
 

@@ -145,7 +145,14 @@ def version_adapter(
     if existing:
         vid = existing["version_id"]
         log.info("%s %s already holds these bytes; nothing changed", model, vid)
-        return VersionResult(model, vid, adapters_dir / model / vid, created=False, missing=missing)
+        return VersionResult(
+            model,
+            vid,
+            adapters_dir / model / vid,
+            created=False,
+            missing=missing,
+            pushed_to=registry.default_remote_url(repo),  # pushed when it was made
+        )
 
     when = now or datetime.now(UTC)
     sha = identity[PEFT_WEIGHTS]["sha256"]
