@@ -261,7 +261,7 @@ def test_real_full_disk_mid_transfer_leaves_nothing_behind(
     data = yaml.safe_load(fleet.params.read_text())
     data["models"]["gemma_12b"] = {**data["models"]["gemma_4b"], "base_model": str(kit.base)}
     fleet.params.write_text(yaml.safe_dump(data))
-    adapter = inflated_adapter(kit.good, small_disk.parent / "big", rank=32)
+    adapter = inflated_adapter(kit.good, small_disk.parent / "big", rank=12)
     ids = [version(fleet.store, fleet.params, adapter, 4, model=m) for m in MODELS_12_4]
     fleet.set_endpoint("ep1", adapter_dir=str(small_disk / "adapters"), min_free_bytes=0)
     proc = fleet.deploy("--cycle", "4", "--models", *MODELS_12_4, "--endpoints", "ep1")

@@ -185,9 +185,9 @@ class CuttingRelay:
 
 
 def test_network_cut_mid_transfer_then_resume(fleet: Fleet, kit, sshd, tmp_path: Path) -> None:
-    # The kit adapters are ~70 KB, no bigger than ssh's own handshake and the session's
-    # traffic; a 4 MB one makes the bytes a resume saves stand out from that overhead.
-    big = inflated_adapter(kit.good, tmp_path / "big-adapter", rank=512)
+    # The kit adapters are ~200 KB; a 4 MB one makes the bytes a resume saves stand out from
+    # ssh's own handshake and the session's traffic.
+    big = inflated_adapter(kit.good, tmp_path / "big-adapter", rank=176)
     v4 = version(fleet.store, fleet.params, big, 4)
     size = sum(p.stat().st_size for p in (fleet.store.adapters / "gemma_4b" / v4).iterdir())
     assert size > 4_000_000
