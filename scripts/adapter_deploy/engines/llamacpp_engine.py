@@ -27,7 +27,7 @@ from adapter_deploy.engines.base import (
 )
 
 N_CTX = 2048
-TOOLS_HINT = "GGUF releases need llama.cpp's tools: pip install llama-cpp-python gguf"
+TOOLS_HINT = "GGUF releases need llama.cpp's tools (llama-cpp-python, gguf): not installed"
 
 
 def gguf_file(release_dir: Path) -> Path:
@@ -42,7 +42,7 @@ def gguf_file(release_dir: Path) -> Path:
 
 def _open(path: Path, n_gpu_layers: int) -> Any:
     if importlib.util.find_spec("llama_cpp") is None:
-        raise AdapterError(TOOLS_HINT, fix="install llama-cpp-python on this endpoint")
+        raise AdapterError(TOOLS_HINT, fix="run `make gguf-tools` there (make bootstrap does)")
     from llama_cpp import Llama
 
     try:
