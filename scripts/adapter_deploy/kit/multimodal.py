@@ -96,6 +96,8 @@ def build_multimodal_kit(root: Path) -> MultimodalKitPaths:
     return paths
 
 
+# TranslateGemma's SigLIP tower, the same in every size.
+_SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27)
 # TranslateGemma's published shapes (config.json of google/translategemma-{4b,12b}-it): what a
 # real-size check builds, on the meta device, without downloading a byte.
 TRANSLATEGEMMA = {
@@ -108,7 +110,7 @@ TRANSLATEGEMMA = {
             num_key_value_heads=4,
             head_dim=256,
         ),
-        "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27),
+        "vision": _SIGLIP,
     },
     "12b": {
         "text": dict(
@@ -119,7 +121,7 @@ TRANSLATEGEMMA = {
             num_key_value_heads=8,
             head_dim=256,
         ),
-        "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27),
+        "vision": _SIGLIP,
     },
 }
 GEMMA_VOCAB = 262_208

@@ -54,13 +54,6 @@ def repo_root(adapters_dir: Path) -> Path:
     return root
 
 
-def has_default_remote(repo: Path) -> bool:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "remote", "default"], cwd=repo, capture_output=True, text=True
-    )
-    return proc.returncode == 0 and bool(proc.stdout.strip())
-
-
 STORE_REMOTE = "adapter-store"  # the DVC remote params.yaml's store.remote names
 
 
@@ -75,9 +68,12 @@ def use_remote(repo: Path, url: str, options: dict[str, str]) -> Path:
 
 def default_remote_url(repo: Path) -> str | None:
     """The URL of the store's default DVC remote, None without one."""
-    if not has_default_remote(repo):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "default"], cwd=repo, capture_output=True, text=True
+    )
+    name = proc.stdout.strip() if proc.returncode == 0 else ""
+    if not name:
         return None
-    name = dvc(repo, "remote", "default").strip()
     # `dvc config`, not `dvc remote list`: the list wraps long URLs at the terminal width.
     return dvc(repo, "config", f"remote.{name}.url").strip() or None
 
