@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 USER_VARS := PARAMS MODEL MODELS CYCLE VERSION SRC METRICS ENDPOINT TO DRY_RUN JSON FORMAT \
-  ENGINE BASE FORCE PYTEST_ARGS GGUF_TYPE
+  ENGINE BASE FORCE PYTEST_ARGS GGUF_TYPE LOG_JSON
 # Take each value as typed: make would otherwise expand $(...) inside it.
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
@@ -21,14 +21,40 @@ help: ## list every target with one line
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*## "} {printf "  make %-32s %s\n", $$1, $$2}'
 
-install: $(VENV)/.install-stamp ## create .venv and install the project (idempotent)
+# uv installs the locked versions (uv.lock) so the training machine and every endpoint run the
+# same transformers, peft, mlx-lm...; where uv is missing it is installed from the package index
+# into the cache (a venv of its own: no system pip, no PEP 668 trouble; it brings the Python of
+# .python-version where the machine's python3 is older, as on a Mac with 3.9).
+UV_HOME := $${XDG_CACHE_HOME:-$$HOME/.cache}/adapter-deploy/uv
+FIND_UV = uv="$$(command -v uv || echo "$(UV_HOME)/bin/uv")"; if [ ! -x "$$uv" ]; then \
+  echo "uv is missing: installing it into $(UV_HOME)"; $(PYTHON) -m venv "$(UV_HOME)" && \
+  "$(UV_HOME)/bin/python" -m pip install --quiet "uv>=0.8"; fi
+# torch's build depends on the machine (CPU here, CUDA on NVIDIA, Metal on a Mac), so uv.lock
+# leaves it out and pip installs this exact version with the machine's own configuration.
+TORCH_VERSION := 2.13.0
+# The training machine: version store (extra "train") + dev tools; an endpoint: serving only.
+SYNC_TRAIN := --extra train
+SYNC_ENDPOINT := --no-dev
+# --inexact: keep torch and llama-cpp-python, which the lock leaves to this Makefile.
+SYNC = set -e; $(FIND_UV); test -x $(PY) || "$$uv" venv --quiet --seed $(VENV); \
+  "$$uv" sync --quiet --inexact --locked $(1); echo "$(1)" > $(VENV)/.sync-flags; \
+  $(PY) -c 'from importlib.metadata import version as v; assert v("torch").split("+")[0] == "$(TORCH_VERSION)"' \
+    2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 
-$(VENV)/.install-stamp: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+install: $(VENV)/.install-stamp ## create .venv with the locked versions (training machine + dev tools)
+
+$(VENV)/.install-stamp: pyproject.toml uv.lock .python-version
+	@$(call SYNC,$(SYNC_TRAIN))
 	@touch $@
+
+install-endpoint: $(VENV)/.endpoint-stamp ## what an endpoint needs to serve (make bootstrap runs it there)
+
+$(VENV)/.endpoint-stamp: pyproject.toml uv.lock .python-version
+	@$(call SYNC,$(SYNC_ENDPOINT))
+	@touch $@
+
+lock: ## re-resolve uv.lock after a change to pyproject.toml's dependencies
+	@$(FIND_UV); "$$uv" lock
 
 # llama.cpp's tools for GGUF releases, all from one llama-cpp-python sdist (downloaded once into
 # the cache): its wheel, built from source (about 5 minutes on 2 cores, kept outside the
@@ -52,13 +78,13 @@ FETCH_SDIST = sd="$(LLAMA_SDIST)"; if [ ! -f "$$sd" ]; then \
     "llama-cpp-python==$(LLAMA_CPP_VERSION)"; fi
 
 gguf-tools: $(VENV)/.gguf-stamp ## llama-cpp-python (CUDA build where nvcc+driver) + llama.cpp's converter
-	@set -e; src="$(LLAMA_SRC)"; if [ ! -f "$$src/convert_hf_to_gguf.py" ] || \
+	@set -e; src="$(LLAMA_SRC)"; if [ ! -f "$$src/convert_lora_to_gguf.py" ] || \
 	  [ ! -f "$$src/converter.json" ]; then \
 	  $(FETCH_SDIST); echo "extracting llama.cpp's converter into $$src"; \
 	  tmp="$$src.incoming-$$$$"; rm -rf "$$tmp"; mkdir -p "$$tmp"; \
 	  top="llama_cpp_python-$(LLAMA_CPP_VERSION)"; lc="$$top/vendor/llama.cpp"; \
 	  tar -xzf "$$sd" -C "$$tmp" --strip-components=3 "$$lc/convert_hf_to_gguf.py" \
-	    "$$lc/conversion" "$$lc/gguf-py" "$$lc/models/templates" "$$lc/LICENSE"; \
+	    "$$lc/convert_lora_to_gguf.py" "$$lc/conversion" "$$lc/gguf-py" "$$lc/models/templates" "$$lc/LICENSE"; \
 	  commit=$$(tar -xzOf "$$sd" "$$top/.git/modules/vendor/llama.cpp/HEAD" 2>/dev/null || true); \
 	  printf '{"llama-cpp-python": "%s", "llama.cpp": "%s"}\n' "$(LLAMA_CPP_VERSION)" \
 	    "$${commit:-unknown}" > "$$tmp/converter.json"; \
@@ -68,7 +94,8 @@ gguf-tools: $(VENV)/.gguf-stamp ## llama-cpp-python (CUDA build where nvcc+drive
 gguf-cmake-args: ## print the CMAKE_ARGS `make gguf-tools` builds llama-cpp-python with here
 	@echo "$(GGUF_CMAKE_ARGS)"
 
-$(VENV)/.gguf-stamp: $(VENV)/.install-stamp
+$(VENV)/.gguf-stamp: $(wildcard $(VENV)/.sync-flags)
+	@test -f $(VENV)/.sync-flags || { echo "run make install (or make install-endpoint) first"; exit 2; }
 	@set -e; args="$(GGUF_CMAKE_ARGS)"; w="$(WHEELS)"; \
 	case "$$args" in *GGML_CUDA=on*) w="$$w/cuda";; esac; mkdir -p "$$w"; \
 	if ! ls "$$w"/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
@@ -78,8 +105,8 @@ $(VENV)/.gguf-stamp: $(VENV)/.install-stamp
 	fi; \
 	$(PY) -m pip install --quiet --no-index --find-links "$$w" \
 	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" || $(PY) -m pip install --quiet --find-links "$$w" \
-	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"; \
-	$(PY) -m pip install --quiet "gguf>=0.17"
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	@$(FIND_UV); "$$uv" sync --quiet --inexact --locked --extra gguf $$(cat $(VENV)/.sync-flags)
 	@touch $@
 
 test: install gguf-tools ## run the test suite (pytest)
@@ -157,5 +184,5 @@ bench: install ## run the benchmarks and print their figures
 gpu-check: install ## NVIDIA only: 4-bit bitsandbytes, fp16, adapter reload on CUDA, health-checked
 	$(PY) bench/gpu_check.py
 
-.PHONY: help install test lint version versions bench gpu-check gguf-tools gguf-cmake-args deploy rollback status doctor transfer precheck \
+.PHONY: help install install-endpoint lock test lint version versions bench gpu-check gguf-tools gguf-cmake-args deploy rollback status doctor transfer precheck \
   activate verify health-check bootstrap demo demo-clean history keygen trust convert service-install

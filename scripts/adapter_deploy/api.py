@@ -25,6 +25,7 @@ from adapter_deploy.deploy.alerts import send_alerts
 from adapter_deploy.deploy.fleet_status import fleet_status
 from adapter_deploy.deploy.phases import run_phase
 from adapter_deploy.deploy.plan import EndpointOutcome, choose_releases, dry_run_plan
+from adapter_deploy.deploy.progress import NO_PROGRESS, Progress
 from adapter_deploy.deploy.records import DEPLOY_LOG, last_run, record
 from adapter_deploy.deploy.remote import Connection, Session
 from adapter_deploy.deploy.rollback import rollback_endpoint
@@ -164,7 +165,7 @@ def deploy(
     version_id: str | None = None,
     force: bool = False,
     dry_run: bool = False,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> RunResult:
     """Phases 3-6 on every endpoint in parallel, logged, alerted.
 
@@ -253,6 +254,7 @@ def phase(
     models: list[str] | None,
     cycle: int | None,
     version_id: str | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
     """One deploy phase alone (transfer, precheck, activate, verify); safe to re-run."""
     if not endpoints:
@@ -261,7 +263,7 @@ def phase(
     models, not_in_cycle = _models_to_deploy(params, models or None, cycle)
     chosen = choose_releases(params, models, cycle, version_id)
     run_id = fleet.new_run_id()
-    outcomes = run_phase(params, name, endpoints, chosen)
+    outcomes = run_phase(params, name, endpoints, chosen, progress)
     record(params, name, outcomes, run_id, cycle)
     return RunResult(name, outcomes, run_id, not_in_cycle=not_in_cycle)
 
@@ -335,6 +337,8 @@ def trust(params: Params, endpoints: list[str]) -> dict[str, str]:
 BOOTSTRAP_CODE = [
     "Makefile",
     "pyproject.toml",
+    "uv.lock",
+    ".python-version",
     "params.yaml",
     "README.md",
     "scripts",
@@ -349,16 +353,20 @@ BOOTSTRAP_LEFT_BEHIND = ["/scripts/adapter_deploy/kit/"]
 def install_targets(ep: EndpointParams) -> list[str]:
     """What bootstrap makes on an endpoint: the project, and llama.cpp's tools (a CUDA build
     where the endpoint has nvcc and the NVIDIA driver) where it serves GGUF releases."""
-    serves_gguf = ep.format == "gguf" or "gguf" in ep.formats.values()
-    return ["install", "gguf-tools"] if serves_gguf else ["install"]
+    serves_gguf = bool({ep.format, *ep.formats.values()} & {"gguf", "gguf-lora"})
+    return ["install-endpoint", "gguf-tools"] if serves_gguf else ["install-endpoint"]
 
 
 def bootstrap(
-    params: Params, endpoints: list[str], source: Path | None = None, install: bool = True
+    params: Params,
+    endpoints: list[str],
+    source: Path | None = None,
+    install: bool = True,
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, int]:
     """Copy this project's checkout (default: the params file's directory) to each endpoint's
-    project_dir and `make install` it there (`make install gguf-tools` for an endpoint serving
-    GGUF releases); bytes sent per endpoint."""
+    project_dir and `make install-endpoint` it there (the locked serving dependencies, plus
+    `gguf-tools` for an endpoint serving GGUF releases); bytes sent per endpoint."""
     if not endpoints:
         raise UsageError("no endpoint given", "pass ENDPOINT=<name>")
     params.check_endpoints(endpoints)
@@ -377,11 +385,14 @@ def bootstrap(
             conn = Connection(name, ep, Path(control))
             try:
                 code = [checkout / c for c in BOOTSTRAP_CODE if (checkout / c).exists()]
+                progress.step(name, "copying the project code")
                 sent[name] = conn.sync_tree(code, ep.project_dir, BOOTSTRAP_LEFT_BEHIND)
                 if install:
+                    progress.step(name, f"make {' '.join(install_targets(ep))}")
                     conn.run(["make", "-C", ep.project_dir, *install_targets(ep)])
             finally:
                 conn.close()
+                progress.done(name)
     return sent
 
 
