@@ -16,11 +16,16 @@ default translation) picks its engine: transcription models get the Whisper engi
     GET  /status    -> per model: task, engine, version_id, sha256, loaded_at, last_reload,
                        fallback, requests, ...
     GET  /health    -> 200 once every served model is loaded, 503 before
+    GET  /metrics   -> Prometheus text: requests, latency, reloads, release, fallback, queue
+    GET  /v1/models, POST /v1/chat/completions -> OpenAI-compatible (service/openai_api.py)
+Answers of /translate, /transcribe and /v1/chat/completions name the release that answered
+in an X-Adapter-Version header (`base` when the model serves its base model).
 Hostile or runaway requests are refused: a Host or Origin that is not loopback 403 (a web
 page or DNS rebinding), a body of another Content-Type 415, an invalid Content-Length 400,
 a text over --max-input-tokens 413, a body over 64 KiB (/translate) or --max-audio-bytes
 (/transcribe) 413, audio that is no PCM WAV 400, audio longer than the model's window 413,
-a request for a model of the other task 400, a full queue 503 + Retry-After;
+a request for a model of the other task 400, a full queue 503 + Retry-After
+(under /v1/ in OpenAI's error shape, an overlong text there 400 context_length_exceeded);
 a request whose client has gone is dropped before it runs; idle sockets time out.
 The pid goes to the pidfile once the service is ready and is removed on a clean exit.
 
@@ -48,6 +53,7 @@ import select
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,6 +64,16 @@ from urllib.parse import parse_qs, urlsplit
 from adapter_deploy.common.errors import AudioTooLong, BadAudio, UsageError
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.engines.factory import TASKS
+from adapter_deploy.service.metrics import OTHER_MODEL
+from adapter_deploy.service.openai_api import (
+    ApiError,
+    chat_completion,
+    chat_request,
+    error_body,
+    model_entry,
+    model_list,
+    version_header,
+)
 from adapter_deploy.service.state import (
     DEFAULT_PORT,
     LOOPBACK,
@@ -79,6 +95,9 @@ MAX_BODY = 64 * 1024  # a translation request is a sentence, not a document
 MAX_CONNECTIONS = 64  # open connections at once; more are closed at once (no thread each)
 SOCKET_TIMEOUT_S = 10.0  # a half-sent request is dropped after this
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+INFERENCE_PATHS = {"/translate", "/transcribe", "/v1/chat/completions"}  # counted in /metrics
+VERSION_HEADER = "X-Adapter-Version"  # the release that answered (`base`: fallback)
+CLIENT_GONE = 499  # the status /metrics counts for a request dropped because its client left
 # What a WAV upload is labelled with; none of them is a type a web page may send cross-site
 # without a CORS preflight (which is never answered), like application/json.
 AUDIO_TYPES = {
@@ -96,6 +115,8 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = "adapter-deploy-serve/1"
     timeout = SOCKET_TIMEOUT_S  # socket timeout: an idle or half-sent request is dropped
+    model_label = OTHER_MODEL  # the request's model once known, for /metrics
+    started = 0.0  # when the request came in
 
     @property
     def service(self) -> Service:
@@ -105,14 +126,30 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)  # keep stderr for the service's own events
 
     def _reply(self, code: int, body: dict[str, Any], headers: dict[str, str] = {}) -> None:  # noqa: B006
-        data = json.dumps(body).encode()
+        self._send(code, json.dumps(body).encode(), "application/json", headers)
+
+    def _send(self, code: int, data: bytes, kind: str, headers: dict[str, str]) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+        self._count(code)
+
+    def _count(self, code: int) -> None:
+        path = urlsplit(self.path).path
+        if self.command == "POST" and path in INFERENCE_PATHS:
+            seconds = time.perf_counter() - self.started
+            self.service.metrics.request(self.model_label, path, code, seconds)
+
+    def _fail(self, err: ApiError) -> None:
+        """An error in the shape the path's clients expect: OpenAI's under /v1/."""
+        if urlsplit(self.path).path.startswith("/v1/"):
+            self._reply(err.status, error_body(err), err.headers)
+        else:
+            self._reply(err.status, {"error": err.message}, err.headers)
 
     def _foreign(self) -> str | None:
         """Why this request may come from a web page rather than a local program: a Host
@@ -127,7 +164,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         if why := self._foreign():
-            self._reply(403, {"error": why})
+            self._fail(ApiError(403, why))
             return
         path = urlsplit(self.path).path
         if path == "/health":
@@ -135,34 +172,71 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200 if ok else 503, body)
         elif path == "/status":
             self._reply(200, self.service.status())
+        elif path == "/metrics":
+            self._send(200, *self.service.metrics.exposition(), {})
+        elif path == "/v1/models":
+            self._reply(200, model_list(self.service.status()["models"]))
+        elif path.startswith("/v1/models/"):
+            self._model(path.removeprefix("/v1/models/"))
         else:
-            paths = "/translate, /transcribe, /status, /health"
-            self._reply(404, {"error": f"no such path {path}; use {paths}"})
+            paths = "/translate, /transcribe, /status, /health, /metrics, /v1/models"
+            self._fail(ApiError(404, f"no such path {path}; use {paths}"))
+
+    def _model(self, name: str) -> None:
+        model = self.service.status()["models"].get(name)
+        if model is None or not model["ready"]:
+            self._fail(ApiError(404, f"model {name!r} is not served", "model_not_found", "model"))
+        else:
+            self._reply(200, model_entry(name, model))
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self.started, self.model_label = time.perf_counter(), OTHER_MODEL
         if why := self._foreign():
-            self._reply(403, {"error": why})
+            self._fail(ApiError(403, why))
             return
         url = urlsplit(self.path)
         if url.path == "/transcribe":
             self._transcribe_request(url.query)
+        elif url.path == "/translate":
+            self._translate_request()
+        elif url.path == "/v1/chat/completions":
+            self._chat_request()
+        else:
+            where = "/translate, /transcribe or /v1/chat/completions"
+            self._fail(ApiError(404, f"POST only to {where}"))
+
+    def _translate_request(self) -> None:
+        read, request = self._read_json()
+        if not read:
             return
-        if url.path != "/translate":
-            self._reply(404, {"error": "POST only to /translate or /transcribe"})
-            return
-        kind = self._content_type()
-        if kind != "application/json":
-            # Also what a browser cannot send cross-site without a CORS preflight we refuse.
-            self._reply(415, {"error": "send Content-Type: application/json"})
-            return
-        request, error = self._read_request()
-        if error:
-            self._reply(*error)
+        self._name_model(request)
+        if not isinstance(request, dict) or not all(
+            isinstance(request.get(k), str) for k in ("model", "text")
+        ):
+            self._fail(ApiError(400, 'send {"model": str, "text": str}'))
             return
         model = request["model"]
-        self._answer(
+        answer = self._call(
             model, lambda: self.service.translate(model, request["text"], self._client_gone)
         )
+        if answer is not None:
+            plain = {key: answer[key] for key in ("text", "version_id", "latency_s")}
+            self._reply(200, plain, {VERSION_HEADER: version_header(answer)})
+
+    def _chat_request(self) -> None:
+        read, request = self._read_json()
+        if not read:
+            return
+        self._name_model(request)
+        try:
+            model, text = chat_request(request)
+        except ApiError as err:
+            self._fail(err)
+            return
+        answer = self._call(model, lambda: self.service.translate(model, text, self._client_gone))
+        if answer is not None:
+            completion = chat_completion(model, answer)
+            self._reply(200, completion, {VERSION_HEADER: version_header(answer)})
 
     def _content_type(self) -> str:
         return self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -170,69 +244,92 @@ class Handler(BaseHTTPRequestHandler):
     def _transcribe_request(self, query: str) -> None:
         models = parse_qs(query).get("model", [])
         if len(models) != 1 or not models[0]:
-            self._reply(400, {"error": "name one model: POST /transcribe?model=NAME"})
+            self._fail(ApiError(400, "name one model: POST /transcribe?model=NAME"))
             return
         if self._content_type() not in AUDIO_TYPES:
-            self._reply(415, {"error": "send the WAV file with Content-Type: audio/wav"})
+            self._fail(ApiError(415, "send the WAV file with Content-Type: audio/wav"))
             return
-        body, error = self._read_body(self.service.config.max_audio_bytes)
-        if error:
-            self._reply(*error)
+        body = self._read_body(self.service.config.max_audio_bytes)
+        if body is None:
             return
         model = models[0]
-        self._answer(model, lambda: self.service.transcribe(model, body, self._client_gone))
+        answer = self._call(model, lambda: self.service.transcribe(model, body, self._client_gone))
+        if answer is not None:
+            self._reply(200, answer, {VERSION_HEADER: version_header(answer)})
 
-    def _read_body(self, limit: int) -> tuple[bytes, tuple[int, dict[str, Any]] | None]:
+    def _read_body(self, limit: int) -> bytes | None:
+        """The request body, or None once the refusal has been sent."""
         raw = self.headers.get("Content-Length", "")
         if not raw.isdigit():  # also refuses "-1", "abc" and a missing length
-            return b"", (400, {"error": f"invalid Content-Length {raw!r}"})
+            self._fail(ApiError(400, f"invalid Content-Length {raw!r}"))
+            return None
         length = int(raw)
         if length > limit:  # refused unread: nothing that large is ever held in memory
-            return b"", (413, {"error": f"request over {limit} bytes"})
-        return self.rfile.read(length), None
+            self._fail(ApiError(413, f"request over {limit} bytes"))
+            return None
+        return self.rfile.read(length)
 
-    def _read_request(self) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
-        data, error = self._read_body(MAX_BODY)
-        if error:
-            return {}, error
+    def _read_json(self) -> tuple[bool, Any]:
+        """(True, the parsed JSON body), or (False, None) once the refusal has been sent."""
+        if self._content_type() != "application/json":
+            # Also what a browser cannot send cross-site without a CORS preflight we refuse.
+            self._fail(ApiError(415, "send Content-Type: application/json"))
+            return False, None
+        data = self._read_body(MAX_BODY)
+        if data is None:
+            return False, None
         try:
-            request = json.loads(data or b"null")
+            return True, json.loads(data or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return {}, (400, {"error": f"body is not JSON ({err})"})
-        if not isinstance(request, dict) or not all(
-            isinstance(request.get(k), str) for k in ("model", "text")
-        ):
-            return {}, (400, {"error": 'send {"model": str, "text": str}'})
-        return request, None
+            self._fail(ApiError(400, f"body is not JSON ({err})"))
+            return False, None
 
-    def _answer(self, model: str, ask: Callable[[], dict[str, Any]]) -> None:
-        """Reply with what `ask` (a translate or transcribe call) answers, or why it could not."""
-        if not self.service.ready:
-            self._reply(503, {"error": "service is starting"})
-            return
+    def _name_model(self, request: Any) -> None:
+        """Count the request under its model in /metrics, if that model is served."""
+        model = request.get("model") if isinstance(request, dict) else None
+        if isinstance(model, str) and model in self.service.served:
+            self.model_label = model
+
+    def _call(self, model: str, ask: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """What `ask` (a translate or transcribe call) answers; None once a refusal is sent."""
+        self._name_model({"model": model})
         try:
-            self._reply(200, ask())
-        except Busy as err:
-            queued = f"{err.args[0]} requests queued"
-            self._reply(503, {"error": f"busy: {queued}"}, {"Retry-After": "1"})
-        except InputTooLong as err:
-            self._reply(413, {"error": str(err) + "; send one sentence at a time"})
-        except AudioTooLong as err:
-            self._reply(413, {"error": err.one_line()})
-        except BadAudio as err:
-            self._reply(400, {"error": err.one_line()})
-        except WrongTask as err:
-            self._reply(400, {"error": str(err)})
+            if not self.service.ready:
+                raise ApiError(503, "service is starting", "starting")
+            return ask()
         except ClientGone:
             self.close_connection = True  # nobody to answer
-        except KeyError:
+            self._count(CLIENT_GONE)
+        except Exception as err:
+            self._fail(self._refusal(model, err))
+        return None
+
+    def _refusal(self, model: str, err: Exception) -> ApiError:
+        """The HTTP refusal for what a translate or transcribe call raised."""
+        if isinstance(err, ApiError):
+            return err
+        if isinstance(err, Busy):
+            retry = {"Retry-After": "1"}
+            return ApiError(503, f"busy: {err.args[0]} requests queued", "busy", None, retry)
+        if isinstance(err, InputTooLong):
+            # OpenAI's clients know an overlong input as 400 context_length_exceeded.
+            status = 400 if self.path.startswith("/v1/") else 413
+            message = str(err) + "; send one sentence at a time"
+            return ApiError(status, message, "context_length_exceeded", "messages")
+        if isinstance(err, AudioTooLong):
+            return ApiError(413, err.one_line(), "audio_too_long")
+        if isinstance(err, BadAudio):
+            return ApiError(400, err.one_line(), "bad_audio")
+        if isinstance(err, WrongTask):
+            return ApiError(400, str(err), "wrong_task", "model")
+        if isinstance(err, KeyError):
             served = sorted(self.service.served)
-            self._reply(404, {"error": f"model {model!r} is not served (served: {served})"})
-        except FutureTimeout:
-            self._reply(504, {"error": f"no answer within {REQUEST_TIMEOUT_S} s"})
-        except Exception as err:  # an engine failure answers 500, the service keeps going
-            log.exception("request for %s failed", model)
-            self._reply(500, {"error": reason_of(err)})
+            message = f"model {model!r} is not served (served: {served})"
+            return ApiError(404, message, "model_not_found", "model")
+        if isinstance(err, FutureTimeout):
+            return ApiError(504, f"no answer within {REQUEST_TIMEOUT_S} s", "timeout")
+        log.error("request for %s failed", model, exc_info=err)  # answers 500, serving goes on
+        return ApiError(500, reason_of(err), "engine_error")
 
     def _client_gone(self) -> bool:
         """Has the client closed its connection? (Peeks; never consumes its bytes.)"""

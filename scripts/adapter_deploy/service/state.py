@@ -23,6 +23,7 @@ from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.fsutil import append_jsonl
 from adapter_deploy.engines.base import Engine, LoadedRelease, Translation, describe_release
 from adapter_deploy.engines.factory import engine_kind_for, kind_of, make_engine
+from adapter_deploy.service.metrics import ServiceMetrics
 
 log = logging.getLogger("adapter_deploy.service")
 
@@ -163,6 +164,8 @@ class Service:
         self.lock = threading.Lock()  # guards the served-model fields read by /status
         self.queued = 0  # requests submitted and not finished (guarded by self.lock)
         self.dropped = 0  # queued requests skipped because their client had gone
+        self.waiting = 0  # of the queued: not started yet (guarded by self.lock)
+        self.metrics = ServiceMetrics(self.status)
 
     # --- models and loading -------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -252,7 +255,9 @@ class Service:
             if model not in self.served:
                 if self.link(model).exists():
                     self.load_initial(model)  # first deploy of a model to this service
-                    self._diagnose_reload(model, None, self.served[model].last_reload)
+                    record = self.served[model].last_reload
+                    self.metrics.reloaded(model, record["result"] if record else "ok")
+                    self._diagnose_reload(model, None, record)
                 continue
             self.reload(self.served[model])
 
@@ -279,6 +284,7 @@ class Service:
         with self.lock:
             served.last_reload = record
         log.info("%s: reload %s -> %s", served.name, record["result"], _vid(served))
+        self.metrics.reloaded(served.name, record["result"])
         self._diagnose_reload(served.name, previous, record)
 
     def _swap_in(self, served: ServedModel, target: Path) -> None:
@@ -301,16 +307,23 @@ class Service:
     ) -> dict[str, Any]:
         """Translate on the engine thread. Busy when the queue is full; InputTooLong over the
         token cap; ClientGone when the caller left (or timed out) before its turn came;
-        WrongTask for a transcription model; KeyError for a model not served."""
+        WrongTask for a transcription model; KeyError for a model not served.
+        The answer's `usage` counts the text's and the translation's tokens (words when the
+        engine has no tokenizer)."""
         served = self._serving(model, "translation")
+        usage: dict[str, int] = {}
 
         def work(engine: Any) -> Translation:
             tokens = input_tokens(engine, text)
             if tokens is not None and tokens > self.config.max_input_tokens:
                 raise InputTooLong(tokens, self.config.max_input_tokens)
-            return engine.translate(text)
+            answer = engine.translate(text)
+            out = input_tokens(engine, answer.text)  # on this thread: tokenizers are not shared
+            usage["prompt_tokens"] = len(text.split()) if tokens is None else tokens
+            usage["completion_tokens"] = len(answer.text.split()) if out is None else out
+            return answer
 
-        return self._run(served, work, gone)
+        return {**self._run(served, work, gone), "usage": usage}
 
     def transcribe(
         self, model: str, audio: bytes, gone: Callable[[], bool] = lambda: False
@@ -341,9 +354,12 @@ class Service:
             if self.queued >= self.config.max_queue:
                 raise Busy(self.queued)
             self.queued += 1
+            self.waiting += 1
         timed_out = threading.Event()
 
         def job() -> dict[str, Any]:  # engine and release read together: what answered
+            with self.lock:
+                self.waiting -= 1
             if timed_out.is_set() or gone():
                 with self.lock:
                     self.dropped += 1
@@ -361,7 +377,9 @@ class Service:
             return future.result(timeout=REQUEST_TIMEOUT_S)
         except TimeoutError:
             timed_out.set()  # still queued: it will not run; running: it finishes unseen
-            future.cancel()
+            if future.cancel():  # never started: no longer waiting either
+                with self.lock:
+                    self.waiting -= 1
             raise
 
     def _finished(self) -> None:
@@ -382,6 +400,7 @@ class Service:
             "session_id": self.session_id,
             "pid": os.getpid(),
             "queued": self.queued,
+            "waiting": self.waiting,
             "dropped_requests": self.dropped,
             "started_at": self.started_at,
             "ready": self.ready,
