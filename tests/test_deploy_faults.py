@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from adapter_deploy.config import Params
+from adapter_deploy.deploy import alerts
+from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome
 from fixtures_fleet import Fleet, inflated_adapter, version
 from fixtures_repo import ROOT
 
@@ -175,15 +181,16 @@ def test_dead_service_on_reload_rolls_back(fleet: Fleet, tmp_path: Path) -> None
     assert v2 in bad
 
 
-def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(fleet: Fleet, tmp_path):
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
+@pytest.fixture
+def alert_receiver():
+    """A real HTTP receiver on loopback: (its URL, the JSON bodies POSTed, their headers)."""
     received: list[dict] = []
+    headers: list[dict] = []
 
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            headers.append(dict(self.headers))
             self.send_response(204)
             self.end_headers()
 
@@ -192,36 +199,80 @@ def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(fleet: Flee
 
     server = HTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    out = tmp_path / "alert.json"
-    import yaml
+    yield f"http://127.0.0.1:{server.server_port}/alert", received, headers
+    server.shutdown()
 
+
+def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(
+    fleet: Fleet, tmp_path, alert_receiver
+):
+    url, received, _ = alert_receiver
+    out = tmp_path / "alert.json"
     data = yaml.safe_load(fleet.params.read_text())
-    data["alert_url"] = f"http://127.0.0.1:{server.server_port}/alert"
+    data["alert_url"] = url
+    data["alert_fields"] = {"topic": "church-deploys", "priority": 4}  # ntfy's JSON publish
     data["alert_command"] = [
         sys.executable,
         "-c",
         f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())",
     ]
     fleet.params.write_text(yaml.safe_dump(data))
-    try:
-        proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
-        assert proc.returncode == 4
-        alert = json.loads(out.read_text())
-        assert alert["status"] == "aborted" and alert["phase"] == "pre-check"
-        assert alert["version"] == fleet.versions["cycle3"]
-        assert any(
-            "Jacobo" in f["reason"] or "santiago" in f["reason"].lower()
-            for f in alert["failing_sentences"]
-        )
-        assert received == [alert]
-        # a broken hook is logged and the outcome stays the same
-        data["alert_command"] = ["/nonexistent/alert"]
-        data["alert_url"] = "http://127.0.0.1:9/unreachable"
-        fleet.params.write_text(yaml.safe_dump(data))
-        proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
-        assert proc.returncode == 4 and "alert_command failed" in proc.stderr
-    finally:
-        server.shutdown()
+    proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 4
+    # the endpoint's worker thread and the alert name the endpoint and model on each line
+    assert "Z WARNING [ep1] [gemma_4b] ABORTED: pre-activation health check" in proc.stderr
+    assert "Z WARNING [ep1] [gemma_4b] ALERT deploy aborted on ep1 — gemma_4b" in proc.stderr
+    alert = json.loads(out.read_text())
+    assert alert["status"] == "aborted" and alert["phase"] == "pre-check"
+    assert alert["version"] == fleet.versions["cycle3"]
+    assert any(
+        "Jacobo" in f["reason"] or "santiago" in f["reason"].lower()
+        for f in alert["failing_sentences"]
+    )
+    line = f"Adapter Deploy: deploy aborted on ep1 — gemma_4b {fleet.versions['cycle3']} "
+    assert alert["text"] == line + "failed the pre-check, nothing changed"
+    # the HTTP body: the same summary, the line where Slack/Mattermost (text), Discord
+    # (content) and ntfy (message, title) read it, and alert_fields merged in
+    [body] = received
+    assert {k: body[k] for k in alert} == alert
+    assert body["text"] == body["content"] == body["message"] == alert["text"]
+    assert body["title"] == "Adapter Deploy"
+    assert body["topic"] == "church-deploys" and body["priority"] == 4
+    # a broken hook is logged and the outcome stays the same
+    data["alert_command"] = ["/nonexistent/alert"]
+    data["alert_url"] = "http://127.0.0.1:9/unreachable"
+    fleet.params.write_text(yaml.safe_dump(data))
+    proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 4 and "alert_command failed" in proc.stderr
+
+
+def test_alert_text_for_a_rollback_and_an_unreachable_endpoint(alert_receiver, caplog) -> None:
+    url, received, headers = alert_receiver
+    rolled = ModelOutcome("gemma_4b", "cycle2_b", status="rolled_back", previous="cycle1_a")
+    rolled.error = "post-activation health check failed: 'Buenos días': no 'buen'"
+    outcomes = [
+        EndpointOutcome("church-rtx2070-1", [rolled]),
+        EndpointOutcome("mac-dev", error="mac-dev: ssh login to mac was refused", exit_code=3),
+    ]
+    params = Params.model_validate({"models": {"gemma_4b": {"base_model": "b"}}, "alert_url": url})
+    assert alerts.send_alerts(params, "deploy", outcomes) == 2
+    assert [body["text"] for body in received] == [
+        "Adapter Deploy: rollback on church-rtx2070-1 — gemma_4b cycle2_b failed verify, "
+        "back on cycle1_a",
+        "Adapter Deploy: deploy failed on mac-dev (connect): ssh login to mac was refused",
+    ]
+    assert [body["content"] for body in received] == [body["text"] for body in received]
+    assert received[0]["status"] == "rolled_back" and received[0]["serving"] == "cycle1_a"
+    assert received[1]["phase"] == "connect" and "topic" not in received[1]
+    # our own User-Agent: some webhook hosts' CDNs refuse Python-urllib's default one
+    assert {h["Content-Type"] for h in headers} == {"application/json"}
+    assert {h["User-Agent"] for h in headers} == {"adapter-deploy-alerts/1"}
+    # a webhook URL's path is its secret: a failed post logs the host only
+    params.alert_url = "http://127.0.0.1:9/hooks/T000/SECRET"
+    with caplog.at_level(logging.WARNING, logger="adapter_deploy.deploy.alerts"):
+        assert alerts.send_alerts(params, "deploy", outcomes[1:]) == 1
+    assert "alert_url http://127.0.0.1:9/… failed" in caplog.text
+    assert "SECRET" not in caplog.text
 
 
 def test_refused_login_fails_fast_without_prompt(fleet: Fleet, sshd, tmp_path: Path) -> None:

@@ -61,6 +61,11 @@ SERVICE_UNIT = "adapter-serve"
 DEFAULT_RESTART_COMMAND = ["systemctl", "--user", "restart", SERVICE_UNIT]
 
 
+# What an endpoint serves per model: the PEFT adapter itself, or a conversion of it. gguf-lora:
+# the base as one quantized GGUF, sent once, and each cycle only the adapter as a GGUF LoRA.
+ReleaseFormat = Literal["adapter", "merged", "bitsandbytes", "gguf", "gguf-lora"]
+
+
 class EndpointParams(_Strict):
     host: str = "localhost"
     user: str | None = None
@@ -82,9 +87,9 @@ class EndpointParams(_Strict):
     pidfile: str | None = None
     service_dir: str | None = None  # where make service-install puts the unit / launchd agent
     compat_links: dict[str, str] = {}
-    format: Literal["adapter", "merged", "bitsandbytes", "gguf"] | None = None
-    formats: dict[str, Literal["adapter", "merged", "bitsandbytes", "gguf"]] = {}
-    gguf_type: Literal["Q4_K_M", "Q8_0", "F16"] = "Q4_K_M"  # for format gguf
+    format: ReleaseFormat | None = None
+    formats: dict[str, ReleaseFormat] = {}
+    gguf_type: Literal["Q4_K_M", "Q8_0", "F16"] = "Q4_K_M"  # format gguf; gguf-lora: its base
     quiet_hours: list[QuietWindow] = []
     timezone: str | None = None  # IANA name for quiet_hours; default this machine's
 
@@ -146,6 +151,8 @@ class Params(_Strict):
     endpoints: dict[str, EndpointParams] = {}
     alert_command: list[str] | None = None
     alert_url: str | None = None
+    # extra keys merged into each alert_url body, e.g. ntfy's {topic: ..., priority: 4}
+    alert_fields: dict[str, str | int | bool | list[str]] = {}
 
     # Set after loading: where the file came from (not a user key).
     source: Path = Field(default_factory=lambda: Path("params.yaml").absolute(), exclude=True)

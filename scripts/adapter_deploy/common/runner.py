@@ -1,26 +1,28 @@
 """The one runner every script exits through.
 
-It adds the common flags, sets up logging to stderr, calls the script's
-`main(args)` and turns the project's errors into one red line and the
-documented exit code (see `adapter_deploy.common.errors`).
+It adds the common flags, sets up logging to stderr (`adapter_deploy.common.logs`),
+calls the script's `main(args)` and turns the project's errors into one red line and
+the documented exit code (see `adapter_deploy.common.errors`); with `--log-json` or
+LOG_JSON=1 that line is a JSON object like every other log line.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
+from traceback import format_exc
 from typing import NoReturn
 
+from adapter_deploy.common import logs
 from adapter_deploy.common.errors import EXIT_CODES, AdapterDeployError
 
 _EPILOG = "exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
 
 
 def make_parser(description: str | None) -> argparse.ArgumentParser:
-    """A parser with the flags every script shares (-v, --traceback, --params)."""
+    """A parser with the flags every script shares (-v, --traceback, --params, --log-json)."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog=_EPILOG,
@@ -35,6 +37,11 @@ def make_parser(description: str | None) -> argparse.ArgumentParser:
         default=os.environ.get("PARAMS") or None,
         help="params file (default: $PARAMS or params.yaml in the project root)",
     )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log one JSON object per line on stderr (also: LOG_JSON=1)",
+    )
     return parser
 
 
@@ -44,26 +51,59 @@ def _red(text: str) -> str:
     return text
 
 
+def _setup_logging(args: argparse.Namespace) -> bool:
+    """Configure stderr logging from the common flags; True when it is JSON."""
+    as_json = logs.json_wanted(getattr(args, "log_json", False))
+    logs.setup(verbose=getattr(args, "verbose", False), as_json=as_json)
+    # A process that works for one endpoint or model (the service, the agent,
+    # `--model X`) names it on every line, in every thread.
+    logs.set_process_context(
+        endpoint=_one(getattr(args, "endpoint", None)), model=_one(getattr(args, "model", None))
+    )
+    return as_json
+
+
+def _one(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _exit_with(as_json: bool, err: AdapterDeployError, **extra: str) -> NoReturn:
+    """The one error line at exit: red text, or a JSON log line for collectors."""
+    if as_json:
+        fields = {
+            "logger": __name__,
+            **logs.current_context(),
+            "exit_code": err.exit_code,
+            "fix": err.fix,
+            **extra,
+        }
+        print(logs.json_line("error", err.message, **fields), file=sys.stderr)
+    else:
+        print(_red(f"error: {err.one_line()}"), file=sys.stderr)
+    sys.exit(err.exit_code)
+
+
 def run(
     main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser
 ) -> NoReturn:
     """Parse arguments, run `main`, exit with its code or the error's code."""
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(message)s"
-        if not getattr(args, "verbose", False)
-        else "%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    as_json = _setup_logging(args)
     try:
         code = main(args)
     except AdapterDeployError as err:
         if getattr(args, "traceback", False):
             raise
-        print(_red(f"error: {err.one_line()}"), file=sys.stderr)
-        sys.exit(err.exit_code)
+        _exit_with(as_json, err)
     except KeyboardInterrupt:
-        print(_red("error: interrupted"), file=sys.stderr)
-        sys.exit(130)
+        interrupted = AdapterDeployError("interrupted")
+        interrupted.exit_code = 130
+        _exit_with(as_json, interrupted)
+    except Exception as err:
+        if getattr(args, "traceback", False) or not as_json:
+            raise  # a bug: Python's own traceback, exit 1
+        # a log collector still gets one JSON line, with the traceback inside it
+        _exit_with(
+            as_json, AdapterDeployError(f"unexpected error: {err!r}"), traceback=format_exc()
+        )
     sys.exit(code or 0)
