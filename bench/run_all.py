@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = [
     "bench_hash.py",
     "bench_deploy.py",
+    "bench_fleet.py",
     "bench_engines.py",
     "bench_reload.py",
     "bench_convert.py",

@@ -15,7 +15,8 @@ from typing import Any
 
 from adapter_deploy import protocol as p
 from adapter_deploy.agent import releases
-from adapter_deploy.agent.releases import ModelReleases
+from adapter_deploy.agent.receive import Receiver, known_hash
+from adapter_deploy.agent.releases import KnownHash, ModelReleases
 from adapter_deploy.agent.reload import signal_reload
 from adapter_deploy.agent.status import read_status, record_status
 from adapter_deploy.common import failpoints
@@ -38,6 +39,8 @@ class EndpointSide:
         self.endpoint = endpoint  # its name in the deployer's params, for status.json
         # (model, version) -> the file list `prepare` found a present release whole against
         self._intact: dict[tuple[str, str], dict[str, Any]] = {}
+        # (model, version) -> hashes its files while rsync still sends the rest
+        self._receiving: dict[tuple[str, str], Receiver] = {}
 
     def _record(self, model: str, **fields: Any) -> None:
         record_status(self.adapter_dir, model, self.endpoint, **fields)
@@ -81,11 +84,22 @@ class EndpointSide:
                 "free space on the endpoint (old releases, caches) and deploy again",
             )
         incoming = releases.prepare_incoming(kept, req.version_id)
+        self._received(req.model, req.version_id)  # a second prepare starts afresh
+        self._receiving[(req.model, req.version_id)] = Receiver(incoming, req.files)
         return {"present": False, "incoming": str(incoming)}
+
+    def _received(self, model: str, version_id: str) -> KnownHash | None:
+        """Stop hashing a transfer as it lands; what was hashed, for staging."""
+        receiver = self._receiving.pop((model, version_id), None)
+        if receiver is None:
+            return None
+        hashed = receiver.finish()
+        return lambda name, st: known_hash(hashed, name, st)
 
     def drop_incoming(self, req: p.DropIncoming) -> dict[str, Any]:
         """After a full disk, keeping the partial for a resume would keep the disk full."""
         incoming = self.releases_of(req.model).incoming(check_version_id(req.version_id))
+        self._received(req.model, req.version_id)
         shutil.rmtree(incoming, ignore_errors=True)
         return {}
 
@@ -95,9 +109,10 @@ class EndpointSide:
         check_version_id(req.version_id)
         check_file_names(req.files)
         trusted = _trusted_keys(self.adapter_dir)
+        known = self._received(req.model, req.version_id)
         if not trusted:
             result = releases.stage(
-                kept, req.version_id, req.files, self._was_intact(req, req.files)
+                kept, req.version_id, req.files, self._was_intact(req, req.files), known
             )
             return {"result": result, "signed": False}
         from adapter_deploy import signing
@@ -112,7 +127,7 @@ class EndpointSide:
         # The signed file list, not the request's, decides what may become a release.
         signed_files = check_file_names(metadata["files"])
         intact = self._was_intact(req, signed_files)
-        result = releases.stage(kept, req.version_id, signed_files, intact)
+        result = releases.stage(kept, req.version_id, signed_files, intact, known)
         trust.record_accepted(kept, metadata)
         trust.record_signature(kept, req.version_id, req.signed["key_id"])
         return {"result": result, "signed": True}

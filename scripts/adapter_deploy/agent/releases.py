@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,13 @@ class ModelReleases:
         }
 
 
-def file_problems(directory: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+# A sha256 already taken of this exact file (agent/receive.py), else None.
+KnownHash = Callable[[str, os.stat_result], str | None]
+
+
+def file_problems(
+    directory: Path, files: dict[str, dict[str, Any]], known: KnownHash | None = None
+) -> list[str]:
     """Every way `directory` differs from the manifest's file list."""
     problems = []
     present = {p.name for p in directory.iterdir() if p.name != RSYNC_PARTIAL}
@@ -131,7 +138,7 @@ def file_problems(directory: Path, files: dict[str, dict[str, Any]]) -> list[str
             problems.append(f"{name}: hard-linked elsewhere ({st.st_nlink} links)")
         elif st.st_size != info["size"]:
             problems.append(f"{name}: size {st.st_size}, manifest says {info['size']}")
-        elif sha256_file(path) != info["sha256"]:
+        elif ((known and known(name, st)) or sha256_file(path)) != info["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
     return problems
 
@@ -166,12 +173,16 @@ def prepare_incoming(kept: ModelReleases, version_id: str) -> Path:
 
 
 def stage(
-    kept: ModelReleases, version_id: str, files: dict[str, dict[str, Any]], intact: bool = False
+    kept: ModelReleases,
+    version_id: str,
+    files: dict[str, dict[str, Any]],
+    intact: bool = False,
+    known: KnownHash | None = None,
 ) -> str:
     """Turn a verified transfer into releases/<id>. Returns 'present' or 'staged'.
 
     `intact`: this session already found the release whole against exactly `files` (prepare),
-    so it is not hashed a second time."""
+    so it is not hashed a second time; `known` gives hashes taken while receiving."""
     release = kept.release(version_id)
     if release.is_dir() and (intact or not file_problems(release, files)):
         kept.record_files(version_id, files)
@@ -185,7 +196,7 @@ def stage(
             f"{kept.model} {version_id} was not transferred to this endpoint",
             "run the transfer phase first (make transfer / deploy)",
         )
-    problems = file_problems(incoming, files)
+    problems = file_problems(incoming, files, known)
     if problems:
         where = _quarantine(kept, incoming, version_id)
         raise ChecksumMismatch(

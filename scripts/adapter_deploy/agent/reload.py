@@ -11,7 +11,6 @@ from typing import Any
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import ReloadFailed
 from adapter_deploy.common.pidfile import live_pid
-from adapter_deploy.config import DEFAULT_RESTART_COMMAND, SERVICE_UNIT
 from adapter_deploy.protocol import Reload
 
 
@@ -35,6 +34,9 @@ def signal_reload(reload: Reload) -> dict[str, Any]:
                 "start the inference service (python -m adapter_deploy.service) and deploy again",
             ) from None
         return {"method": "sigusr1", "pid": pid, "at": when}
+    # imported here: the params schema (pydantic) would add most of a session's start-up
+    from adapter_deploy.config import DEFAULT_RESTART_COMMAND, SERVICE_UNIT
+
     command = restart_command or DEFAULT_RESTART_COMMAND
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:

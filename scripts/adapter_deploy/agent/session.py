@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from adapter_deploy import __version__, protocol
-from adapter_deploy.agent import doctor
 from adapter_deploy.agent.operations import EndpointSide
 from adapter_deploy.common.errors import AdapterDeployError, RemoteError, UsageError
 from adapter_deploy.common.fsutil import file_lock
+from adapter_deploy.common.logs import log_context
 
 log = logging.getLogger(__name__)
 LOCK = ".deploy.lock"
@@ -83,12 +83,16 @@ def dispatch(side: EndpointSide, line: str) -> dict[str, Any]:
         request = protocol.decode(line)
     except AdapterDeployError as err:
         return _error_reply(err)
-    return _answer(side, request)
+    with log_context(model=getattr(request, "model", None)):  # on the agent's log lines
+        return _answer(side, request)
 
 
 def _answer(side: EndpointSide, request: protocol.Request) -> dict[str, Any]:
     try:
         if isinstance(request, protocol.Doctor):  # read-only facts, agent/doctor.py
+            # imported here: it loads the params schema, which a deploy session never needs
+            from adapter_deploy.agent import doctor
+
             return {"ok": True, "result": doctor.facts(side.adapter_dir, request)}
         return {"ok": True, "result": side.handle(request)}
     except AdapterDeployError as err:

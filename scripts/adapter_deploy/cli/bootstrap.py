@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from adapter_deploy import api
+from adapter_deploy.cli.progress import deploy_progress
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 
@@ -21,7 +22,10 @@ from adapter_deploy.config import load_params
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     source = Path(args.source) if args.source else None
-    sent = api.bootstrap(params, args.endpoints or [], source, install=not args.no_install)
+    with deploy_progress() as progress:  # a spinner naming the step (copy, install)
+        sent = api.bootstrap(
+            params, args.endpoints or [], source, install=not args.no_install, progress=progress
+        )
     for name, size in sent.items():
         ep = params.endpoint(name)
         done = "copied" if args.no_install else "copied and installed"

@@ -17,6 +17,7 @@ import argparse
 import json
 
 from adapter_deploy import api
+from adapter_deploy.cli.progress import spinner
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 from adapter_deploy.store.conversions import FORMATS
@@ -24,9 +25,11 @@ from adapter_deploy.store.conversions import FORMATS
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    result = api.convert(
-        params, args.model, args.cycle, args.version, args.format, args.dtype, args.gguf_type
-    )
+    which = args.version or f"cycle {args.cycle}"
+    with spinner(f"converting {args.model} {which} to {args.format}"):
+        result = api.convert(
+            params, args.model, args.cycle, args.version, args.format, args.dtype, args.gguf_type
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

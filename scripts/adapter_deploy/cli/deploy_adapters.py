@@ -15,9 +15,9 @@ cycle N. Endpoints run in parallel; the exit code is the worst outcome.
 """
 
 import argparse
-import sys
 
 from adapter_deploy import api
+from adapter_deploy.cli.progress import deploy_progress
 from adapter_deploy.cli.render import print_run
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
@@ -31,16 +31,17 @@ def main(args: argparse.Namespace) -> int:
         )
         return print_run(result, args.json)
     models = None if args.all_adapters else (args.models or [])
-    result = api.deploy(
-        params,
-        args.endpoints or [],
-        models,
-        args.cycle,
-        args.version,
-        force=args.force,
-        dry_run=args.dry_run,
-        progress=sys.stderr.isatty(),
-    )
+    with deploy_progress() as progress:  # bars on a terminal, byte lines when piped
+        result = api.deploy(
+            params,
+            args.endpoints or [],
+            models,
+            args.cycle,
+            args.version,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
     return print_run(result, args.json)
 
 

@@ -15,6 +15,7 @@ roll back (use make rollback).
 import argparse
 
 from adapter_deploy import api
+from adapter_deploy.cli.progress import deploy_progress
 from adapter_deploy.cli.render import print_run
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
@@ -23,9 +24,16 @@ from adapter_deploy.deploy.phases import PHASES
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    result = api.phase(
-        params, args.phase, args.endpoints or [], args.models, args.cycle, args.version
-    )
+    with deploy_progress() as progress:
+        result = api.phase(
+            params,
+            args.phase,
+            args.endpoints or [],
+            args.models,
+            args.cycle,
+            args.version,
+            progress=progress,
+        )
     return print_run(result, args.json)
 
 

@@ -10,6 +10,7 @@ its last verified release.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import tempfile
 import time
@@ -24,6 +25,7 @@ from adapter_deploy.common.errors import (
     AdapterDeployError,
     RemoteError,
 )
+from adapter_deploy.common.logs import log_context
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.plan import (
     EndpointOutcome,
@@ -31,6 +33,7 @@ from adapter_deploy.deploy.plan import (
     Release,
     for_endpoint,
 )
+from adapter_deploy.deploy.progress import Progress
 from adapter_deploy.deploy.steps import EndpointRun
 
 log = logging.getLogger(__name__)
@@ -47,12 +50,12 @@ def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: Adapte
     if model_out is not None:
         model_out.status = "failed" if model_out.status == "pending" else model_out.status
     text = err.one_line()
-    log.error("%s", text if text.startswith(outcome.endpoint) else f"[{outcome.endpoint}] {text}")
+    log.error("%s", text.removeprefix(f"{outcome.endpoint}: "))  # the context names it
 
 
 @contextlib.contextmanager
 def endpoint_run(
-    params: Params, name: str, control_dir: Path, progress: bool = False
+    params: Params, name: str, control_dir: Path, progress: Progress | None = None
 ) -> Iterator[tuple[EndpointRun, EndpointOutcome]]:
     """One endpoint's run: an endpoint-wide failure is recorded in its outcome, never raised,
     so one endpoint's trouble never stops the others."""
@@ -65,6 +68,7 @@ def endpoint_run(
         _guard(outcome, None, err)
     finally:
         run.close()
+        run.progress.done(name)
         outcome.duration_s = round(time.monotonic() - started, 3)
 
 
@@ -72,16 +76,21 @@ def per_model(
     outcome: EndpointOutcome, model: str, version_id: str | None, step: Callable[[], ModelOutcome]
 ) -> None:
     """Run one model's step; its failure is that model's outcome, the others go on."""
-    try:
-        outcome.models.append(step())
-    except AdapterDeployError as err:
-        failed = ModelOutcome(model, version_id)
-        _guard(outcome, failed, err)
-        outcome.models.append(failed)
+    with log_context(model=model):
+        try:
+            outcome.models.append(step())
+        except AdapterDeployError as err:
+            failed = ModelOutcome(model, version_id)
+            _guard(outcome, failed, err)
+            outcome.models.append(failed)
 
 
 def deploy_endpoint(
-    params: Params, name: str, chosen: list[Release], control_dir: Path, progress: bool
+    params: Params,
+    name: str,
+    chosen: list[Release],
+    control_dir: Path,
+    progress: Progress | None = None,
 ) -> EndpointOutcome:
     with endpoint_run(params, name, control_dir, progress) as (run, outcome):
         hello = run.open().call(p.Hello(models=[r.model for r in chosen]))
@@ -108,30 +117,35 @@ def run_parallel(params: Params, endpoints: list[str], job) -> list[EndpointOutc
         control_dir = Path(control)
         workers = max(1, min(params.release.parallel, len(endpoints)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_isolated, job, name, control_dir) for name in endpoints]
+            # each worker in its own copy of the caller's log context (threads start empty)
+            futures = [
+                pool.submit(contextvars.copy_context().run, _isolated, job, name, control_dir)
+                for name in endpoints
+            ]
             return [f.result() for f in futures]
 
 
 def _isolated(job, name: str, control_dir: Path) -> EndpointOutcome:
     """A bug or a malformed reply on one endpoint becomes that endpoint's failed outcome
     (exit 1); the other endpoints finish and the run is still logged and alerted."""
-    try:
-        return job(name, control_dir)
-    except AdapterDeployError as err:  # raised outside endpoint_run (e.g. while planning)
-        outcome = EndpointOutcome(name)
-        _guard(outcome, None, err)
-        return outcome
-    except Exception as err:
-        log.debug("[%s] unexpected error", name, exc_info=True)
-        log.error("[%s] unexpected error: %r (rerun with -v for the traceback)", name, err)
-        return EndpointOutcome(name, error=f"unexpected error: {err!r}", exit_code=1)
+    with log_context(endpoint=name):
+        try:
+            return job(name, control_dir)
+        except AdapterDeployError as err:  # raised outside endpoint_run (e.g. while planning)
+            outcome = EndpointOutcome(name)
+            _guard(outcome, None, err)
+            return outcome
+        except Exception as err:
+            log.debug("unexpected error", exc_info=True)
+            log.error("unexpected error: %r (rerun with -v for the traceback)", err)
+            return EndpointOutcome(name, error=f"unexpected error: {err!r}", exit_code=1)
 
 
 def deploy(
     params: Params,
     endpoints: list[str],
     chosen: list[Release],
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> list[EndpointOutcome]:
     return run_parallel(
         params,

@@ -21,6 +21,7 @@ from adapter_deploy.deploy.plan import (
     ModelOutcome,
     Release,
 )
+from adapter_deploy.deploy.progress import Progress
 from adapter_deploy.deploy.steps import EndpointRun
 
 PHASES = ("transfer", "precheck", "activate", "verify")
@@ -36,6 +37,7 @@ def _step(run: EndpointRun, phase: str, release: Release) -> ModelOutcome:
     elif phase == "activate":
         run.activate(release, out)
     else:
+        run.step(release.model, "verify")
         result = run.health(release.model, None, via_service=run.via_service)
         out.health["post_activation"] = result
         out.phases.append("verify")
@@ -50,9 +52,14 @@ def _step(run: EndpointRun, phase: str, release: Release) -> ModelOutcome:
 
 
 def _phase_endpoint(
-    params: Params, name: str, phase: str, chosen: list[Release], control_dir: Path
+    params: Params,
+    name: str,
+    phase: str,
+    chosen: list[Release],
+    control_dir: Path,
+    progress: Progress | None = None,
 ) -> EndpointOutcome:
-    with endpoint_run(params, name, control_dir) as (run, outcome):
+    with endpoint_run(params, name, control_dir, progress) as (run, outcome):
         run.open()
         for r in chosen:
             per_model(outcome, r.model, r.version_id, lambda r=r: _step(run, phase, r))
@@ -60,8 +67,14 @@ def _phase_endpoint(
 
 
 def run_phase(
-    params: Params, phase: str, endpoints: list[str], chosen: list[Release]
+    params: Params,
+    phase: str,
+    endpoints: list[str],
+    chosen: list[Release],
+    progress: Progress | None = None,
 ) -> list[EndpointOutcome]:
     return run_parallel(
-        params, endpoints, lambda name, ctl: _phase_endpoint(params, name, phase, chosen, ctl)
+        params,
+        endpoints,
+        lambda name, ctl: _phase_endpoint(params, name, phase, chosen, ctl, progress),
     )

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from adapter_deploy import protocol
 from adapter_deploy.common import errors
 from adapter_deploy.common.errors import DiskFull, RemoteError
 from adapter_deploy.config import EndpointParams
+from adapter_deploy.deploy.progress import RsyncOutput, progress_flags
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +165,15 @@ class Connection:
         self,
         files: list[Path] | list[str],
         dest_dir: str,
-        progress: bool,
+        progress: Callable[[int], None] | None = None,
         relative: bool = False,
         protect_args: bool = True,
+        endpoint_rsync: tuple[int, ...] = (0,),
     ) -> int:
         """rsync the files into dest_dir on the endpoint; returns bytes sent.
 
-        With `relative`, each file is given as `<root>/./<path>` and lands at
+        `progress` gets the running byte count as rsync reports it (parsed, never relayed
+        raw). With `relative`, each file is given as `<root>/./<path>` and lands at
         dest_dir/<path>: several releases travel in one rsync (one start-up, one channel).
         """
         if shutil.which("rsync") is None:
@@ -179,7 +183,8 @@ class Connection:
         # --protect-args: the destination is not read by the endpoint's shell (rsync >= 3).
         argv += ["--protect-args"] if protect_args else []
         argv += ["--relative"] if relative else []
-        argv += ["--info=progress2"] if progress else []
+        flags, per_file = progress_flags(endpoint_rsync) if progress else ([], False)
+        argv += flags
         argv += [f"--rsync-path={self.ep.rsync_path}"] if self.ep.rsync_path else []
         if self.local:
             target = dest_dir.rstrip("/") + "/"
@@ -187,7 +192,7 @@ class Connection:
             argv += ["-e", shlex.join(self.ssh_argv())]
             target = f"{self.ep.host}:{self.remote_path(dest_dir).rstrip('/')}/"
         argv += [str(f) for f in files] + [target]
-        code, stdout, stderr = _run_relaying(argv, relay=progress)
+        code, stdout, stderr = _run_rsync(argv, progress, per_file)
         if code != 0:
             if _rsync_missing(code, stderr, self.ep.rsync_path or "rsync"):
                 raise RemoteError(
@@ -211,7 +216,7 @@ class Connection:
         if not self.local:
             argv += ["-e", shlex.join(self.ssh_argv())]
             target = f"{self.ep.host}:{target}"
-        code, stdout, stderr = _run_relaying([*argv, *map(str, paths), target], relay=False)
+        code, stdout, stderr = _run_rsync([*argv, *map(str, paths), target])
         if code != 0:
             raise self.explain(stderr)
         return _bytes_sent(stdout)
@@ -230,22 +235,24 @@ class Connection:
             )
 
 
-def _run_relaying(argv: list[str], relay: bool) -> tuple[int, str, str]:
-    """Run rsync; with `relay`, copy its progress output to our stderr as it comes."""
-    if not relay:
+def _run_rsync(
+    argv: list[str], progress: Callable[[int], None] | None = None, per_file: bool = False
+) -> tuple[int, str, str]:
+    """Run rsync; with `progress`, parse its output as it comes and report byte counts."""
+    if not progress:
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc.returncode, proc.stdout, proc.stderr
+    output = RsyncOutput(per_file)
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
-        chunks = []
-        while chunk := os.read(proc.stdout.fileno(), 4096):
-            chunks.append(chunk)
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            moved = output.feed(chunk)
+            if moved is not None:
+                progress(moved)
         proc.wait()
         err.seek(0)
-        return proc.returncode, b"".join(chunks).decode(errors="replace"), err.read().decode()
+        return proc.returncode, output.text.decode(errors="replace"), err.read().decode()
 
 
 def _bytes_sent(stats: str) -> int:
