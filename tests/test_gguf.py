@@ -304,7 +304,8 @@ def test_a_gguf_release_is_checked_and_served_without_torch(f16: dict) -> None:
 
 def test_bootstrap_installs_llama_cpp_only_where_gguf_is_served() -> None:
     assert install_targets(EndpointParams(adapter_dir="/a")) == ["install-endpoint"]
-    assert install_targets(EndpointParams(adapter_dir="/a", format="merged")) == ["install-endpoint"]
+    merged = EndpointParams(adapter_dir="/a", format="merged")
+    assert install_targets(merged) == ["install-endpoint"]
     gguf_ep = EndpointParams(adapter_dir="/a", format="gguf")
     assert install_targets(gguf_ep) == ["install-endpoint", "gguf-tools"]
     per_model = EndpointParams(adapter_dir="/a", formats={"gemma_4b": "gguf"})

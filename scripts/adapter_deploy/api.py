@@ -445,7 +445,7 @@ def _install_service(
         Path(directory).mkdir(parents=True, exist_ok=True)
     else:
         conn.run(["mkdir", "-p", "--", directory])
-    conn.push([local], directory, progress=False)
+    conn.push([local], directory)
     if not start:
         return
     conn.run(["sh", "-c", result.start])

@@ -33,6 +33,7 @@ class Release:
     signed: dict[str, Any] | None = None
     requested: dict[str, Any] | None = None  # the operator's --cycle or --version, as asked
     converted: bool = False  # a conversion of the adapter (merged, bitsandbytes, gguf)
+    base: Release | None = None  # gguf-lora: the GGUF base release, deployed before this one
 
     @property
     def size(self) -> int:
@@ -113,6 +114,16 @@ def for_endpoint(params: Params, ep: EndpointParams, release: Release) -> Releas
     converted = convert_release(
         params, release.model, release.version_id, fmt, gguf_type=ep.gguf_type
     )
+    base = None
+    if converted.base is not None:
+        from adapter_deploy.convert.gguf_lora import base_model_name
+
+        found = converted.base
+        name = base_model_name(release.model)
+        # Asked for by its exact id: a trusting endpoint orders bases by nothing but that.
+        asked = {"version_id": found.version_id}
+        base = Release(name, found.version_id, 0, found.files, found.path, found.signed, asked)
+        base.converted = True
     return Release(
         release.model,
         release.version_id,
@@ -122,6 +133,7 @@ def for_endpoint(params: Params, ep: EndpointParams, release: Release) -> Releas
         converted.signed,
         release.requested,
         converted=True,
+        base=base,
     )
 
 
@@ -150,6 +162,8 @@ def dry_run_plan(params: Params, endpoints: list[str], chosen: list[Release]) ->
         for r in chosen:
             fmt = release_format(ep, r.model)
             size = f"{r.size} bytes" if fmt == "adapter" else f"its {fmt} conversion"
+            if fmt == "gguf-lora":
+                size += " (after its GGUF base, once: sent, pre-checked by load and generate)"
             lines.append(
                 f"[{name}] {r.model} {r.version_id}: transfer {size} {where} into "
                 f"{ep.adapter_dir}/{r.model}/releases/, verify sha256, pre-check "

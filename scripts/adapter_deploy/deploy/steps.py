@@ -15,7 +15,9 @@ from typing import Any
 from adapter_deploy import protocol as p
 from adapter_deploy.common import failpoints
 from adapter_deploy.common.errors import DiskFull, HealthCheckFailed, ReloadFailed
+from adapter_deploy.common.logs import log_context
 from adapter_deploy.config import Params
+from adapter_deploy.deploy.base_release import ensure_base
 from adapter_deploy.deploy.plan import (
     ModelOutcome,
     Release,
@@ -24,6 +26,7 @@ from adapter_deploy.deploy.plan import (
     links_for,
     reload_spec,
 )
+from adapter_deploy.deploy.progress import NO_PROGRESS, Progress
 from adapter_deploy.deploy.remote import Connection, Session
 
 log = logging.getLogger("adapter_deploy.deploy.fleet")
@@ -32,17 +35,24 @@ log = logging.getLogger("adapter_deploy.deploy.fleet")
 class EndpointRun:
     """One endpoint's part of a deploy or rollback, over one session."""
 
-    def __init__(self, params: Params, name: str, control_dir: Path, progress: bool) -> None:
+    def __init__(
+        self, params: Params, name: str, control_dir: Path, progress: Progress | None = None
+    ) -> None:
         self.params = params
         self.name = name
         self.ep = params.endpoint(name)
         self.conn = Connection(name, self.ep, control_dir)
-        self.progress = progress
+        self.progress = progress or NO_PROGRESS
         self.session: Session | None = None
         self.pushed: dict[str, int] = {}  # model -> bytes sent by push_all (-1: was present)
 
     def say(self, model: str, phase: str, detail: str = "") -> None:
-        log.info("[%s] %s %s%s", self.name, model, phase, f": {detail}" if detail else "")
+        with log_context(endpoint=self.name, model=model):
+            log.info("%s%s", phase, f": {detail}" if detail else "")
+
+    def step(self, model: str, name: str) -> None:
+        """Tell the operator which step this endpoint is in now (a spinner, a line)."""
+        self.progress.step(self.name, f"{model} {name}")
 
     def open(self) -> Session:
         self.session = Session(self.conn, self.ep.adapter_dir)
@@ -123,16 +133,33 @@ class EndpointRun:
             return
         total = sum(r.size for r in batch)
         self.say(",".join(r.model for r in batch), "transfer", f"{total} bytes")
-        sent = self._push(batch, files, str(incoming_root), relative=True)
+        self.step(",".join(r.model for r in batch), "transfer")
+        sent = self._push(batch, files, str(incoming_root), total, relative=True)
         for release in batch:  # rsync reports one figure; attribute it by size
             self.pushed[release.model] = round(sent * release.size / max(total, 1))
 
-    def _push(self, batch: list[Release], files: list, dest: str, relative: bool = False) -> int:
+    def _push(
+        self, batch: list[Release], files: list, dest: str, total: int, relative: bool = False
+    ) -> int:
         """rsync `files`; on a full endpoint disk, remove what landed (partials too) first."""
         assert self.session
+        theirs = self.session.rsync_version
+        self.progress.start(self.name, total)
+        # no one watching: rsync prints no progress and nothing is parsed
+        watched = self.progress is not NO_PROGRESS
         try:
-            protect = self.session.rsync_version >= (3, 0)
-            return self.conn.push(files, dest, self.progress, relative, protect)
+            sent = self.conn.push(
+                files,
+                dest,
+                (lambda done: self.progress.advance(self.name, min(done, total)))
+                if watched
+                else None,
+                relative,
+                protect_args=theirs >= (3, 0),
+                endpoint_rsync=theirs,
+            )
+            self.progress.advance(self.name, total)  # files rsync found in place count too
+            return sent
         except DiskFull:
             for release in batch:
                 self.session.call(
@@ -153,7 +180,9 @@ class EndpointRun:
         else:
             files = [release.local_dir / n for n in release.files]
             self.say(release.model, "transfer", f"{release.size} bytes")
-            out.bytes_sent = self._push([release], files, prep["incoming"])
+            self.step(release.model, "transfer")
+            out.bytes_sent = self._push([release], files, prep["incoming"], release.size)
+        self.step(release.model, "sha256 check")
         # The operator's request travels as asked (--cycle N or --version ID): the endpoint
         # waives its rollback-attack guard only when that names the release's signed fields.
         staged = self.session.call(
@@ -169,6 +198,7 @@ class EndpointRun:
         out.phases.append("transfer")
 
     def precheck(self, release: Release, out: ModelOutcome) -> bool:
+        self.step(release.model, "pre-check")
         result = self.health(release.model, release.version_id, via_service=False)
         out.health["pre_activation"] = result
         out.phases.append("health_check")
@@ -184,6 +214,7 @@ class EndpointRun:
         """Flip and reload; a reload that fails puts `fallback` back at once (default: what
         served, or the last verified release when what served never passed VERIFY)."""
         assert self.session
+        self.step(release.model, "activate")
         self.session.call(p.ClearBad(model=release.model, version_id=release.version_id))
         before = self.session.call(p.Hello(models=[release.model]))["models"][release.model]
         out.previous = before["active"]
@@ -199,7 +230,7 @@ class EndpointRun:
             )
         except ReloadFailed as err:
             out.status, out.error, out.exit_code = "rolled_back", err.one_line(), err.exit_code
-            log.warning("[%s] %s reload failed: %s", self.name, release.model, err.one_line())
+            log.warning("reload failed: %s", err.one_line())
             self.restore(
                 release.model, fallback["active"], fallback["previous"], release.version_id
             )
@@ -209,6 +240,7 @@ class EndpointRun:
         return True
 
     def verify(self, release: Release, out: ModelOutcome, before: dict[str, Any]) -> None:
+        self.step(release.model, "verify")
         try:
             result = self.health(release.model, None, via_service=self.via_service)
         except ReloadFailed as err:
@@ -230,6 +262,7 @@ class EndpointRun:
     def restore(self, model: str, active: str | None, previous: str | None, bad: str) -> None:
         """Automatic rollback: links back, re-signal, verify the old release."""
         assert self.session
+        self.step(model, "rollback")
         self.session.call(p.MarkBad(model=model, version_id=bad, reason="failed verify"))
         failpoints.deployer("rollback.after_mark_bad")
         try:
@@ -242,7 +275,7 @@ class EndpointRun:
                 )
             )
         except ReloadFailed as err:
-            log.error("[%s] %s links restored, but reload failed: %s", self.name, model, err)
+            log.error("links restored, but reload failed: %s", err)
             return
         failpoints.deployer("rollback.after_links")
         if active is None:
@@ -269,7 +302,7 @@ class EndpointRun:
         )
         out.error = f"{why}: {detail}"
         out.exit_code = HealthCheckFailed.exit_code
-        log.warning("[%s] %s %s: %s", self.name, out.model, status.upper(), out.error)
+        log.warning("%s: %s", status.upper(), out.error)
 
     def deploy_model(self, release: Release, on_endpoint: dict[str, Any]) -> ModelOutcome:
         out = ModelOutcome(release.model, release.version_id)
@@ -291,6 +324,8 @@ class EndpointRun:
         if release.converted:
             out.phases.append("convert")
         self.transfer(release, out)
+        if release.base is not None and not ensure_base(self, release.base, out):
+            return out  # gguf-lora: its base failed its check; nothing was activated
         failpoints.deployer("deploy.after_transfer")
         if not self.precheck(release, out):
             return out

@@ -6,6 +6,7 @@
     auto                                          mlx on macOS, hf elsewhere
     whisper                                       whisper (transformers + PEFT Whisper)
     (any but mlx) a GGUF release                  llamacpp (LlamaCppEngine, llama-cpp-python)
+    (any but mlx) a GGUF LoRA release (gguf-lora) llamacpp: its GGUF base + the LoRA, swappable
 
 A transcription model (params.yaml `task: transcription`) always gets the Whisper engine
 (`make_engine(..., task="transcription")`): there is no MLX Whisper engine, so the platform

@@ -1,9 +1,15 @@
 """llama.cpp engine (llama-cpp-python) for GGUF releases on NVIDIA and CPU endpoints.
 
 A GGUF release dir holds one `model.gguf`: the merged model with its tokenizer and chat
-template inside. The prompt is rendered from that embedded template (the same template the
-transformers engines use), generation is greedy, and a reload loads the new file beside the
-serving one before switching, so a file that does not load leaves the old release serving.
+template inside. A GGUF LoRA release (format gguf-lora) holds `adapter.gguf` and `base.json`,
+which names the GGUF base release it applies to (convert/gguf_lora.py): the base is loaded
+once and a reload to another LoRA on the same base swaps only the adapter on the loaded model
+(llama_adapter_lora_init + llama_set_adapters_lora), the base stays in memory and no restart is
+needed; a LoRA that does not load leaves the old one applied.
+
+The prompt is rendered from the GGUF's embedded template (the same template the transformers
+engines use), generation is greedy, and a reload loads the new file beside the serving one
+before switching, so a file that does not load leaves the old release serving.
 Layers are offloaded to the GPU where llama.cpp was built with CUDA (n_gpu_layers=-1 is a
 no-op on a CPU build).
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +31,50 @@ from adapter_deploy.engines.base import (
     chat_messages,
     describe_release,
     generation_budget,
+    read_json,
 )
 
 N_CTX = 2048
 TOOLS_HINT = "GGUF releases need llama.cpp's tools (llama-cpp-python, gguf): not installed"
+LORA_FILE = "adapter.gguf"  # a gguf-lora release: the LoRA ...
+BASE_INFO = "base.json"  # ... and the base release it applies to
+BASE_MODEL_SUFFIX = "-gguf-base"  # <adapter_dir>/<model>-gguf-base/releases/<id>/model.gguf
+BASE_FILE = "model.gguf"
+LORA_SCALE = 1.0  # PEFT's alpha / r is inside the LoRA file (adapter.lora.alpha)
+
+
+def is_lora_release(release_dir: Path) -> bool:
+    return (release_dir / BASE_INFO).is_file()
+
+
+def base_gguf(release_dir: Path) -> Path:
+    """The base GGUF a LoRA release names: on an endpoint the `<model>-gguf-base` release
+    beside the model's releases; in the training side's conversion cache, the base entry
+    beside the LoRA's."""
+    info = read_json(release_dir / BASE_INFO)
+    version_id, key = info.get("version_id"), info.get("key")
+    model_dir = release_dir.parent.parent
+    candidates = []
+    if isinstance(version_id, str) and release_dir.parent.name == "releases":
+        base_model = model_dir.parent / f"{model_dir.name}{BASE_MODEL_SUFFIX}"
+        candidates.append(base_model / "releases" / Path(version_id).name / BASE_FILE)
+    if isinstance(key, str):
+        candidates.append(release_dir.parent / Path(key).name / BASE_FILE)
+    size = info.get("size")
+    for path in candidates:
+        # The size is a cheap guard against another file in its place; the sha256 was
+        # checked when the base was staged (read-only since), not again at every load.
+        if path.is_file() and size in (None, path.stat().st_size):
+            return path
+    raise AdapterError(
+        f"{release_dir}: the GGUF base it applies to ({version_id}) is not on this machine",
+        fix="deploy the release again: a gguf-lora deploy sends its base before the pre-check",
+    )
 
 
 def gguf_file(release_dir: Path) -> Path:
+    if is_lora_release(release_dir):
+        return release_dir / LORA_FILE
     files = sorted(release_dir.glob("*.gguf"))
     if len(files) != 1:
         raise AdapterError(
@@ -55,6 +99,26 @@ def _open(path: Path, n_gpu_layers: int) -> Any:
         ) from err
 
 
+def _apply_lora(llm: Any, lora: Path) -> Any:
+    """Load `lora` against `llm`'s model and make it the one LoRA its context applies."""
+    import ctypes
+
+    import llama_cpp
+
+    adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode())
+    if not adapter:
+        raise AdapterError(
+            f"llama.cpp cannot load the LoRA {lora} on its base",
+            fix="convert and deploy the release again (its base must be the one it names)",
+        )
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(LORA_SCALE)
+    if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales) != 0:
+        llama_cpp.llama_adapter_lora_free(adapter)
+        raise AdapterError(f"llama.cpp cannot apply the LoRA {lora}", fix="deploy it again")
+    return adapter
+
+
 def _prompt_formatter(llm: Any, path: Path) -> Any:
     """The GGUF's own chat template, rendered the way llama-cpp-python renders chat."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -73,7 +137,8 @@ def _prompt_formatter(llm: Any, path: Path) -> Any:
 
 
 class LlamaCppEngine(SwappingEngine):
-    """Translate with llama.cpp from a GGUF release; reload swaps the whole model."""
+    """Translate with llama.cpp from a GGUF release; reload swaps the whole model, or only the
+    LoRA where the new release is a LoRA on the base already loaded."""
 
     def __init__(self, release_path: str | Path, n_gpu_layers: int = -1) -> None:
         self.n_gpu_layers = n_gpu_layers  # -1: every layer on the GPU where there is one
@@ -81,6 +146,8 @@ class LlamaCppEngine(SwappingEngine):
         self._loaded: LoadedRelease | None = None
         self.llm: Any = None
         self._format: Any = None
+        self.base_path: Path | None = None  # the base GGUF loaded, for a LoRA release
+        self._lora: Any = None  # the applied llama_adapter_lora_p
         self._load(describe_release(release_path))
 
     @property
@@ -88,13 +155,42 @@ class LlamaCppEngine(SwappingEngine):
         return self._loaded
 
     def _load(self, release: LoadedRelease) -> None:
-        path = gguf_file(Path(release.path))
+        release_dir = Path(release.path)
+        if not is_lora_release(release_dir):
+            self._load_model(gguf_file(release_dir), release, None)
+            return
+        lora, base = release_dir / LORA_FILE, base_gguf(release_dir)
+        if self.llm is not None and self.base_path == base.resolve():
+            self._swap_lora(lora)
+            self._loaded = replace(release, kind="gguf-lora")
+            return
+        self._load_model(base, replace(release, kind="gguf-lora"), lora)
+
+    def _load_model(self, path: Path, release: LoadedRelease, lora: Path | None) -> None:
+        """A fresh model (with its LoRA); what served is closed only once it has loaded."""
         llm = _open(path, self.n_gpu_layers)
-        formatter = _prompt_formatter(llm, path)
+        try:
+            formatter = _prompt_formatter(llm, path)
+            adapter = _apply_lora(llm, lora) if lora is not None else None
+        except AdapterError:
+            llm.close()
+            raise
         old = self.llm
         self.llm, self._format, self._loaded = llm, formatter, release
+        self._lora, self.base_path = adapter, path.resolve() if lora is not None else None
         if old is not None:
-            old.close()
+            old.close()  # its LoRA, if any, is freed with it
+
+    def _swap_lora(self, lora: Path) -> None:
+        """Apply `lora` in place of the current LoRA on the loaded base."""
+        import llama_cpp
+
+        adapter = _apply_lora(self.llm, lora)
+        old, self._lora = self._lora, adapter
+        if old is not None:
+            llama_cpp.llama_adapter_lora_free(old)
+        # The cached prompt state was computed under the old LoRA: never reuse it.
+        self.llm.reset()
 
     def translate(self, text: str) -> Translation:
         with self._lock:

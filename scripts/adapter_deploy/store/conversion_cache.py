@@ -27,7 +27,9 @@ every entry can be rebuilt from DVC-tracked inputs):
 A bitsandbytes release hard-links the merged release's weights (building that first when
 needed) and adds quantization.json; a gguf release is written from the merged release (F16 by
 llama.cpp's own converter, convert_hf_to_gguf.py, then requantized by llama.cpp for Q8_0 /
-Q4_K_M).
+Q4_K_M). A gguf-lora release (adapter.gguf + base.json, convert/gguf_lora.py) names a
+`gguf-base` entry: the base model alone converted the same way, keyed by the base's content,
+the gguf tools and gguf_type only, so every adapter on that base shares one entry.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ log = logging.getLogger("adapter_deploy.store.conversions")
 
 PROVENANCE = "conversion.json"
 RECIPE = 3  # bump when this code changes what a conversion writes
+GGUF_FORMATS = ("gguf", "gguf-lora")  # keyed with their gguf_type and llama.cpp's tools
+GGUF_BASE = "gguf-base"  # gguf-lora's base alone, keyed by base content, tools and gguf_type
 _BASE_IDS = "base-identities.json"
 
 
@@ -103,15 +107,20 @@ class CacheJob:
     gguf_type: str = "Q4_K_M"
 
     def key(self, fmt: str) -> str:
-        variant = f"gguf-{self.gguf_type}" if fmt == "gguf" else fmt
+        if fmt == GGUF_BASE:  # the base alone: no adapter, no merge dtype, no torch stack
+            variant = f"{GGUF_BASE}-{self.gguf_type}"
+            return conversion_key({}, self.base_id, variant, "", self.tools_for(fmt))
+        variant = f"{fmt}-{self.gguf_type}" if fmt in GGUF_FORMATS else fmt
         return conversion_key(self.adapter, self.base_id, variant, self.dtype, self.tools_for(fmt))
 
     def tools_for(self, fmt: str) -> dict[str, Any]:
         """The gguf tools are part of a gguf key only: installing them reconverts nothing else."""
-        if fmt != "gguf":
+        if fmt not in (*GGUF_FORMATS, GGUF_BASE):
             return self.tools
         from adapter_deploy.convert.gguf import tool_versions as gguf_tools
 
+        if fmt == GGUF_BASE:
+            return {"recipe": RECIPE, **gguf_tools()}
         return {**self.tools, **gguf_tools()}
 
     def ensure(self, fmt: str) -> tuple[str, dict[str, dict[str, Any]], bool]:
@@ -146,6 +155,8 @@ class CacheJob:
         if fmt == "merged":
             convert_merge.merge_adapter(self.src, self.base, out, dtype=self.dtype)
             return {}
+        if fmt in (GGUF_BASE, "gguf-lora"):
+            return self._build_gguf_lora(fmt, out)
         merged_key, merged_files, _ = self.ensure("merged")
         if fmt == "gguf":
             from adapter_deploy.convert.gguf import convert_to_gguf
@@ -159,10 +170,28 @@ class CacheJob:
         convert_merge.write_bnb_quantization(out)
         return {n: f for n, f in merged_files.items() if n != PROVENANCE}
 
+    def _build_gguf_lora(self, fmt: str, out: Path) -> dict[str, dict[str, Any]]:
+        """The base alone (converted from the base dir, no merge), or the LoRA naming it."""
+        from adapter_deploy.convert import gguf_lora
+
+        if fmt == GGUF_BASE:
+            gguf_lora.convert_base(Path(self.base), out, self.gguf_type)
+            return {}
+        base_key, base_files, _ = self.ensure(GGUF_BASE)
+        base = {
+            "key": base_key,
+            "version_id": gguf_lora.base_version_id(base_key),
+            "gguf_type": self.gguf_type,
+            "sha256": base_files["model.gguf"]["sha256"],
+            "size": base_files["model.gguf"]["size"],
+        }
+        gguf_lora.convert_lora(self.src, Path(self.base), out, base)
+        return {}
+
     def _provenance(self, fmt: str, key: str) -> str:
         data = {
             "format": fmt,
-            "gguf_type": self.gguf_type if fmt == "gguf" else None,
+            "gguf_type": self.gguf_type if fmt in (*GGUF_FORMATS, GGUF_BASE) else None,
             "key": key,
             "adapter": self.adapter,
             "base_model": self.base,

@@ -21,7 +21,13 @@ from adapter_deploy.common.errors import AdapterError, UsageError
 from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.config import Params, check_name, check_version_id
 from adapter_deploy.store import registry
-from adapter_deploy.store.conversion_cache import CacheJob, base_identity, tool_versions
+from adapter_deploy.store.conversion_cache import (
+    GGUF_BASE,
+    GGUF_FORMATS,
+    CacheJob,
+    base_identity,
+    tool_versions,
+)
 from adapter_deploy.store.manifest import (
     find_version,
     ignore_in_store,
@@ -31,8 +37,29 @@ from adapter_deploy.store.manifest import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("merged", "bitsandbytes", "gguf")
+FORMATS = ("merged", "bitsandbytes", "gguf", "gguf-lora")
 CACHE_DIR = ".conversions"
+
+
+@dataclass
+class BaseRelease:
+    """gguf-lora's base alone, as a release of its own (deployed once, before the LoRA)."""
+
+    version_id: str
+    path: Path
+    files: dict[str, dict[str, Any]]
+    key: str
+    cache_hit: bool
+    signed: dict[str, Any] | None = None  # signed metadata (None: no signing key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version_id": self.version_id,
+            "path": str(self.path),
+            "files": self.files,
+            "size": sum(f["size"] for f in self.files.values()),
+            "key": self.key,
+        }
 
 
 @dataclass
@@ -47,8 +74,9 @@ class ConversionResult:
     seconds: float = 0.0
     base_identity: str = ""
     tools: dict[str, Any] = field(default_factory=dict)
-    gguf_type: str | None = None  # Q4_K_M / Q8_0 / F16 for format gguf
+    gguf_type: str | None = None  # Q4_K_M / Q8_0 / F16 for format gguf (gguf-lora: its base)
     signed: dict[str, Any] | None = None  # signed metadata, as for versions (None: no key)
+    base: BaseRelease | None = None  # gguf-lora: the GGUF base release the LoRA applies to
 
     @property
     def size(self) -> int:
@@ -66,6 +94,7 @@ class ConversionResult:
             "cache_hit": self.cache_hit,
             "key": self.key,
             "seconds": round(self.seconds, 3),
+            **({"base": self.base.to_dict()} if self.base else {}),
         }
 
 
@@ -87,7 +116,7 @@ def convert_release(
     """Convert a versioned adapter to `fmt` (or find it cached) and record it in the manifest.
 
     `base_model` overrides params.yaml's models.<model>.base_model; `gguf_type` (Q4_K_M, Q8_0
-    or F16) applies to format gguf only.
+    or F16) applies to format gguf, and to gguf-lora's base (its LoRA is F16).
     """
     start = time.perf_counter()
     model_params = params.model(check_name("model", model))
@@ -100,7 +129,7 @@ def convert_release(
             "(causal LM) models only",
             fix="serve it with format: adapter",
         )
-    if fmt == "gguf":
+    if fmt in GGUF_FORMATS:
         from adapter_deploy.convert import gguf as convert_gguf
 
         if gguf_type not in convert_gguf.GGUF_TYPES:
@@ -115,6 +144,13 @@ def convert_release(
     src = _checked_source(adapters_dir, model, entry)
     base = base_model or model_params.base_model
     local = local_base_dir(params, base)
+    if fmt == "gguf-lora" and local is None:
+        raise AdapterError(
+            f"format gguf-lora converts the base model {base!r} itself, which needs it as a "
+            "local dir (config.json, safetensors, tokenizer.model)",
+            fix=f"download it and set models.{model}.base_model to its directory, "
+            "or use format gguf",
+        )
     cache = adapters_dir / CACHE_DIR
     ignore_in_store(adapters_dir, f"/{CACHE_DIR}/")  # rebuildable machine state
     job = CacheJob(
@@ -128,6 +164,7 @@ def convert_release(
         gguf_type=gguf_type,
     )
     key, files, hit = job.ensure(fmt)
+    gguf = fmt in GGUF_FORMATS
     result = ConversionResult(
         model,
         version_id,
@@ -139,8 +176,10 @@ def convert_release(
         0.0,
         job.base_id,
         job.tools_for(fmt),
-        gguf_type if fmt == "gguf" else None,
+        gguf_type if gguf else None,
     )
+    if fmt == "gguf-lora":
+        result.base = _base_release(params, model, job, base)
     result.signed = _record(params, entry, result, base)
     registry.commit_records(
         adapters_dir, ["manifest.json", ".gitignore"], f"convert {model} {version_id} to {fmt}"
@@ -155,6 +194,26 @@ def convert_release(
         result.path,
     )
     return result
+
+
+def _base_release(params: Params, model: str, job: CacheJob, base_model: str) -> BaseRelease:
+    """The cached base a gguf-lora conversion names (built with it, so a cache hit here),
+    signed as cycle 0 of `<model>-gguf-base` where there is a signing key: a trusting endpoint
+    stages only signed releases."""
+    from adapter_deploy import signing
+    from adapter_deploy.convert.gguf_lora import base_model_name, base_version_id
+    from adapter_deploy.store.versioning import signing_key
+
+    key, files, hit = job.ensure(GGUF_BASE)
+    found = BaseRelease(base_version_id(key), job.cache / key, files, key, hit)
+    name = base_model_name(model)
+    private = signing_key(params, f"{name} {found.version_id}")
+    if private is not None:
+        entry = {"version_id": found.version_id, "cycle": 0, "created": utc_now()}
+        entry.update(files=files, base_model=base_model)
+        days = params.store.signature_expiry_days
+        found.signed = signing.sign(private, signing.version_metadata(entry, name, days))
+    return found
 
 
 def _trusted_version(params: Params, model: str, entry: dict[str, Any]) -> dict[str, Any]:
