@@ -191,36 +191,50 @@ def layer_pattern_mismatch(config: dict[str, Any]) -> str | None:
 
 def write_f16(model_dir: Path, out_file: Path) -> Path:
     """The merged model as an F16 GGUF file, written by llama.cpp's own converter."""
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=out_file.parent) as tmp:
+        staged = _stage(model_dir, Path(tmp) / model_dir.name)
+        run_converter(
+            CONVERTER_SCRIPT,
+            ["--outtype", "f16", "--outfile", str(out_file), str(staged)],
+            tool="llama.cpp's converter",
+            source=model_dir,
+            out_file=out_file,
+            cwd=Path(tmp),
+            fix=f"{_INSTALL_FIX} if its own imports failed, or use format merged",
+        )
+    return out_file
+
+
+def run_converter(
+    script: str, args: list[str], tool: str, source: Path, out_file: Path, cwd: Path, fix: str
+) -> None:
+    """Run one of llama.cpp's converter scripts (from the pinned tree) on `source`: `out_file`
+    exists after, or AdapterError with the converter's last lines."""
     src = converter_dir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter reads the dir, nothing else
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter reads dirs, nothing else
     env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, never another one
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p
     )
-    with tempfile.TemporaryDirectory(prefix=".convert-", dir=out_file.parent) as tmp:
-        staged = _stage(model_dir, Path(tmp) / model_dir.name)
-        cmd = [sys.executable, str(src / CONVERTER_SCRIPT), "--outtype", "f16"]
-        cmd += ["--outfile", str(out_file), str(staged)]
-        log.debug("running %s", " ".join(cmd))
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=CONVERT_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired as err:
-            raise AdapterError(
-                f"llama.cpp's converter ran past {CONVERT_TIMEOUT_S}s on {model_dir}",
-                fix="check the machine's load and memory, then convert again",
-            ) from err
-    log.debug("converter output:\n%s", proc.stderr)
+    cmd = [sys.executable, str(src / script), *args]
+    log.debug("running %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=CONVERT_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as err:
+        raise AdapterError(
+            f"{tool} ran past {CONVERT_TIMEOUT_S}s on {source}",
+            fix="check the machine's load and memory, then convert again",
+        ) from err
+    log.debug("%s output:\n%s", tool, proc.stderr)
     if proc.returncode != 0 or not out_file.is_file():
         out_file.unlink(missing_ok=True)
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise AdapterError(
-            f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}): {tail}",
-            fix="see the converter's reason above; "
-            f"{_INSTALL_FIX} if its own imports failed, or use format merged",
+            f"{tool} failed on {source} (exit {proc.returncode}): {tail}",
+            fix=f"see the converter's reason above; {fix}",
         )
-    return out_file
 
 
 def _stage(model_dir: Path, staged: Path) -> Path:

@@ -24,20 +24,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.convert.gguf import (
-    CONVERT_TIMEOUT_S,
     check_supported,
     check_tools,
     convert_to_gguf,
-    converter_dir,
+    run_converter,
 )
 from adapter_deploy.engines.llamacpp_engine import BASE_INFO, BASE_MODEL_SUFFIX, LORA_FILE
 
@@ -91,31 +86,14 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_dir: Path, base: dict[st
 
 
 def _run_converter(adapter_dir: Path, base_dir: Path, target: Path) -> None:
-    src = converter_dir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter reads the dirs, nothing else
-    env.pop("NO_LOCAL_GGUF", None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p
-    )
-    cmd = [sys.executable, str(src / LORA_CONVERTER_SCRIPT), "--outtype", LORA_OUTTYPE]
-    cmd += ["--base", str(base_dir), "--outfile", str(target), str(adapter_dir)]
-    log.debug("running %s", " ".join(cmd))
     with tempfile.TemporaryDirectory(prefix=".convert-lora-", dir=target.parent) as tmp:
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=CONVERT_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired as err:
-            raise AdapterError(
-                f"llama.cpp's LoRA converter ran past {CONVERT_TIMEOUT_S}s on {adapter_dir}",
-                fix="check the machine's load and memory, then convert again",
-            ) from err
-    log.debug("LoRA converter output:\n%s", proc.stderr)
-    if proc.returncode != 0 or not target.is_file():
-        target.unlink(missing_ok=True)
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise AdapterError(
-            f"llama.cpp's LoRA converter failed on {adapter_dir} (exit {proc.returncode}): {tail}",
-            fix="see the converter's reason above; run `make gguf-tools` if its own imports "
-            "failed, or use format gguf",
+        run_converter(
+            LORA_CONVERTER_SCRIPT,
+            ["--outtype", LORA_OUTTYPE, "--base", str(base_dir), "--outfile", str(target)]
+            + [str(adapter_dir)],
+            tool="llama.cpp's LoRA converter",
+            source=adapter_dir,
+            out_file=target,
+            cwd=Path(tmp),
+            fix="run `make gguf-tools` if its own imports failed, or use format gguf",
         )
