@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 from adapter_deploy import protocol as p
 from adapter_deploy.config import Params, load_params
-from adapter_deploy.deploy import fleet
+from adapter_deploy.deploy import fleet, records
 from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome, Release
 from adapter_deploy.deploy.remote import Connection
 from adapter_deploy.kit.sshd import SSHServer, running_sshd
@@ -107,16 +107,19 @@ def write_params(path: Path, store: Path, endpoints: dict[str, dict], parallel: 
 
 def deploy_job(params: Params, name: str, control: Path, chosen: list[Release]):
     """deploy_endpoint's steps without the endpoint-side health checks."""
+    farm = control / f"{name}.landing"
     with fleet.endpoint_run(params, name, control) as (run, outcome):
-        hello = run.open().call(p.Hello(models=[r.model for r in chosen]))
+        session = run.open(fleet.early_releases(params, name, chosen), farm)
+        hello = session.call(p.Hello(models=[r.model for r in chosen]))
         todo = [r for r in chosen if fleet._needs_transfer(r, hello["models"][r.model])]
-        run.push_all(todo, params.adapters_dir)
+        run.push_all(todo, params.adapters_dir, farm)
         for release in todo:
             out = ModelOutcome(release.model, release.version_id)
             run.transfer(release, out)
             if not run.activate(release, out):
                 raise RuntimeError(f"{name}: activate failed: {out.error}")
             run.mark_verified(release.model, release.version_id)
+            out.status = "success"
             outcome.models.append(out)
     return outcome
 
@@ -128,6 +131,9 @@ def measured(params: Params, names: list[str], chosen: list[Release]) -> tuple[f
         outcomes: list[EndpointOutcome] = fleet.run_parallel(
             params, names, lambda name, control: deploy_job(params, name, control, chosen)
         )
+        # the run's record, as a real deploy writes it: the next run's early rsync skips
+        # what it shows active and healthy there
+        records._update_status(params.adapters_dir, outcomes)
         cpu = deployer_cpu() - cpu0 - meter.scanning + meter.masters
         wall = time.perf_counter() - t0
     failed = [o.error for o in outcomes if o.error]
@@ -144,7 +150,7 @@ def run_bench(sshd: SSHServer, tmp: Path, sizes: list[int], megabytes: int) -> N
     print(f"one adapter of {size / 1e6:.1f} MB; deployer-side CPU only ({os.cpu_count()} cores)")
     rows = []
     for n in sizes:
-        names = [f"ep{i}" for i in range(n)]
+        names = [f"n{n}-ep{i}" for i in range(n)]  # no records of earlier rounds apply
         endpoints = {name: sshd.endpoint(tmp / f"fleet{n}" / name / "adapters") for name in names}
         params = write_params(tmp / "params.yaml", store, endpoints, parallel=n)
         first, first_wall, sent = measured(params, names, chosen)
@@ -162,7 +168,7 @@ def run_bench(sshd: SSHServer, tmp: Path, sizes: list[int], megabytes: int) -> N
     classic = tmp / "ssh_config_curve25519"
     classic.write_text(sshd.ssh_config.read_text() + "  KexAlgorithms curve25519-sha256\n")
     n = sizes[-1]
-    names = [f"ep{i}" for i in range(n)]
+    names = [f"n{n}-ep{i}" for i in range(n)]  # the endpoints just deployed to
     endpoints = {
         name: {**sshd.endpoint(tmp / f"fleet{n}" / name / "adapters"), "ssh_config": str(classic)}
         for name in names

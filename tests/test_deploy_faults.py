@@ -102,6 +102,9 @@ def test_disk_full_on_endpoint(fleet: Fleet) -> None:
     assert proc.returncode == 3
     assert "endpoint disk is full" in proc.stdout + proc.stderr
     assert fleet.links("ep1") == (None, None)
+    # the rsync that starts before the session checks the reserve too: nothing landed
+    landing = fleet.endpoints["ep1"] / "incoming"
+    assert not [p for p in landing.rglob("*") if p.is_file()] if landing.exists() else True
 
 
 def test_checksum_mismatch_is_refused_and_quarantined(fleet: Fleet) -> None:
@@ -123,7 +126,7 @@ def test_cut_transfer_resumes(fleet: Fleet) -> None:
     """A transfer cut midway leaves a partial file; the next run sends only the rest."""
     vid = fleet.versions["cycle1"]
     local = fleet.store.adapters / "gemma_4b" / vid / "adapter_model.safetensors"
-    partial = fleet.endpoints["ep1"] / "incoming" / "gemma_4b" / vid / ".rsync-partial"
+    partial = fleet.endpoints["ep1"] / "incoming" / "gemma_4b" / "releases" / vid / ".rsync-partial"
     partial.mkdir(parents=True)
     whole = local.read_bytes()
     (partial / local.name).write_bytes(whole[: len(whole) * 3 // 4])
@@ -322,7 +325,8 @@ def test_real_full_disk_mid_transfer_leaves_nothing_behind(
     for model, vid in zip(MODELS_12_4, ids, strict=True):
         assert not (adapters / model / "active").exists()
         assert not (adapters / model / "releases" / vid).exists()
-        assert not (adapters / "incoming" / model / vid).exists()  # partials removed too
+        landing = adapters / "incoming" / model / "releases" / vid
+        assert not landing.exists()  # partials removed too
     again = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
     assert again.returncode == 0, again.stdout + again.stderr  # the space came back
 

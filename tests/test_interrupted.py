@@ -204,7 +204,8 @@ def test_network_cut_mid_transfer_then_resume(fleet: Fleet, kit, sshd, tmp_path:
         assert cut.returncode == 3, cut.stdout + cut.stderr
         assert "ep1" in json.loads(cut.stdout)["endpoints"][0]["error"]
         assert fleet.links("ep1") == (None, None)  # nothing activated before verification
-        partial = fleet.endpoints["ep1"] / "incoming" / "gemma_4b" / v4 / ".rsync-partial"
+        landing = fleet.endpoints["ep1"] / "incoming" / "gemma_4b" / "releases" / v4
+        partial = landing / ".rsync-partial"
         kept = sum(p.stat().st_size for p in partial.iterdir()) if partial.is_dir() else 0
         relay.budget, relay.relayed = None, 0
         time.sleep(1)  # the cut session notices its closed connection and frees the lock

@@ -159,8 +159,9 @@ def test_bytes_advance_to_the_total_per_endpoint_over_ssh(sshd: SSHServer, tmp_p
 
     def job(name: str, control: Path):
         with endpoint_run(params, name, control, recorder) as (run, outcome):
-            run.open()
-            run.push_all(chosen, store)
+            farm = control / f"{name}.landing"
+            run.open(chosen, farm)  # as deploy_endpoint: rsync starts with the connection
+            run.push_all(chosen, store, farm)
             for release in chosen:
                 run.transfer(release, ModelOutcome(release.model, release.version_id))
         return outcome

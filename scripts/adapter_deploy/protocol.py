@@ -9,7 +9,9 @@ Each request is one frozen dataclass below; its fields are the whole request. A 
 request's fields or meaning raises `PROTOCOL_VERSION`, so a deployer and an endpoint of
 different code refuse each other at the ready line, before anything is transferred, instead
 of failing mid-deploy. Protocol 1 was the unversioned protocol of `scripts/endpoint.py`;
-protocol 3 added `doctor` (the endpoint's facts for `make doctor`).
+protocol 3 added `doctor` (the endpoint's facts for `make doctor`); protocol 4 moved the
+landing dir to `incoming/<model>/releases/<id>/` (the deployer's rsync names it before the
+session is up) and added `damaged` to prepare's reply.
 """
 
 from __future__ import annotations
@@ -20,8 +22,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from adapter_deploy.common.errors import ProtocolError, ProtocolMismatch
+from adapter_deploy.common.wire import PROTOCOL_VERSION
 
-PROTOCOL_VERSION = 3
+__all__ = ["PROTOCOL_VERSION"]  # kept in common/wire.py, where a shell can ask for it cheaply
+
+# Where transfers land under an endpoint's adapter_dir: <LANDING>/<model>/releases/<id>/
+# mirrors the release's own path <model>/releases/<id>/, so an rsync into LANDING with
+# --compare-dest=.. finds a kept release's files and sends nothing for them.
+LANDING = "incoming"
+
+
+def landing_path(model: str, version_id: str) -> str:
+    """A release's landing dir, relative to LANDING (and its kept path, to adapter_dir)."""
+    return f"{model}/releases/{version_id}"
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,8 @@ class Hello(Request):
 
 @dataclass(frozen=True)
 class Prepare(Request):
-    """Is this release already present and whole? If not, a private incoming dir for rsync."""
+    """Is this release already present and whole? If not, a private incoming dir for rsync,
+    once the disk has room for what has not landed yet (`damaged`: a kept copy differs)."""
 
     op: ClassVar[str] = "prepare"
     model: str

@@ -23,8 +23,8 @@ from adapter_deploy.common import failpoints
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import (
     AdapterDeployError,
+    DiskFull,
     ReloadFailed,
-    RemoteError,
     SignatureRefused,
     UsageError,
 )
@@ -73,20 +73,26 @@ class EndpointSide:
         kept = self.releases_of(req.model)
         release = kept.release(check_version_id(req.version_id))
         check_file_names(req.files)
-        if release.is_dir() and not releases.file_problems(release, req.files):
+        damaged = release.is_dir()
+        if damaged and not releases.file_problems(release, req.files):
             self._intact[(req.model, req.version_id)] = req.files
-            return {"present": True, "incoming": None}
+            return {"present": True, "incoming": None, "damaged": False}
         free = shutil.disk_usage(self.adapter_dir).free
-        if free < req.size + req.reserve:
-            raise RemoteError(
+        # the deployer's rsync may have started before this session: what it already wrote
+        # is no longer free but is part of this release
+        need = max(0, req.size - releases.landed_bytes(kept.incoming(req.version_id)))
+        if free < need + req.reserve:
+            raise DiskFull(
                 f"endpoint disk is full: {free} bytes free under {self.adapter_dir}, "
-                f"need {req.size} plus {req.reserve} kept free",
+                f"need {need} plus {req.reserve} kept free",
                 "free space on the endpoint (old releases, caches) and deploy again",
             )
         incoming = releases.prepare_incoming(kept, req.version_id)
         self._received(req.model, req.version_id)  # a second prepare starts afresh
         self._receiving[(req.model, req.version_id)] = Receiver(incoming, req.files)
-        return {"present": False, "incoming": str(incoming)}
+        # damaged: a kept copy whose files differ; rsync --compare-dest may have skipped
+        # files that only look the same (size and mtime), so they must be sent again
+        return {"present": False, "incoming": str(incoming), "damaged": damaged}
 
     def _received(self, model: str, version_id: str) -> KnownHash | None:
         """Stop hashing a transfer as it lands; what was hashed, for staging."""

@@ -4,7 +4,10 @@
     <adapter_dir>/<model>/active   -> releases/<id>
     <adapter_dir>/<model>/previous -> releases/<id>
     <adapter_dir>/<model>/bad.json                 versions that failed or were rolled back from
-    <adapter_dir>/incoming/<model>/<version_id>/   private landing dir for transfers
+    <adapter_dir>/incoming/<model>/releases/<version_id>/
+                                                   private landing dir for transfers: it
+                                                   mirrors the release's own path, so rsync
+                                                   can skip what a kept release already has
     <adapter_dir>/quarantine/                      transfers that failed verification
 
 A link is replaced by creating a temp link and renaming it over the old one,
@@ -24,6 +27,7 @@ from typing import Any
 
 from adapter_deploy.common.errors import ChecksumMismatch, NothingToRollBack, UsageError
 from adapter_deploy.common.fsutil import atomic_write_json, fsync_dir, read_state, sha256_file
+from adapter_deploy.protocol import LANDING, landing_path
 
 RSYNC_PARTIAL = ".rsync-partial"
 
@@ -45,7 +49,7 @@ class ModelReleases:
         return self.releases / version_id
 
     def incoming(self, version_id: str) -> Path:
-        return self.adapter_dir / "incoming" / self.model / version_id
+        return self.adapter_dir / LANDING / landing_path(self.model, version_id)
 
     def _target(self, link: Path) -> str | None:
         try:
@@ -168,8 +172,38 @@ def prepare_incoming(kept: ModelReleases, version_id: str) -> Path:
     """Create the private landing dir for a transfer (kept across runs, so rsync resumes)."""
     incoming = kept.incoming(version_id)
     incoming.mkdir(parents=True, exist_ok=True)
-    os.chmod(kept.adapter_dir / "incoming", 0o700)
+    os.chmod(kept.adapter_dir / LANDING, 0o700)
     return incoming
+
+
+def _claim(kept: ModelReleases, version_id: str) -> Path:
+    """Move a transfer out of the landing path before it is verified. A deployer's rsync
+    starts before its session holds the endpoint's lock, and rsync names every file by its
+    path under the landing root: once the dir has moved, no rsync can add or replace a file
+    in what is being verified and staged."""
+    incoming = kept.incoming(version_id)
+    claimed = incoming.with_name(f".{version_id}.staging-{os.getpid()}")
+    shutil.rmtree(claimed, ignore_errors=True)  # left by a session that died here
+    try:
+        incoming.rename(claimed)
+    except FileNotFoundError:
+        raise UsageError(
+            f"{kept.model} {version_id} was not transferred to this endpoint",
+            "run the transfer phase first (make transfer / deploy)",
+        ) from None
+    return claimed
+
+
+def drop_empty_incoming(kept: ModelReleases, version_id: str) -> None:
+    """An rsync that found everything in a kept release leaves empty dirs behind."""
+    incoming = kept.incoming(version_id)
+    for empty in (incoming / RSYNC_PARTIAL, incoming, incoming.parent, incoming.parent.parent):
+        try:
+            empty.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return  # not empty: a transfer of another release is there
 
 
 def stage(
@@ -186,16 +220,12 @@ def stage(
     release = kept.release(version_id)
     if release.is_dir() and (intact or not file_problems(release, files)):
         kept.record_files(version_id, files)
+        drop_empty_incoming(kept, version_id)
         return "present"
     if release.is_dir():
         release.chmod(0o755)
         _quarantine(kept, release, version_id)
-    incoming = kept.incoming(version_id)
-    if not incoming.is_dir():
-        raise UsageError(
-            f"{kept.model} {version_id} was not transferred to this endpoint",
-            "run the transfer phase first (make transfer / deploy)",
-        )
+    incoming = _claim(kept, version_id)
     problems = file_problems(incoming, files, known)
     if problems:
         where = _quarantine(kept, incoming, version_id)
@@ -211,6 +241,7 @@ def stage(
     incoming.rename(release)
     fsync_dir(kept.releases)
     kept.record_files(version_id, files)
+    drop_empty_incoming(kept, version_id)
     return "staged"
 
 
@@ -312,7 +343,22 @@ def prune(kept: ModelReleases, keep: int) -> list[str]:
         shutil.rmtree(path)
         kept.record_files(version_id, None)
         removed.append(version_id)
+    landing = kept.incoming("-").parent
+    for leftover in sorted(landing.iterdir()) if landing.is_dir() else []:
+        drop_empty_incoming(kept, leftover.name)
     return removed
+
+
+def landed_bytes(directory: Path) -> int:
+    """Bytes a transfer has already written under `directory` (partials included)."""
+    total = 0
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                continue  # rsync renamed it meanwhile
+    return total
 
 
 def compat_link_path(adapter_dir: Path, link: str) -> Path:

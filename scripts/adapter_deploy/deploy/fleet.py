@@ -27,11 +27,13 @@ from adapter_deploy.common.errors import (
 )
 from adapter_deploy.common.logs import log_context
 from adapter_deploy.config import Params
+from adapter_deploy.deploy import records
 from adapter_deploy.deploy.plan import (
     EndpointOutcome,
     ModelOutcome,
     Release,
     for_endpoint,
+    release_format,
 )
 from adapter_deploy.deploy.progress import Progress
 from adapter_deploy.deploy.steps import EndpointRun
@@ -92,14 +94,18 @@ def deploy_endpoint(
     control_dir: Path,
     progress: Progress | None = None,
 ) -> EndpointOutcome:
+    farm = control_dir / f"{name}.landing"
     with endpoint_run(params, name, control_dir, progress) as (run, outcome):
-        hello = run.open().call(p.Hello(models=[r.model for r in chosen]))
+        session = run.open(early_releases(params, name, chosen), farm)
+        hello = session.call(p.Hello(models=[r.model for r in chosen]))
         if not hello["rsync"] and not run.conn.local:
             raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
         prepared = [for_endpoint(params, run.ep, r) for r in chosen]
         on_endpoint = hello["models"]
         run.push_all(
-            [r for r in prepared if _needs_transfer(r, on_endpoint[r.model])], params.adapters_dir
+            [r for r in prepared if _needs_transfer(r, on_endpoint[r.model])],
+            params.adapters_dir,
+            farm,
         )
         for r in prepared:
             per_model(
@@ -109,6 +115,26 @@ def deploy_endpoint(
                 lambda r=r: run.deploy_model(r, on_endpoint[r.model]),
             )
     return outcome
+
+
+def early_releases(params: Params, name: str, chosen: list[Release]) -> list[Release]:
+    """The store releases whose rsync starts with the connection: each one this endpoint
+    takes as the adapter itself, unless the last run recorded it active and healthy there
+    (an unchanged re-deploy then costs no rsync at all; the session decides either way)."""
+    ep = params.endpoint(name)
+    try:
+        recorded = records.read_status(params.adapters_dir).get(name, {})
+    except AdapterDeployError:
+        recorded = {}
+    early = []
+    for release in chosen:
+        if release_format(ep, release.model) != "adapter":
+            continue
+        last = recorded.get(release.model) or {}
+        healthy = last.get("health_status") == "healthy"
+        if not (healthy and last.get("active_version") == release.version_id):
+            early.append(release)
+    return early
 
 
 def run_parallel(params: Params, endpoints: list[str], job) -> list[EndpointOutcome]:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from adapter_deploy.config import EndpointParams
 from adapter_deploy.deploy.progress import RsyncOutput, progress_flags
 
 log = logging.getLogger(__name__)
+# what an endpoint's check before an early rsync prints when it does not start rsync
+REFUSED = "adapter-deploy early rsync: "
 
 # First match wins: a changed key also prints "Host key verification failed".
 _SSH_FAILURES = [
@@ -101,6 +104,12 @@ class Connection:
         self.name = name
         self.ep = ep
         self.control_path = control_dir / f"{name}.sock"
+        self._running: list[subprocess.Popen] = []  # the rsync under way, for cancel()
+
+    def cancel(self) -> None:
+        """Stop a push under way (its rsync keeps what landed for a resume)."""
+        for proc in list(self._running):
+            proc.terminate()
 
     @property
     def local(self) -> bool:
@@ -169,30 +178,45 @@ class Connection:
         relative: bool = False,
         protect_args: bool = True,
         endpoint_rsync: tuple[int, ...] = (0,),
+        compare_dest: str | None = None,
+        before_rsync: str | None = None,
     ) -> int:
         """rsync the files into dest_dir on the endpoint; returns bytes sent.
 
         `progress` gets the running byte count as rsync reports it (parsed, never relayed
         raw). With `relative`, each file is given as `<root>/./<path>` and lands at
         dest_dir/<path>: several releases travel in one rsync (one start-up, one channel).
+        `compare_dest`: a file already there (same size and mtime) is not sent. `before_rsync`:
+        a shell command the endpoint runs first; rsync starts only if it succeeds.
         """
         if shutil.which("rsync") is None:
             raise RemoteError("rsync is missing on this machine", "install rsync")
         # --copy-links: a symlinked store (DVC cache.type symlink) sends the files' contents.
-        argv = ["rsync", "-a", "--copy-links", "--partial-dir=.rsync-partial", "--stats"]
+        # --no-perms: staging makes every file read-only, and a kept release's read-only copy
+        # must still count as the same file for --compare-dest.
+        argv = ["rsync", "-a", "--no-perms", "--copy-links", "--partial-dir=.rsync-partial"]
+        argv += ["--stats"]
         # --protect-args: the destination is not read by the endpoint's shell (rsync >= 3).
         argv += ["--protect-args"] if protect_args else []
         argv += ["--relative"] if relative else []
+        argv += [f"--compare-dest={compare_dest}"] if compare_dest else []
         flags, per_file = progress_flags(endpoint_rsync) if progress else ([], False)
         argv += flags
-        argv += [f"--rsync-path={self.ep.rsync_path}"] if self.ep.rsync_path else []
+        rsync_path = self.ep.rsync_path or ("rsync" if before_rsync else None)
+        if before_rsync and not self.local:
+            # the endpoint's shell runs rsync-path; rsync appends its server arguments
+            rsync_path = f"{before_rsync} && exec {rsync_path}"
+        argv += [f"--rsync-path={rsync_path}"] if rsync_path else []
         if self.local:
             target = dest_dir.rstrip("/") + "/"
         else:
             argv += ["-e", shlex.join(self.ssh_argv())]
             target = f"{self.ep.host}:{self.remote_path(dest_dir).rstrip('/')}/"
         argv += [str(f) for f in files] + [target]
-        code, stdout, stderr = _run_rsync(argv, progress, per_file)
+        code, stdout, stderr = _run_rsync(argv, progress, per_file, self._running)
+        refused = [line for line in stderr.splitlines() if before_rsync and REFUSED in line]
+        if code != 0 and refused:
+            raise RemoteError(f"{self.name}: {refused[0].strip()}", "")
         if code != 0:
             if _rsync_missing(code, stderr, self.ep.rsync_path or "rsync"):
                 raise RemoteError(
@@ -236,21 +260,28 @@ class Connection:
 
 
 def _run_rsync(
-    argv: list[str], progress: Callable[[int], None] | None = None, per_file: bool = False
+    argv: list[str],
+    progress: Callable[[int], None] | None = None,
+    per_file: bool = False,
+    running: list[subprocess.Popen] | None = None,
 ) -> tuple[int, str, str]:
-    """Run rsync; with `progress`, parse its output as it comes and report byte counts."""
-    if not progress:
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        return proc.returncode, proc.stdout, proc.stderr
+    """Run rsync; with `progress`, parse its output as it comes and report byte counts.
+    While it runs, the process is in `running` (so another thread can stop it)."""
     output = RsyncOutput(per_file)
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
-        assert proc.stdout is not None
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            moved = output.feed(chunk)
-            if moved is not None:
-                progress(moved)
-        proc.wait()
+        if running is not None:
+            running.append(proc)
+        try:
+            assert proc.stdout is not None
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                moved = output.feed(chunk)
+                if moved is not None and progress:
+                    progress(moved)
+            proc.wait()
+        finally:
+            if running is not None:
+                running.remove(proc)
         err.seek(0)
         return proc.returncode, output.text.decode(errors="replace"), err.read().decode()
 
@@ -263,7 +294,9 @@ def _bytes_sent(stats: str) -> int:
 class Session:
     """One endpoint agent session; `call()` sends a typed request and returns its result."""
 
-    def __init__(self, conn: Connection, adapter_dir: str, read_only: bool = False) -> None:
+    def __init__(
+        self, conn: Connection, adapter_dir: str, read_only: bool = False, wait: bool = True
+    ) -> None:
         self.conn = conn
         args = ["session", "--adapter-dir", adapter_dir, "--holder", holder_text()]
         args += ["--endpoint", conn.name]
@@ -276,9 +309,28 @@ class Session:
             stderr=self._stderr,
             text=True,
         )
+        self.agent_version: str | None = None
+        self.rsync_version: tuple[int, ...] = (0,)
+        if wait:
+            self.ready()
+
+    def connected(self, timeout: float = 30.0) -> bool:
+        """Wait until the ssh connection is up (its multiplexing socket exists), while the
+        agent is still starting; False if the session ended first or it took too long."""
+        if self.conn.local:
+            return True
+        deadline = time.monotonic() + timeout
+        while not self.conn.control_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def ready(self) -> None:
+        """Wait for the agent's ready line (it holds the endpoint's lock from then on)."""
         ready = self._receive()  # the ready line, or the reason there is none (e.g. locked)
         try:
-            protocol.check_ready(conn.name, ready)
+            protocol.check_ready(self.conn.name, ready)
         except errors.ProtocolMismatch:
             self.close()  # releases the endpoint's lock before anything is sent
             raise

@@ -9,6 +9,7 @@ parallel; phases.py and rollback.py reuse the same steps.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from adapter_deploy.common.errors import DiskFull, HealthCheckFailed, ReloadFail
 from adapter_deploy.common.logs import log_context
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.base_release import ensure_base
+from adapter_deploy.deploy.early import EarlyPush, landing_files, landing_root
 from adapter_deploy.deploy.plan import (
     ModelOutcome,
     Release,
@@ -45,6 +47,7 @@ class EndpointRun:
         self.progress = progress or NO_PROGRESS
         self.session: Session | None = None
         self.pushed: dict[str, int] = {}  # model -> bytes sent by push_all (-1: was present)
+        self.early: EarlyPush | None = None
 
     def say(self, model: str, phase: str, detail: str = "") -> None:
         with log_context(endpoint=self.name, model=model):
@@ -54,11 +57,39 @@ class EndpointRun:
         """Tell the operator which step this endpoint is in now (a spinner, a line)."""
         self.progress.step(self.name, f"{model} {name}")
 
-    def open(self) -> Session:
-        self.session = Session(self.conn, self.ep.adapter_dir)
+    def open(self, early: list[Release] = (), farm: Path | None = None) -> Session:
+        """Start the endpoint session; with `early` store releases, their rsync starts as
+        soon as the ssh connection is up, while the agent is still starting (deploy/early.py).
+        `farm`: a private dir for the landing-path symlinks."""
+        self.session = Session(self.conn, self.ep.adapter_dir, wait=False)
+        if early and farm is not None and self.session.connected():
+            self.early = self._start_early(list(early), farm)
+        try:
+            self.session.ready()
+        except BaseException:
+            if self.early:
+                self.early.cancel()  # this deploy stops here; what landed stays for a resume
+            raise
         return self.session
 
+    def _start_early(self, releases: list[Release], farm: Path) -> EarlyPush:
+        total = sum(r.size for r in releases)
+        models = ",".join(r.model for r in releases)
+        self.say(models, "transfer", f"{total} bytes, starting with the connection")
+        self.step(models, "transfer")
+        self.progress.start(self.name, total)
+        return EarlyPush(self.conn, releases, farm, self.ep.min_free_bytes, self._reporter(total))
+
+    def _reporter(self, total: int) -> Callable[[int], None] | None:
+        """rsync's running byte count to the progress display; None when no one watches
+        (rsync then prints no progress and nothing is parsed)."""
+        if self.progress is NO_PROGRESS:
+            return None
+        return lambda done: self.progress.advance(self.name, min(done, total))
+
     def close(self) -> None:
+        if self.early:
+            self.early.cancel()
         if self.session:
             self.session.close()
         self.conn.close()
@@ -108,35 +139,70 @@ class EndpointRun:
             )
         )
 
-    def push_all(self, chosen: list[Release], store: Path) -> None:
+    def push_all(self, chosen: list[Release], store: Path, farm: Path) -> None:
         """TRANSFER's network part for every store release at once: one rsync per endpoint.
 
-        Releases laid out as <store>/<model>/<id>/ land in incoming/<model>/<id>/ through one
-        `rsync --relative`; others (conversions) travel one by one in transfer().
+        Releases laid out as <store>/<model>/<id>/ land in incoming/<model>/releases/<id>/
+        through one `rsync --relative` (the early one, when open() started it); others
+        (conversions) travel one by one in transfer(). `farm`: as for open().
         """
+        early = self.early
+        sent_early: list[Release] = []
         batch: list[Release] = []
-        files: list[str] = []
-        incoming_root = None
         for release in chosen:
-            rel = f"{release.model}/{release.version_id}"
-            if release.local_dir != store / rel:
+            if release.local_dir != store / release.model / release.version_id:
                 continue
-            prep = self._prepare(release)
+            try:
+                prep = self._prepare(release)
+            except DiskFull:
+                self._drop_early()
+                raise
             if prep["present"]:
                 self.pushed[release.model] = -1  # verified by prepare: nothing to send
-                continue
-            incoming_root = prep["incoming"][: -len(rel)]
-            batch.append(release)
-            # a string: pathlib would drop the "/./" that marks where --relative starts
-            files += [f"{store}/./{rel}/{name}" for name in release.files]
+            elif early and release in early.releases and not prep["damaged"]:
+                sent_early.append(release)
+            else:  # not sent early, or --compare-dest may have skipped a damaged copy's files
+                batch.append(release)
+        if early:
+            self.early = None
+            sent = early.finish()
+            if isinstance(early.error, DiskFull):
+                self._drop(early.releases)
+                raise early.error
+            if sent is None:  # it did not start or failed: the ordinary rsync resumes it
+                if sent_early:
+                    models = ",".join(r.model for r in sent_early)
+                    self.say(models, "transfer", f"early rsync sent nothing: {early.why_not()}")
+                batch, sent_early = sent_early + batch, []
+            else:
+                self.progress.advance(self.name, early.size)  # files found in place count too
+            self._attribute(sent_early, sent or 0)
         if not batch:
             return
         total = sum(r.size for r in batch)
         self.say(",".join(r.model for r in batch), "transfer", f"{total} bytes")
         self.step(",".join(r.model for r in batch), "transfer")
-        sent = self._push(batch, files, str(incoming_root), total, relative=True)
-        for release in batch:  # rsync reports one figure; attribute it by size
+        root = landing_root(self.conn)
+        sent = self._push(batch, landing_files(batch, farm), root, total, relative=True)
+        self._attribute(batch, sent)
+
+    def _attribute(self, batch: list[Release], sent: int) -> None:
+        """rsync reports one figure for all it sent; attribute it by size."""
+        total = sum(r.size for r in batch)
+        for release in batch:
             self.pushed[release.model] = round(sent * release.size / max(total, 1))
+
+    def _drop_early(self) -> None:
+        if self.early:
+            self.early.cancel()
+            self._drop(self.early.releases)
+            self.early = None
+
+    def _drop(self, batch: list[Release]) -> None:
+        """After a full disk, remove what landed (partials too): a resume would keep it full."""
+        assert self.session
+        for release in batch:
+            self.session.call(p.DropIncoming(model=release.model, version_id=release.version_id))
 
     def _push(
         self, batch: list[Release], files: list, dest: str, total: int, relative: bool = False
@@ -145,15 +211,11 @@ class EndpointRun:
         assert self.session
         theirs = self.session.rsync_version
         self.progress.start(self.name, total)
-        # no one watching: rsync prints no progress and nothing is parsed
-        watched = self.progress is not NO_PROGRESS
         try:
             sent = self.conn.push(
                 files,
                 dest,
-                (lambda done: self.progress.advance(self.name, min(done, total)))
-                if watched
-                else None,
+                self._reporter(total),
                 relative,
                 protect_args=theirs >= (3, 0),
                 endpoint_rsync=theirs,
@@ -161,10 +223,7 @@ class EndpointRun:
             self.progress.advance(self.name, total)  # files rsync found in place count too
             return sent
         except DiskFull:
-            for release in batch:
-                self.session.call(
-                    p.DropIncoming(model=release.model, version_id=release.version_id)
-                )
+            self._drop(batch)
             raise
 
     def transfer(self, release: Release, out: ModelOutcome) -> None:
