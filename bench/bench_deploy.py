@@ -172,18 +172,24 @@ def timed_deploy(
     chosen: list[Release],
     steps: Steps | None = None,
     link_kib_s: int | None = None,
+    kind: str = "deploy",
 ) -> tuple[float, int]:
     os.sync()  # earlier runs' dirty pages must not be written back inside this one
     with tempfile.TemporaryDirectory(prefix="adeploy-bench-") as control, link_limit(link_kib_s):
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         outcomes = deploy_one(params, name, Path(control), chosen, steps)
         elapsed = time.perf_counter() - t0
-        CPU["deploy"].append(cpu_seconds() - cpu0)
+        CPU[kind].append(cpu_seconds() - cpu0)
     return elapsed, sum(o.bytes_sent for o in outcomes)
 
 
 def timed_rsync(
-    params: Params, name: str, chosen: list[Release], dest: str, link_kib_s: int | None = None
+    params: Params,
+    name: str,
+    chosen: list[Release],
+    dest: str,
+    link_kib_s: int | None = None,
+    kind: str = "rsync",
 ) -> float:
     """`rsync -a` of the same files over the same ssh argv (own ControlPath), fresh dest."""
     with tempfile.TemporaryDirectory(prefix="adeploy-bench-") as control:
@@ -196,7 +202,7 @@ def timed_rsync(
         argv += [*sources, f"{conn.ep.host}:{dest}/"]
         subprocess.run(argv, check=True, capture_output=True)
         elapsed = time.perf_counter() - t0
-        CPU["rsync"].append(cpu_seconds() - cpu0)
+        CPU[kind].append(cpu_seconds() - cpu0)
         conn.close()
     return elapsed
 
@@ -308,7 +314,9 @@ def run_bench(sshd: SSHServer, tmp: Path, repeats: int) -> None:
         params = write_params(tmp / "params.yaml", store, endpoints)
         seconds, sent = timed_deploy(params, "big0", big, breakdown if i == 0 else None)
         deploys.append(seconds)
-        seconds, again = timed_deploy(params, "big0", big, again_steps if i == 0 else None)
+        seconds, again = timed_deploy(
+            params, "big0", big, again_steps if i == 0 else None, kind="re-deploy"
+        )
         redeploys.append(seconds)
         resent.append(again)
         print(
@@ -345,11 +353,13 @@ def run_bench(sshd: SSHServer, tmp: Path, repeats: int) -> None:
     link_rsyncs, link_deploys = [], []
     for i in range(repeats):
         dest = str(tmp / f"rsync-link-{i}")
-        link_rsyncs.append(timed_rsync(params, "big0", big, dest, LINK_KIB_S))
+        link_rsyncs.append(timed_rsync(params, "big0", big, dest, LINK_KIB_S, kind="link"))
         shutil.rmtree(dest, ignore_errors=True)
         fresh("big0", f"big-link-{i}")
         params = write_params(tmp / "params.yaml", store, endpoints)
-        link_deploys.append(timed_deploy(params, "big0", big, link_kib_s=LINK_KIB_S)[0])
+        link_deploys.append(
+            timed_deploy(params, "big0", big, link_kib_s=LINK_KIB_S, kind="link")[0]
+        )
     link_ratio = min(link_deploys) / min(link_rsyncs)
     print(
         f"  over a {LINK_KIB_S * 1024 * 8 / 1e6:.0f} Mbit/s link (rsync --bwlimit on both): "
