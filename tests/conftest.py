@@ -11,6 +11,7 @@ pytest_plugins = [
         "fixtures_sshd",
         "fixtures_fleet",
         "fixtures_convert",
+        "plugin_budget",
     )
     if (_HERE / f"{name}.py").exists()
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fixtures_repo import ROOT, Store, run_script
+from fixtures_repo import ROOT, Store, copy_store, run_script, run_script_here
 from safetensors.numpy import load_file, save_file
 
 
@@ -26,6 +26,10 @@ class Fleet:
 
     def deploy(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return run_script("deploy_adapters.py", *args, params=self.params, **kw)
+
+    def deploy_here(self, *args: str) -> subprocess.CompletedProcess:
+        """`deploy` in this process: for matrices of refused arguments."""
+        return run_script_here("deploy_adapters.py", *args, params=self.params)
 
     def links(self, endpoint: str, model: str = "gemma_4b") -> tuple[str | None, str | None]:
         root = self.endpoints[endpoint] / model
@@ -96,17 +100,7 @@ def fleet_template(kit, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 def fleet(fleet_template, sshd, tmp_path: Path) -> Fleet:
     """A private copy of the template store plus two endpoints (ep1, ep2) over ssh."""
     template, versions = fleet_template
-    shutil.copytree(template / "project", tmp_path / "project", symlinks=True)
-    shutil.copytree(template / "dvc-remote", tmp_path / "dvc-remote", symlinks=True)
-    store = Store(
-        tmp_path / "project", tmp_path / "dvc-remote", tmp_path / "project" / "params.yaml"
-    )
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(store.remote)],
-        cwd=store.repo,
-        check=True,
-        capture_output=True,
-    )
+    store = copy_store(template, tmp_path)
     endpoints = {name: tmp_path / name / "adapters" for name in ("ep1", "ep2")}
     data = yaml.safe_load(store.params.read_text())
     data["store"]["adapters_dir"] = str(store.adapters)

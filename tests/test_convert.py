@@ -12,7 +12,7 @@ import torch
 from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.health import check_release
 from adapter_deploy.store.conversion_cache import base_identity, conversion_key
-from fixtures_repo import run_script
+from fixtures_repo import run_script, run_script_here
 from safetensors.torch import load_file
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -122,7 +122,10 @@ def test_bitsandbytes_release_loads_unquantized_on_cpu(versioned, merged, caplog
     ],
 )
 def test_bad_input_exits_2(versioned, args: list[str], message: str) -> None:
-    proc = versioned.convert(*args)
+    # in this process: test_unknown_model_exits_2 is the real-process case of this refusal
+    proc = run_script_here(
+        "convert.py", "--model", "gemma_4b", *args, params=versioned.store.params
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import yaml
 from fixtures_fleet import Fleet, restart_deploy_and_rollback, version
 
 
@@ -58,6 +60,18 @@ def test_regressed_aborts_then_cycle2_then_rollback_then_redeploy(fleet: Fleet) 
     assert result["endpoints"][0]["models"][0]["bytes_sent"] == 0
 
 
+def test_a_latency_limit_no_answer_can_meet_refuses_at_the_pre_check(fleet: Fleet) -> None:
+    data = yaml.safe_load(fleet.params.read_text())
+    data["health_check"]["latency_limit_s"] = 1e-6  # right answers, always too slow
+    fleet.params.write_text(yaml.safe_dump(data))
+    proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "pre-activation health check failed" in proc.stdout + proc.stderr
+    assert "limit" in proc.stdout + proc.stderr
+    assert fleet.links("ep1") == (None, None)
+
+
+@pytest.mark.e2e
 def test_whisper_adapters_deploy_with_a_transcription_check(fleet: Fleet, whisper_kit) -> None:
     import yaml
     from fixtures_fleet import version
@@ -78,6 +92,7 @@ def test_whisper_adapters_deploy_with_a_transcription_check(fleet: Fleet, whispe
     assert fleet.links("ep1", "whisper") == (good, None)
 
 
+@pytest.mark.e2e
 def test_cuda_endpoint_with_merged_format_gets_the_converted_release(fleet: Fleet) -> None:
     fleet.set_endpoint("ep2", platform="cuda", format="merged")
     v1 = fleet.versions["cycle1"]
@@ -91,6 +106,7 @@ def test_cuda_endpoint_with_merged_format_gets_the_converted_release(fleet: Flee
     assert (adapter / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_cuda_merged_endpoint_with_restart_reload_and_rollback(fleet: Fleet, tmp_path) -> None:
     def check_active(active) -> None:
         assert (active / "config.json").is_file()

@@ -96,6 +96,7 @@ def test_rsync_missing_on_endpoint(fleet: Fleet) -> None:
     assert fleet.links("ep1") == (None, None)
 
 
+@pytest.mark.e2e
 def test_disk_full_on_endpoint(fleet: Fleet) -> None:
     fleet.set_endpoint("ep1", min_free_bytes=1 << 60)
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1")
@@ -122,6 +123,7 @@ def test_checksum_mismatch_is_refused_and_quarantined(fleet: Fleet) -> None:
     assert len(list((fleet.endpoints["ep1"] / "quarantine").iterdir())) == 1
 
 
+@pytest.mark.e2e
 def test_cut_transfer_resumes(fleet: Fleet) -> None:
     """A transfer cut midway leaves a partial file; the next run sends only the rest."""
     vid = fleet.versions["cycle1"]
@@ -206,6 +208,7 @@ def alert_receiver():
     server.shutdown()
 
 
+@pytest.mark.e2e
 def test_alert_hooks_get_a_json_summary_and_never_change_the_outcome(
     fleet: Fleet, tmp_path, alert_receiver
 ):
@@ -278,6 +281,7 @@ def test_alert_text_for_a_rollback_and_an_unreachable_endpoint(alert_receiver, c
     assert "SECRET" not in caplog.text
 
 
+@pytest.mark.e2e
 def test_refused_login_fails_fast_without_prompt(fleet: Fleet, sshd, tmp_path: Path) -> None:
     """A key the server does not accept (a password-only account, say): no prompt, no retry."""
     stranger = tmp_path / "stranger"
@@ -307,6 +311,7 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.e2e
 def test_real_full_disk_mid_transfer_leaves_nothing_behind(
     fleet: Fleet, kit, small_disk: Path
 ) -> None:
@@ -334,6 +339,7 @@ def test_real_full_disk_mid_transfer_leaves_nothing_behind(
 MODELS_12_4 = ("gemma_4b", "gemma_12b")
 
 
+@pytest.mark.e2e
 def test_damaged_release_is_never_rolled_back_to_and_a_redeploy_repairs_it(fleet: Fleet) -> None:
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
     for cycle in ("1", "2"):

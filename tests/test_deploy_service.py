@@ -95,6 +95,7 @@ def test_sigusr1_deploy_is_acknowledged_and_verified_through_the_service(fleet, 
     assert ep1["service"]["models"]["gemma_4b"]["version_id"] == v2
 
 
+@pytest.mark.e2e
 def test_service_that_never_acknowledges_makes_the_deploy_roll_back(fleet, served, tmp_path):
     url, _ = served
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
@@ -124,6 +125,7 @@ def test_service_that_never_acknowledges_makes_the_deploy_roll_back(fleet, serve
         deaf.kill()
 
 
+@pytest.mark.e2e
 def test_restart_reload_method_waits_for_readiness(fleet, served) -> None:
     url, pidfile = served
     v2 = fleet.versions["cycle2"]
@@ -144,6 +146,7 @@ def test_restart_reload_method_waits_for_readiness(fleet, served) -> None:
     assert _get(f"{url}/status")[1]["models"]["gemma_4b"]["version_id"] == v2
 
 
+@pytest.mark.e2e
 def test_stale_pidfile_never_signals_a_stranger(fleet: Fleet, served, tmp_path: Path) -> None:
     """kill -9 leaves the service's pidfile behind; its pid now belongs to an unrelated
     process. Neither a deploy's SIGUSR1 nor `service.py stop`'s SIGTERM may reach it."""

@@ -153,6 +153,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.e2e
 def test_each_planted_fault_fails_its_row_with_its_fix(
     one_model: Fleet, sshd, tmp_path: Path, fault: str
 ) -> None:
@@ -169,6 +170,7 @@ def test_each_planted_fault_fails_its_row_with_its_fix(
         assert {rows[c]["status"] for c in after} == {"skip"}, rows
 
 
+@pytest.mark.e2e
 def test_make_trust_clears_the_signing_row(one_model: Fleet, sshd, tmp_path: Path) -> None:
     _untrusted_key(one_model, sshd, tmp_path)
     assert failed(doctor(one_model)[1]) == ["signing"]
@@ -189,6 +191,7 @@ def _hold_pidfile(path: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.e2e
 def test_sigusr1_endpoint_needs_its_own_service_running(
     one_model: Fleet, kit, tmp_path: Path
 ) -> None:

@@ -17,6 +17,10 @@ from adapter_deploy.deploy.plan import ModelOutcome, Release
 from adapter_deploy.deploy.steps import EndpointRun
 from fixtures_fleet import Fleet
 
+# The end-to-end tier (make test-e2e): the early rsync's races, damage and refusals.
+pytestmark = pytest.mark.e2e
+
+
 EARLY = "starting with the connection"
 ARGS = ("--models", "gemma_4b", "--endpoints", "ep1")
 

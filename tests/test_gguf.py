@@ -111,6 +111,7 @@ def test_llamacpp_answers_like_transformers_on_the_merged_weights(f16: dict, kit
 
 
 @needs_tools
+@pytest.mark.e2e
 def test_q8_0_release_passes_the_health_check(versioned: Versioned) -> None:
     result = versioned.convert_json("--cycle", "1", "--format", "gguf", "--gguf-type", "Q8_0")
     meta = gguf_metadata(Path(result["path"]) / "model.gguf")
@@ -129,6 +130,7 @@ def test_regressed_gguf_fails_the_same_check(kit, tmp_path: Path) -> None:
 
 
 @needs_tools
+@pytest.mark.e2e
 def test_q4_k_m_on_the_wide_kit_uses_k_quants(wide_kit, tmp_path: Path) -> None:
     base, good = wide_kit
     merged = merge_adapter(good, base, tmp_path / "merged")
@@ -142,6 +144,7 @@ def test_q4_k_m_on_the_wide_kit_uses_k_quants(wide_kit, tmp_path: Path) -> None:
 
 
 @needs_tools
+@pytest.mark.e2e
 def test_same_inputs_again_are_a_cache_hit_and_types_do_not_share(versioned, f16) -> None:
     again = versioned.convert_json("--cycle", "1", "--format", "gguf", "--gguf-type", "F16")
     assert again["cache_hit"] and again["key"] == f16["key"]
@@ -193,6 +196,7 @@ def test_a_non_gemma_model_is_refused_naming_the_supported_one(kit, tmp_path: Pa
 
 
 @needs_tools
+@pytest.mark.e2e
 def test_merged_release_keeps_the_sentencepiece_model_and_needs_it(kit, tmp_path) -> None:
     """transformers 5 saves no tokenizer.model; the merge copies the base's (the converter
     reads it), and a dir without one is refused before the converter runs."""
@@ -244,6 +248,7 @@ def test_missing_converter_says_to_run_make_gguf_tools(versioned, tmp_path, monk
 
 
 @needs_tools
+@pytest.mark.e2e
 def test_multimodal_gguf_is_the_language_model_only(mm_releases, multimodal_kit) -> None:
     names = _tensor_names(mm_releases["good", "Q8_0"] / "model.gguf")
     assert names and all(n.startswith(("token_embd.", "blk.", "output_norm.")) for n in names)
@@ -253,6 +258,7 @@ def test_multimodal_gguf_is_the_language_model_only(mm_releases, multimodal_kit)
 
 
 @needs_tools
+@pytest.mark.e2e
 def test_llamacpp_tokenizes_the_multimodal_kit_prompts_like_transformers(
     mm_releases, multimodal_kit
 ) -> None:
@@ -262,6 +268,7 @@ def test_llamacpp_tokenizes_the_multimodal_kit_prompts_like_transformers(
 
 @needs_tools
 @pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_K_M"])
+@pytest.mark.e2e
 def test_multimodal_releases_pass_and_the_regressed_fails_sentence_3(
     mm_releases, multimodal_kit, gguf_type: str
 ) -> None:
@@ -279,6 +286,7 @@ def test_multimodal_releases_pass_and_the_regressed_fails_sentence_3(
 
 
 @needs_tools
+@pytest.mark.e2e
 def test_cuda_gguf_endpoint_with_restart_reload_and_rollback(fleet: Fleet, tmp_path) -> None:
     def check_active(active: Path) -> None:
         assert sorted(p.name for p in active.iterdir()) == ["conversion.json", "model.gguf"]

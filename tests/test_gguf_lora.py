@@ -29,6 +29,10 @@ from fixtures_fleet import Fleet, version
 from fixtures_repo import run_script
 from safetensors import safe_open
 
+# The end-to-end tier (make test-e2e): gguf-lora stories (base converted once, LoRA swaps).
+pytestmark = pytest.mark.e2e
+
+
 needs_tools = pytest.mark.skipif(
     not convert_gguf.tools_available("Q8_0"),
     reason="llama.cpp's tools missing (llama_cpp not importable or no converter tree): "
@@ -261,7 +265,6 @@ def lora_service(fleet: Fleet, tmp_path: Path):
 
 
 @needs_tools
-@pytest.mark.slow
 def test_gguf_lora_endpoint_base_once_hot_swap_precheck_and_rollback(
     fleet: Fleet, lora_service
 ) -> None:
@@ -313,7 +316,6 @@ def test_gguf_lora_endpoint_base_once_hot_swap_precheck_and_rollback(
 
 
 @needs_tools
-@pytest.mark.slow
 def test_a_trusting_endpoint_takes_the_signed_base_and_lora(fleet: Fleet, kit, tmp_path) -> None:
     """With a signing key the base is signed too (cycle 0 of <model>-gguf-base, asked for by
     its id), so an endpoint that trusts the key stages it, then the signed LoRA."""

@@ -16,7 +16,7 @@ from adapter_deploy.common.names import check_file_names, check_name, check_vers
 from adapter_deploy.config import load_params
 from adapter_deploy.deploy.remote import Connection, Session
 from fixtures_fleet import Fleet, agent_wrapper
-from fixtures_repo import ROOT, run_script
+from fixtures_repo import ROOT, run_script, run_script_here
 
 
 @pytest.mark.parametrize("value", ["gemma_4b\n", "gemma_4b\nx", "ep1\n"])
@@ -62,6 +62,7 @@ def test_endpoint_refuses_a_file_name_outside_the_release(fleet: Fleet, tmp_path
     assert not (fleet.endpoints["ep1"] / "gemma_4b" / "files.json").exists()
 
 
+@pytest.mark.e2e
 def test_one_endpoints_bug_does_not_stop_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
     """ep1's agent answers hello with a malformed reply; ep2 still deploys, and the run is
     logged for both."""
@@ -102,6 +103,7 @@ def test_a_private_key_inside_the_repo_must_be_gitignored(fleet: Fleet) -> None:
     assert "keys/" in (ROOT / ".gitignore").read_text().split()
 
 
+@pytest.mark.e2e
 def test_state_files_of_the_wrong_shape_fail_closed(fleet: Fleet) -> None:
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
     for cycle in ("1", "2"):
@@ -156,7 +158,7 @@ def test_endpoint_paths_that_a_shell_would_read_are_refused(tmp_path: Path) -> N
         path.write_text(
             yaml.safe_dump({"models": {"m": {"base_model": "b"}}, "endpoints": {"e": endpoint}})
         )
-        proc = run_script("versions.py", params=path)
+        proc = run_script_here("versions.py", params=path)
         assert proc.returncode == 2 and f"endpoints.e.{key}" in proc.stderr, (key, proc.stderr)
     assert not Path("/tmp/pwned").exists()
 
@@ -173,6 +175,7 @@ def test_a_home_relative_path_is_the_endpoints_home_not_a_literal_tilde() -> Non
     assert local.remote_path("~/a") == str(Path.home() / "a")
 
 
+@pytest.mark.e2e
 def test_symlinks_never_enter_a_release(fleet: Fleet, tmp_path: Path) -> None:
     """A store whose files are symlinks (DVC cache.type symlink) sends the files' contents;
     a symlink that does arrive is refused at verification, and nothing is changed through it."""
@@ -202,6 +205,7 @@ def test_symlinks_never_enter_a_release(fleet: Fleet, tmp_path: Path) -> None:
     assert cache.stat().st_mode & 0o222  # the store's file was never made read-only
 
 
+@pytest.mark.e2e
 def test_a_compat_link_name_taken_by_a_real_folder_changes_nothing(fleet: Fleet) -> None:
     adapter_dir = fleet.endpoints["ep1"]
     v1 = fleet.versions["cycle1"]
@@ -222,6 +226,7 @@ def test_a_compat_link_name_taken_by_a_real_folder_changes_nothing(fleet: Fleet)
     assert status["models"]["gemma_4b"]["active_version"] == v1
 
 
+@pytest.mark.e2e
 def test_a_failed_dvc_push_is_a_remote_failure(store, tmp_path: Path) -> None:
     """The DVC remote is away (a file where its folder should be): exit 3, not usage."""
     from fixtures_repo import dvc, make_adapter

@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 from fixtures_repo import ROOT
 
+# The end-to-end tier (make test-e2e): package installs (uv sync into fresh venvs).
+pytestmark = pytest.mark.e2e
+
+
 PACKAGE = ROOT / "scripts" / "adapter_deploy"
 # The code that runs on an endpoint (make install-endpoint), per the import-linter contract.
 ENDPOINT_SIDE = ["agent", "service", "engines", "health.py", "config.py", "signing.py",

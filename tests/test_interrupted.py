@@ -17,6 +17,10 @@ from adapter_deploy.common import failpoints
 from adapter_deploy.common.failpoints import arm
 from fixtures_fleet import Fleet, inflated_adapter, version
 
+# The end-to-end tier (make test-e2e): kill matrices of the deployer, cut and stalled links.
+pytestmark = pytest.mark.e2e
+
+
 DEPLOY_EP1 = ("--models", "gemma_4b", "--endpoints", "ep1", "--json")
 
 
@@ -51,7 +55,6 @@ def _deploy_after_lock(fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
         time.sleep(0.5)
 
 
-@pytest.mark.slow
 def test_deployer_killed_at_every_phase_is_reconciled(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:

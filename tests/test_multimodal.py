@@ -33,6 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_serve import JAMES, Service, add_release, flip
 
+# The end-to-end tier (make test-e2e): the TranslateGemma-layout kit through every engine.
+pytestmark = pytest.mark.e2e
+
+
 PEFT_LAYERS = "base_model.model.model.language_model.layers."
 MLX_LAYERS = "language_model.model.layers."
 

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from adapter_deploy import protocol as p
 from adapter_deploy.config import load_params
 from adapter_deploy.deploy.remote import Connection, Session
@@ -64,6 +65,7 @@ def test_nothing_to_roll_back(fleet: Fleet) -> None:
     assert direct.returncode == 6
 
 
+@pytest.mark.e2e
 def test_phases_one_by_one_are_safe_to_rerun(fleet: Fleet) -> None:
     v1 = fleet.versions["cycle1"]
     args = ("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "--json")
@@ -87,6 +89,7 @@ def test_phases_one_by_one_are_safe_to_rerun(fleet: Fleet) -> None:
     assert proc.returncode == 2 and "was not transferred" in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_releases_are_pruned_to_keep_but_never_active_or_previous(fleet: Fleet) -> None:
     data = fleet.params.read_text().replace("keep: 3", "keep: 2")
     fleet.params.write_text(data + "release: {keep: 2}\n" if "release:" not in data else data)
@@ -99,6 +102,7 @@ def test_releases_are_pruned_to_keep_but_never_active_or_previous(fleet: Fleet) 
     )
 
 
+@pytest.mark.e2e
 def test_bootstrap_copies_the_project(fleet: Fleet, tmp_path: Path) -> None:
     target = tmp_path / "endpoint-checkout"
     fleet.set_endpoint("ep1", project_dir=str(target))
@@ -118,6 +122,7 @@ def test_bootstrap_copies_the_project(fleet: Fleet, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.e2e
 def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
     params = load_params(fleet.params)
     with tempfile.TemporaryDirectory() as control:
@@ -140,6 +145,7 @@ def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
         second.close()
 
 
+@pytest.mark.e2e
 def test_history_shows_metrics_trend_and_deployments(fleet: Fleet) -> None:
     assert (
         fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1").returncode == 0

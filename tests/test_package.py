@@ -13,6 +13,9 @@ import pytest
 import yaml
 from fixtures_repo import ROOT
 
+# The end-to-end tier (make test-e2e): the built package installed and run.
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -179,6 +179,7 @@ def test_bytes_advance_to_the_total_per_endpoint_over_ssh(sshd: SSHServer, tmp_p
         assert release.is_dir()
 
 
+@pytest.mark.e2e
 def test_rsync_before_3_1_reports_bytes_from_per_file_lines(sshd: SSHServer, tmp_path) -> None:
     params, store = _params(tmp_path, sshd, ["ep1"])
     release = _release(store, "gemma_4b", 3_000_000)
@@ -291,6 +292,7 @@ def test_on_a_terminal_log_lines_go_above_the_bars(monkeypatch) -> None:
     assert "a line from the core" in text and "[ep1] done" in text and "\x1b[" in text
 
 
+@pytest.mark.e2e
 def test_piped_deploy_prints_byte_lines_per_endpoint_and_no_control_codes(fleet: Fleet) -> None:
     proc = fleet.deploy("--cycle", "1", "--models", "gemma_4b", "--endpoints", "ep1", "ep2")
     assert not CONTROL.search(proc.stderr), proc.stderr

@@ -79,6 +79,7 @@ def test_mismatched_endpoint_is_refused_before_anything_moves(fleet: Fleet, tmp_
     assert fleet.links("ep1")[0] == fleet.versions["cycle1"]
 
 
+@pytest.mark.e2e
 def test_endpoint_without_the_package_names_bootstrap(fleet: Fleet) -> None:
     bare = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter under .venv, no project
     probe = subprocess.run([str(bare), "-c", "import adapter_deploy"], capture_output=True)

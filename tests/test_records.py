@@ -64,6 +64,7 @@ def test_the_schemas_are_valid_and_refuse_the_old_shapes() -> None:
         check(old_entry, "deploy_log_entry.schema.json")
 
 
+@pytest.mark.e2e
 def test_healthy_aborted_rolled_back_and_manual_rollback_records(fleet: Fleet) -> None:
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]
     assert fleet.deploy("--cycle", "1", *DEPLOY_EP1).returncode == 0
@@ -106,6 +107,7 @@ def test_a_single_phase_writes_its_log_entry(fleet: Fleet) -> None:
     assert not (fleet.store.adapters / "status.json").exists()  # nothing runs differently
 
 
+@pytest.mark.e2e
 def test_a_service_session_lists_every_model(fleet: Fleet, tmp_path: Path) -> None:
     """The session record (seed §7.3) names every model of the endpoint, null when none."""
     assert fleet.deploy("--cycle", "1", *DEPLOY_EP1).returncode == 0

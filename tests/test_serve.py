@@ -186,6 +186,7 @@ def test_reload_of_unchanged_release_is_noop(hf: Service) -> None:
     assert after["loaded_at"] == before["loaded_at"] and after["version_id"] == V1
 
 
+@pytest.mark.e2e
 def test_translations_keep_flowing_through_20_reloads(hf: Service) -> None:
     deploy(hf, hf.model_dir, V1)
     errors, waits, stop = [], [], threading.Event()
@@ -268,6 +269,7 @@ def test_mlx_service_hot_reloads(tmp_path: Path, kit: Any) -> None:
         assert svc.stop() == 0
 
 
+@pytest.mark.e2e
 def test_params_endpoint_start_falls_back_to_previous_then_base(tmp_path: Path, kit: Any) -> None:
     adapters = endpoint_dir(tmp_path, kit)
     four = adapters / "gemma_4b"
@@ -318,6 +320,7 @@ def gguf_release(model_dir: Path, name: str, kit: Any, adapter: Path) -> None:
     importlib.util.find_spec("llama_cpp") is None,
     reason="llama.cpp tools missing (make gguf-tools)",
 )
+@pytest.mark.e2e
 def test_service_serves_and_hot_reloads_gguf_releases(tmp_path: Path, kit: Any) -> None:
     """An NVIDIA endpoint with format gguf: the service picks the llama.cpp engine itself."""
     model_dir = tmp_path / "adapters" / "gemma_4b"

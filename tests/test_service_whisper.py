@@ -231,6 +231,7 @@ def test_clip_health_check_runs_through_the_service(svc, clips) -> None:
     deploy_whisper(svc, W1)
 
 
+@pytest.mark.e2e
 def test_deploy_verifies_whisper_and_gemma_through_the_service(
     fleet, whisper_kit, request: pytest.FixtureRequest
 ) -> None:

@@ -112,6 +112,7 @@ def test_trusting_endpoint_takes_signed_and_refuses_the_rest(fleet: Fleet, kit, 
     assert sorted(p.name for p in releases.iterdir()) == [signed_v]
 
 
+@pytest.mark.e2e
 def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) -> None:
     key = tmp_path / "signing.pem"
     _use_key(fleet, key)
@@ -159,6 +160,7 @@ def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) ->
     )
 
 
+@pytest.mark.e2e
 def test_conversions_are_signed_and_a_trusting_merged_endpoint_takes_them(
     fleet: Fleet, kit, tmp_path
 ) -> None:
@@ -194,6 +196,7 @@ def _edit_manifest(fleet: Fleet, version_id: str, change) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+@pytest.mark.e2e
 def test_an_edited_unsigned_cycle_cannot_pass_an_old_release_off(fleet: Fleet, kit, tmp_path):
     """The manifest's unsigned `cycle` of cycle 5 edited to 9, then `deploy --cycle 9`: the
     endpoint compares the request with the signed cycle (5) and keeps its guard up."""
@@ -209,6 +212,7 @@ def test_an_edited_unsigned_cycle_cannot_pass_an_old_release_off(fleet: Fleet, k
     assert fleet.links("ep1")[0] == new
 
 
+@pytest.mark.e2e
 def test_a_conversion_never_signs_weights_the_version_signature_does_not_cover(
     fleet: Fleet, kit, tmp_path
 ) -> None:
@@ -235,6 +239,7 @@ def test_a_conversion_never_signs_weights_the_version_signature_does_not_cover(
     assert not fleet.store.manifest().get("conversions")
 
 
+@pytest.mark.e2e
 def test_signed_conversions_name_the_signed_adapter(fleet: Fleet, kit, tmp_path) -> None:
     _use_key(fleet, tmp_path / "signing.pem")
     assert run_script("keygen.py", params=fleet.params).returncode == 0
@@ -251,6 +256,7 @@ def test_signed_conversions_name_the_signed_adapter(fleet: Fleet, kit, tmp_path)
     assert conversion["adapter_files"] == {n: f["sha256"] for n, f in signed_files.items()}
 
 
+@pytest.mark.e2e
 def test_trust_covers_releases_already_there_and_rollbacks(fleet: Fleet, kit, tmp_path) -> None:
     v1, v2 = fleet.versions["cycle1"], fleet.versions["cycle2"]  # unsigned
     for cycle in ("1", "2"):

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from adapter_deploy.common.fsutil import sha256_file
 from fixtures_repo import ROOT, Store, make_adapter, run_script
+
+# The end-to-end tier (make test-e2e): DVC store remotes over the real sshd.
+pytestmark = pytest.mark.e2e
 
 
 def _files(root: Path) -> dict[str, str]:

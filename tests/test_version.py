@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.store.versioning import make_version_id
-from fixtures_repo import ROOT, Store, dvc, make_adapter, run_script
+from fixtures_repo import ROOT, Store, dvc, make_adapter, run_script, run_script_here
 
 VERSION_RE = re.compile(r"^cycle(\d+)_(\d{8})_([0-9a-f]{8})$")
 
@@ -30,6 +30,12 @@ def version(store: Store, src: Path, cycle: int = 1, model: str = "gemma_4b", *e
         *extra,
         params=store.params,
     )
+
+
+def version_here(store: Store, src: Path, cycle: int = 1, model: str = "gemma_4b", *extra: str):
+    """`version` in this process (refusal matrices; each keeps one real-process case)."""
+    args = ("--model", model, "--cycle", str(cycle), "--src", str(src), "--json", *extra)
+    return run_script_here("version.py", *args, params=store.params)
 
 
 def test_version_id_format() -> None:
@@ -149,7 +155,7 @@ def test_truncated_and_corrupt_safetensors_refused(store: Store, tmp_path: Path)
     (renamed / "adapter_model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors")
     before = store.state()
     for src, why in [(truncated, "truncated"), (corrupt, "not valid JSON"), (renamed, "exceeds")]:
-        proc = version(store, src)
+        proc = version_here(store, src)
         assert proc.returncode == 2, proc.stderr
         assert why in proc.stderr
     assert store.state() == before
@@ -168,11 +174,11 @@ def test_bad_input_exits_2_and_changes_nothing(store: Store, tmp_path: Path) -> 
     before = store.state()
     cases = [
         (version(store, src, 1, "no_such_model"), "unknown model 'no_such_model'"),
-        (version(store, tmp_path / "missing"), "is not a directory"),
-        (version(store, src, 0), "cycle must be a positive integer"),
-        (version(store, src, 1, "../etc"), "invalid model name"),
+        (version_here(store, tmp_path / "missing"), "is not a directory"),
+        (version_here(store, src, 0), "cycle must be a positive integer"),
+        (version_here(store, src, 1, "../etc"), "invalid model name"),
         (
-            run_script(
+            run_script_here(
                 "version.py",
                 "--model",
                 "gemma_4b",
@@ -184,7 +190,10 @@ def test_bad_input_exits_2_and_changes_nothing(store: Store, tmp_path: Path) -> 
             ),
             "invalid int value",
         ),
-        (version(store, src, 1, "gemma_4b", "--metrics", str(tmp_path / "nope.json")), "nope.json"),
+        (
+            version_here(store, src, 1, "gemma_4b", "--metrics", str(tmp_path / "nope.json")),
+            "nope.json",
+        ),
     ]
     for proc, message in cases:
         assert proc.returncode == 2, (message, proc.stderr)

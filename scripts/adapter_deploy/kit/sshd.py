@@ -69,24 +69,8 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError("sshd did not start listening")
 
 
-@contextlib.contextmanager
-def running_sshd(directory: Path) -> Iterator[SSHServer]:
-    """Start a private sshd on a free 127.0.0.1 port with its keys and config in `directory`.
-
-    Generates ed25519 host and client keys, a pinned known_hosts and an ssh_config with the
-    alias `adapter-test`; yields once it listens and stops it (SIGTERM) on exit. No pytest
-    here, so benchmarks reuse it.
-    """
-    if not os.path.exists(SSHD):
-        raise RuntimeError("sshd missing: apt-get install openssh-server (see .ci/run)")
-    d = directory
-    d.mkdir(parents=True, exist_ok=True)
-    _keygen(d / "host_ed25519")
-    _keygen(d / "id_ed25519")
-    shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
-    port = free_port()
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+def _start(d: Path, port: int) -> tuple[int, subprocess.Popen, Path]:
+    """Write the server and client config for `port` into `d` and start sshd on it."""
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_ed25519'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
@@ -109,6 +93,41 @@ def running_sshd(directory: Path) -> Iterator[SSHServer]:
         proc = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=out, stderr=out
         )
+    return port, proc, log
+
+
+def _lost_the_port(proc: subprocess.Popen, log: Path) -> bool:
+    """True when sshd exited because its port was taken (it says so at once)."""
+    try:
+        proc.wait(timeout=0.3)
+    except subprocess.TimeoutExpired:
+        return False
+    return "Address already in use" in log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_sshd(directory: Path) -> Iterator[SSHServer]:
+    """Start a private sshd on a free 127.0.0.1 port with its keys and config in `directory`.
+
+    Generates ed25519 host and client keys, a pinned known_hosts and an ssh_config with the
+    alias `adapter-test`; yields once it listens and stops it (SIGTERM) on exit. No pytest
+    here, so benchmarks reuse it.
+    """
+    if not os.path.exists(SSHD):
+        raise RuntimeError("sshd missing: apt-get install openssh-server (see .ci/run)")
+    d = directory
+    d.mkdir(parents=True, exist_ok=True)
+    _keygen(d / "host_ed25519")
+    _keygen(d / "id_ed25519")
+    shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    # free_port() releases the port before sshd binds it, so another process (a parallel
+    # test worker) may take it in between: sshd then exits at once and a new port is tried.
+    for attempt in range(5):
+        port, proc, log = _start(d, free_port())
+        if not _lost_the_port(proc, log) or attempt == 4:
+            break
     try:
         _wait_for_port(port, proc, log)
         yield SSHServer(port, d, d / "ssh_config", d / "known_hosts", d / "id_ed25519")
