@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from adapter_deploy.common import logs
 from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,7 @@ def run_script_here(
     argument-checking matrices; one case of each stays a real subprocess (`run_script`)."""
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv, os.getcwd(), os.environ.get("PARAMS")
+    process_context = dict(logs._PROCESS)  # a script's set_process_context must not outlive it
     argv = [str(ROOT / "scripts" / name), *args]
     sys.argv = list(argv)
     if params is not None:
@@ -153,6 +155,8 @@ def run_script_here(
             os.environ.pop("PARAMS", None)
         else:
             os.environ["PARAMS"] = saved[2]
+        logs._PROCESS.clear()
+        logs._PROCESS.update(process_context)
         root = logging.getLogger()
         for handler in [h for h in root.handlers if getattr(h, "stream", None) is err]:
             root.removeHandler(handler)
