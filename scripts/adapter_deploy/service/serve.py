@@ -5,7 +5,7 @@ Usage:
     python -m adapter_deploy.service --adapter-dir DIR [--models gemma_4b ...] \\
         [--base-model gemma_4b=/models/base ...] [--task whisper=transcription ...] \\
         [--platform cpu|cuda|mlx|auto] [--port 8765] [--pidfile FILE] [--diagnostics FILE] \\
-        [--reload-mode auto|standby|inplace]
+        [--reload-mode auto|standby|inplace] [--request-deadline 10]
 
 It serves every model with an `active` link under the adapter dir (`--models` / the endpoint's
 `models:` narrows that), on 127.0.0.1 only. A model's task (params.yaml `task:`, or `--task`;
@@ -26,7 +26,12 @@ a text over --max-input-tokens 413, a body over 64 KiB (/translate) or --max-aud
 (/transcribe) 413, audio that is no PCM WAV 400, audio longer than the model's window 413,
 a request for a model of the other task 400, a full queue 503 + Retry-After
 (under /v1/ in OpenAI's error shape, an overlong text there 400 context_length_exceeded);
-a request whose client has gone is dropped before it runs; idle sockets time out.
+a request whose client has gone is dropped before it runs. Slow clients (slowloris) cannot
+stall it: a request must arrive whole, head and body, within --request-deadline (10 s) of its
+connection, however it trickles; a connection gets a thread only once its head is complete
+(until then one admission thread holds it, at most 256, the oldest closed first); 64 requests
+are served at once, a further 4 threads serve only GET /health and /status, and a request
+beyond those gets 503 + Retry-After, so /health answers while slow bodies fill the pool.
 The pid goes to the pidfile once the service is ready and is removed on a clean exit.
 
 Signals: SIGUSR1 schedules a reload of every model (several signals coalesce into one pass);
@@ -47,15 +52,21 @@ model, reported loudly (`fallback: true` in /status). A failed reload keeps the 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import logging
 import select
+import selectors
 import signal
 import socket
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -92,8 +103,13 @@ from adapter_deploy.service.state import (
 log = logging.getLogger("adapter_deploy.service")
 
 MAX_BODY = 64 * 1024  # a translation request is a sentence, not a document
-MAX_CONNECTIONS = 64  # open connections at once; more are closed at once (no thread each)
-SOCKET_TIMEOUT_S = 10.0  # a half-sent request is dropped after this
+MAX_CONNECTIONS = 64  # requests served at once, a thread each; more get 503 + Retry-After
+RESERVED_CONNECTIONS = 4  # more threads, for LIGHT_PATHS only: /health answers when all are busy
+LIGHT_PATHS = {"/health", "/status"}  # GET only: no body to trickle, the answer is at hand
+MAX_WAITING = 256  # connections still sending their head (no thread); more: the oldest is closed
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers longer than this are dropped unread
+REQUEST_DEADLINE_S = 10.0  # accept to the end of the body, however slowly the bytes trickle
+SOCKET_TIMEOUT_S = 10.0  # writing an answer to a client that does not read it
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 INFERENCE_PATHS = {"/translate", "/transcribe", "/v1/chat/completions"}  # counted in /metrics
 VERSION_HEADER = "X-Adapter-Version"  # the release that answered (`base`: fallback)
@@ -109,21 +125,85 @@ AUDIO_TYPES = {
 }
 
 
+# Control characters as \xNN (and \ as \\), as http.server escapes what it logs: a client's
+# request line or header must not write escape sequences to an operator's terminal, nor forge
+# a log line with a newline.
+_CONTROL_CHARS = str.maketrans(
+    {c: f"\\x{c:02x}" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))} | {0x5C: "\\\\"}
+)
+
+
+def escape_control(text: str) -> str:
+    return text.translate(_CONTROL_CHARS)
+
+
 # --- HTTP -------------------------------------------------------------------------------
+class _DeadlineReader(io.RawIOBase):
+    """A request's bytes: first `head` (what admission already read), then the socket's, every
+    recv bounded by ONE deadline for the whole request. A per-recv timeout alone lets a client
+    that sends a byte now and then hold its connection for ever."""
+
+    def __init__(self, sock: socket.socket, head: bytes, deadline: float) -> None:
+        super().__init__()
+        self.sock, self.head, self.deadline = sock, head, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        left = self.deadline - time.monotonic()
+        if left <= 0:  # http.server drops the connection on a TimeoutError
+            raise TimeoutError("the request did not arrive whole within its deadline")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(SOCKET_TIMEOUT_S)  # for writing the answer
+
+
 class Handler(BaseHTTPRequestHandler):
-    """JSON over loopback HTTP; the service object hangs off the server."""
+    """JSON over loopback HTTP; the service object hangs off the server.
+
+    One request per connection (HTTP/1.0: the connection closes after the answer), so the
+    deadline that runs from accept bounds the request."""
 
     server_version = "adapter-deploy-serve/1"
-    timeout = SOCKET_TIMEOUT_S  # socket timeout: an idle or half-sent request is dropped
+    timeout = SOCKET_TIMEOUT_S  # for writes; reads are bounded by the request's deadline
     model_label = OTHER_MODEL  # the request's model once known, for /metrics
     started = 0.0  # when the request came in
+
+    def __init__(
+        self,
+        request: Any,
+        client_address: Any,
+        server: Any,
+        head: bytes = b"",
+        accepted: float | None = None,
+    ) -> None:
+        self.head = head  # what admission read of the request already
+        self.accepted = time.monotonic() if accepted is None else accepted
+        super().__init__(request, client_address, server)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain socket file; ours bounds the whole request in time
+        seconds = getattr(self.server, "request_deadline_s", REQUEST_DEADLINE_S)
+        reader = _DeadlineReader(self.connection, self.head, self.accepted + seconds)
+        self.rfile = io.BufferedReader(reader)
 
     @property
     def service(self) -> Service:
         return self.server.service  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("http: " + format, *args)  # keep stderr for the service's own events
+        # Overriding log_message skips http.server's own escaping: the request line and the
+        # client's words in it are escaped here. stderr is kept for the service's own events.
+        log.debug("http: %s", escape_control(format % args))
 
     def _reply(self, code: int, body: dict[str, Any], headers: dict[str, str] = {}) -> None:  # noqa: B006
         self._send(code, json.dumps(body).encode(), "application/json", headers)
@@ -347,30 +427,212 @@ def _hostname(netloc: str) -> str:
         return ""
 
 
+@dataclass(eq=False)
+class _Pending:
+    """An accepted connection whose request head is still arriving."""
+
+    sock: socket.socket
+    address: Any
+    accepted: float  # time.monotonic() at accept: the request's deadline runs from here
+    head: bytearray = field(default_factory=bytearray)
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    """(method, path) of a request head; ("", "") when it has none."""
+    words = head.split(b"\n", 1)[0].split()
+    if len(words) < 2:
+        return "", ""
+    try:
+        return words[0].decode("latin-1"), urlsplit(words[1].decode("latin-1")).path
+    except ValueError:
+        return words[0].decode("latin-1"), ""
+
+
 class BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, but never more than MAX_CONNECTIONS of them."""
+    """Slow clients cannot take the service down (slowloris).
+
+    Accepted connections wait in one admission thread (a selector, no thread each, at most
+    MAX_WAITING: a new one closes the oldest) until their request head is complete, and
+    are closed when the request's deadline passes first. A complete head takes one of
+    MAX_CONNECTIONS handler threads, or, for GET /health or /status, one of
+    RESERVED_CONNECTIONS more; with none free it is answered 503 + Retry-After at once.
+    A handler thread then reads the body under the same deadline. Slow bodies can fill the
+    general pool for a deadline at most, and never the reserve: a head that takes it has
+    no body to wait for. Slow heads take no thread at all, whatever path they ask for."""
 
     daemon_threads = True
+    # The listen backlog: at socketserver's 5, a burst of connections (a flood of slow
+    # clients) makes the kernel drop the SYN of the next one, /health's too, for 1 s or more.
+    request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], handler: type) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type,
+        request_deadline_s: float = REQUEST_DEADLINE_S,
+    ) -> None:
         super().__init__(address, handler)
+        self.request_deadline_s = request_deadline_s
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.reserved = threading.BoundedSemaphore(RESERVED_CONNECTIONS)
+        self.incoming: deque[_Pending] = deque()  # accepted, not yet seen by admission
+        self.waiting: dict[socket.socket, _Pending] = {}  # admission thread only; accept order
+        self.stopping = threading.Event()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+
+    # --- the accept thread (serve_forever) ---
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        admission = threading.Thread(target=self._admit_loop, name="http-admission", daemon=True)
+        admission.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self.stopping.set()
+            self._wake()
+            admission.join(timeout=2)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.wake_r.close()
+        self.wake_w.close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)  # full: close at once rather than queue a thread
-            return
-        super().process_request(request, client_address)
+        request.setblocking(False)
+        self.incoming.append(_Pending(request, client_address, time.monotonic()))
+        self._wake()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _wake(self) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.wake_w.send(b"\0")
+        except OSError:  # its buffer is full: admission is woken already
+            pass
+
+    # --- the admission thread ---
+    def _admit_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.wake_r, selectors.EVENT_READ)
+            while not self.stopping.is_set():
+                for key, _ in selector.select(self._next_expiry()):
+                    if key.fileobj is self.wake_r:
+                        self._take_incoming(selector)
+                    else:
+                        self._read_head(selector, key.data)
+                self._expire(selector)
+            for pending in list(self.waiting.values()):
+                self._drop(selector, pending)
+
+    def _next_expiry(self) -> float:
+        oldest = next(iter(self.waiting.values()), None)
+        if oldest is None:
+            return 1.0
+        left = oldest.accepted + self.request_deadline_s - time.monotonic()
+        return min(1.0, max(0.0, left))
+
+    def _take_incoming(self, selector: selectors.BaseSelector) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except OSError:  # drained
+            pass
+        while self.incoming:
+            pending = self.incoming.popleft()
+            if len(self.waiting) >= MAX_WAITING:  # the oldest is the likeliest to be slow
+                why = f"the oldest of {MAX_WAITING} with a head still arriving"
+                self._drop(selector, next(iter(self.waiting.values())), why)
+            selector.register(pending.sock, selectors.EVENT_READ, pending)
+            self.waiting[pending.sock] = pending
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for pending in list(self.waiting.values()):  # oldest first: stop at the first in time
+            if pending.accepted + self.request_deadline_s > now:
+                break
+            self._drop(selector, pending, f"no whole head within {self.request_deadline_s:g} s")
+
+    def _drop(self, selector: selectors.BaseSelector, pending: _Pending, why: str = "") -> None:
+        selector.unregister(pending.sock)
+        del self.waiting[pending.sock]
+        pending.sock.close()
+        if why:
+            log.debug("http: closed %s: %s", pending.address[0], why)
+
+    def _read_head(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        try:
+            data = pending.sock.recv(MAX_HEAD_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data or len(pending.head) + len(data) > MAX_HEAD_BYTES:
+            self._drop(selector, pending, "head over 64 KiB" if data else "")  # or gone
+            return
+        seen = max(0, len(pending.head) - 2)  # search only what a new byte can complete
+        pending.head += data
+        if pending.head.find(b"\n\r\n", seen) < 0 and pending.head.find(b"\n\n", seen) < 0:
+            return
+        selector.unregister(pending.sock)
+        del self.waiting[pending.sock]
+        self._dispatch(pending)
+
+    def _dispatch(self, pending: _Pending) -> None:
+        """A complete head: a handler thread for it, or 503 at once."""
+        method, path = _request_line(bytes(pending.head))
+        slot = self.slots if self.slots.acquire(blocking=False) else None
+        if slot is None and method == "GET" and path in LIGHT_PATHS:
+            slot = self.reserved if self.reserved.acquire(blocking=False) else None
+        if slot is None:
+            self._refuse_busy(pending, method, path)
+            return
+        try:
+            pending.sock.setblocking(True)
+            thread = threading.Thread(target=self._serve, args=(pending, slot), daemon=True)
+            thread.start()
+        except Exception:
+            slot.release()
+            self.shutdown_request(pending.sock)
+
+    def _refuse_busy(self, pending: _Pending, method: str, path: str) -> None:
+        err = ApiError(503, f"busy: {MAX_CONNECTIONS} requests being served", "busy")
+        body = json.dumps(error_body(err) if path.startswith("/v1/") else {"error": err.message})
+        head = (
+            "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            pending.sock.send((head + body).encode())  # small: fits the empty send buffer
+        except OSError:
+            pass
+        self.shutdown_request(pending.sock)
+        service = getattr(self, "service", None)
+        if service is not None and method == "POST" and path in INFERENCE_PATHS:
+            service.metrics.request(OTHER_MODEL, path, 503, 0.0)
+
+    # --- a handler thread ---
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Through the service's log (socketserver prints to stderr, past its escaping)."""
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the client left mid-answer
+            log.debug("http: %s left before its answer", client_address[0])
+        else:
+            log.error("http: a request from %s failed", client_address[0], exc_info=True)
+
+    def _serve(self, pending: _Pending, slot: threading.BoundedSemaphore) -> None:
+        try:
+            self.RequestHandlerClass(
+                pending.sock, pending.address, self, bytes(pending.head), pending.accepted
+            )
+        except Exception:
+            self.handle_error(pending.sock, pending.address)
         finally:
-            self.slots.release()
+            self.shutdown_request(pending.sock)
+            slot.release()
 
 
-def start_http(service: Service) -> ThreadingHTTPServer:
-    server = BoundedHTTPServer((LOOPBACK, service.config.port), Handler)
+def start_http(
+    service: Service, request_deadline_s: float = REQUEST_DEADLINE_S
+) -> ThreadingHTTPServer:
+    server = BoundedHTTPServer((LOOPBACK, service.config.port), Handler, request_deadline_s)
     server.service = service  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
@@ -475,16 +737,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-audio-bytes", type=int, help=f"largest /transcribe body ({MAX_AUDIO_BYTES})"
     )
+    parser.add_argument(
+        "--request-deadline",
+        type=float,
+        default=REQUEST_DEADLINE_S,
+        metavar="SECONDS",
+        help=f"a request's head and body must arrive within this of connecting "
+        f"({REQUEST_DEADLINE_S:g})",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    if not args.request_deadline > 0:
+        raise UsageError(
+            f"bad --request-deadline {args.request_deadline}", fix="give seconds above 0"
+        )
     control = Control()
     # First of all: a SIGUSR1 sent while the models load must queue a reload, not kill us.
     install_signal_handlers(control)
     service = Service(config_from_args(args), control)
     try:
-        server = start_http(service)  # /health answers 503 while the models load
+        # /health answers 503 while the models load
+        server = start_http(service, args.request_deadline)
     except OSError as err:
         raise UsageError(
             f"cannot listen on {LOOPBACK}:{service.config.port} ({err})", fix="pick a free --port"
