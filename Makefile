@@ -41,15 +41,36 @@ SYNC = set -e; $(FIND_UV); test -x $(PY) || "$$uv" venv --quiet --seed $(VENV); 
   $(PY) -c 'from importlib.metadata import version as v; assert v("torch").split("+")[0] == "$(TORCH_VERSION)"' \
     2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 
+# The system tools a target needs (git, rsync, ssh; sshd, cmake, a C++ compiler for the tests),
+# checked on the machine's own python3 before anything is installed: one line per missing tool
+# with its apt-get and Homebrew command, exit 2 (adapter_deploy/common/prereqs.py: standard
+# library only, run by path; -I keeps the checkout off sys.path). The roles come from the goals
+# named (make install-endpoint gguf-tools: both); every role adds "install" (uv, or a venv).
+ROLE_demo := demo
+ROLE_test := test
+ROLE_test-e2e := test
+ROLE_test-all := test
+ROLE_deploy := train
+ROLE_bootstrap := train
+ROLE_gguf-tools := gguf
+ROLE_install-endpoint := endpoint
+PREREQS_ROLE ?= $(sort $(foreach goal,$(MAKECMDGOALS),$(ROLE_$(goal))))
+
+prereqs: ## [PREREQS_ROLE=train|demo|test|gguf|endpoint]: are the system tools that role needs here?
+	@command -v $(PYTHON) >/dev/null || { echo "missing $(PYTHON): make runs it. Install: sudo" \
+	  "apt-get install -y python3 (Debian/Ubuntu) or xcode-select --install (macOS)" >&2; exit 2; }
+	@$(PYTHON) -I scripts/adapter_deploy/common/prereqs.py --role install \
+	  $(foreach role,$(PREREQS_ROLE),--role $(role)) --uv "$(UV_HOME)/bin/uv"
+
 install: $(VENV)/.install-stamp ## create .venv with the locked versions (training machine + dev tools)
 
-$(VENV)/.install-stamp: pyproject.toml uv.lock .python-version
+$(VENV)/.install-stamp: pyproject.toml uv.lock .python-version | prereqs
 	@$(call SYNC,$(SYNC_TRAIN))
 	@touch $@
 
 install-endpoint: $(VENV)/.endpoint-stamp ## what an endpoint needs to serve (make bootstrap runs it there)
 
-$(VENV)/.endpoint-stamp: pyproject.toml uv.lock .python-version
+$(VENV)/.endpoint-stamp: pyproject.toml uv.lock .python-version | prereqs
 	@$(call SYNC,$(SYNC_ENDPOINT))
 	@touch $@
 
@@ -60,41 +81,34 @@ lock: ## re-resolve uv.lock after a change to pyproject.toml's dependencies
 # the cache): its wheel, built from source (about 5 minutes on 2 cores, kept outside the
 # checkout; a CUDA build where `nvcc` and the NVIDIA driver are, a portable CPU build elsewhere; CMAKE_ARGS in
 # the environment wins), and llama.cpp's own HF->GGUF converter (convert_hf_to_gguf.py, its
-# conversion/ and gguf-py/ packages, models/templates) extracted into LLAMA_SRC, where
-# adapter_deploy.convert.gguf runs it ($$ADAPTER_DEPLOY_LLAMA_CPP names another tree).
-# Keep LLAMA_CPP_VERSION equal to adapter_deploy.convert.gguf.LLAMA_CPP_VERSION.
+# conversion/ and gguf-py/ packages, models/templates) extracted into the cache
+# (llama.cpp-<version>/, or $$ADAPTER_DEPLOY_LLAMA_CPP), where adapter_deploy.convert.gguf runs it.
+# Both are pinned in adapter_deploy/convert/converter_tree.py: the sdist's sha256 (checked before
+# it is built or extracted; a mismatch deletes that download) and the sha256 of the converter's
+# file list, recorded file by file in its converter.json and checked before every run.
+# Keep LLAMA_CPP_VERSION equal to adapter_deploy.convert.converter_tree.LLAMA_CPP_VERSION.
 LLAMA_CPP_VERSION := 0.3.36
 GGUF_CACHE := $${XDG_CACHE_HOME:-$$HOME/.cache}/adapter-deploy
 WHEELS := $(GGUF_CACHE)/wheels
 LLAMA_SDIST := $(GGUF_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
-LLAMA_SRC := $${ADAPTER_DEPLOY_LLAMA_CPP:-$(GGUF_CACHE)/llama.cpp-$(LLAMA_CPP_VERSION)}
+GGUF_TOOLS := $(PY) -m adapter_deploy.cli.gguf_tools
 # CUDA needs the toolkit (nvcc) to build and the driver (nvidia-smi ships with it) to load: a
 # box with nvcc but no driver gets the CPU build, which imports there.
 GGUF_CMAKE_ARGS := $${CMAKE_ARGS:-$$(command -v nvcc >/dev/null 2>&1 && \
   command -v nvidia-smi >/dev/null 2>&1 && echo -DGGML_CUDA=on || echo -DGGML_NATIVE=OFF)}
-# The sdist, fetched once (pip's own client; the wheel and the converter both come from it).
+# The sdist, fetched once (pip's own client; the wheel and the converter both come from it) and
+# checked against its pinned sha256 each time it is used.
 FETCH_SDIST = sd="$(LLAMA_SDIST)"; if [ ! -f "$$sd" ]; then \
   $(PY) -m pip download --quiet --no-deps --no-binary :all: -d "$$(dirname "$$sd")" \
-    "llama-cpp-python==$(LLAMA_CPP_VERSION)"; fi
+    "llama-cpp-python==$(LLAMA_CPP_VERSION)"; fi; $(GGUF_TOOLS) check-sdist "$$sd"
 
 gguf-tools: $(VENV)/.gguf-stamp ## llama-cpp-python (CUDA build where nvcc+driver) + llama.cpp's converter
-	@set -e; src="$(LLAMA_SRC)"; if [ ! -f "$$src/convert_lora_to_gguf.py" ] || \
-	  [ ! -f "$$src/converter.json" ]; then \
-	  $(FETCH_SDIST); echo "extracting llama.cpp's converter into $$src"; \
-	  tmp="$$src.incoming-$$$$"; rm -rf "$$tmp"; mkdir -p "$$tmp"; \
-	  top="llama_cpp_python-$(LLAMA_CPP_VERSION)"; lc="$$top/vendor/llama.cpp"; \
-	  tar -xzf "$$sd" -C "$$tmp" --strip-components=3 "$$lc/convert_hf_to_gguf.py" \
-	    "$$lc/convert_lora_to_gguf.py" "$$lc/conversion" "$$lc/gguf-py" "$$lc/models/templates" "$$lc/LICENSE"; \
-	  commit=$$(tar -xzOf "$$sd" "$$top/.git/modules/vendor/llama.cpp/HEAD" 2>/dev/null || true); \
-	  printf '{"llama-cpp-python": "%s", "llama.cpp": "%s"}\n' "$(LLAMA_CPP_VERSION)" \
-	    "$${commit:-unknown}" > "$$tmp/converter.json"; \
-	  rm -rf "$$src"; mv "$$tmp" "$$src"; \
-	fi
+	@set -e; if ! $(GGUF_TOOLS) verify; then $(FETCH_SDIST); $(GGUF_TOOLS) install "$$sd"; fi
 
 gguf-cmake-args: ## print the CMAKE_ARGS `make gguf-tools` builds llama-cpp-python with here
 	@echo "$(GGUF_CMAKE_ARGS)"
 
-$(VENV)/.gguf-stamp: $(wildcard $(VENV)/.sync-flags)
+$(VENV)/.gguf-stamp: $(wildcard $(VENV)/.sync-flags) | prereqs
 	@test -f $(VENV)/.sync-flags || { echo "run make install (or make install-endpoint) first"; exit 2; }
 	@set -e; args="$(GGUF_CMAKE_ARGS)"; w="$(WHEELS)"; \
 	case "$$args" in *GGML_CUDA=on*) w="$$w/cuda";; esac; mkdir -p "$$w"; \
@@ -192,5 +206,5 @@ bench: install ## run the benchmarks and print their figures
 gpu-check: install ## NVIDIA only: 4-bit bitsandbytes, fp16, adapter reload on CUDA, health-checked
 	$(PY) bench/gpu_check.py
 
-.PHONY: help install install-endpoint lock test lint version versions bench gpu-check gguf-tools gguf-cmake-args deploy rollback status doctor transfer precheck \
+.PHONY: help prereqs install install-endpoint lock test lint version versions bench gpu-check gguf-tools gguf-cmake-args deploy rollback status doctor transfer precheck \
   activate verify health-check bootstrap demo demo-clean history keygen trust convert service-install

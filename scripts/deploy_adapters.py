@@ -1,4 +1,4 @@
-"""Deploy adapter versions to endpoints, or roll back (seed §3).
+"""Deploy adapter versions to endpoints, or roll back (the operator's plan).
 
 Thin entry point: the code is `adapter_deploy.cli.deploy_adapters` (--help for usage)."""
 

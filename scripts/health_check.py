@@ -1,4 +1,4 @@
-"""Health-check one release with the 5-sentence smoke test (seed §4).
+"""Health-check one release with the 5-sentence smoke test (the operator's plan).
 
 Thin entry point: the code is `adapter_deploy.cli.health_check` (--help for usage)."""
 

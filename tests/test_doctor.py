@@ -114,6 +114,14 @@ def _missing_restart_binary(fleet: Fleet, sshd, tmp_path: Path) -> None:
     fleet.set_endpoint("ep1", reload_method="restart", restart_command=command)
 
 
+def _missing_python(fleet: Fleet, sshd, tmp_path: Path) -> None:
+    fleet.set_endpoint("ep1", python="python3-not-installed")
+
+
+def _missing_rsync(fleet: Fleet, sshd, tmp_path: Path) -> None:
+    fleet.set_endpoint("ep1", rsync_path=str(tmp_path / "no-rsync"))
+
+
 def _untrusted_key(fleet: Fleet, sshd, tmp_path: Path) -> None:
     signing.generate(tmp_path / "keys" / "signing.pem")
     data = yaml.safe_load(fleet.params.read_text())
@@ -136,6 +144,14 @@ FAULTS = {
     "old protocol": (
         _old_protocol, 2, "agent", f"runs protocol {p.PROTOCOL_VERSION - 1}",
         "make bootstrap ENDPOINT=ep1",
+    ),
+    "python missing there": (
+        _missing_python, 3, "python", "python3-not-installed is missing on the endpoint",
+        "sudo apt-get install -y python3 (Debian/Ubuntu) or brew install python@3.11 (macOS)",
+    ),
+    "rsync missing there": (
+        _missing_rsync, 3, "rsync", "rsync is missing on the endpoint at",
+        "sudo apt-get install -y rsync (Debian/Ubuntu) or brew install rsync (macOS)",
     ),
     "missing base model": (
         _missing_base_model, 3, "base_model gemma_4b", "no-such-model is not a directory",
@@ -245,7 +261,7 @@ def test_local_endpoint_finds_hub_ids_in_the_hf_cache(
     code, rows = doctor(one_model, "local")
     assert code == 3 and failed(rows) == ["base_model whisper"], rows
     assert "kit/tiny-whisper is not in the HF cache" in rows["base_model whisper"]["detail"]
-    assert "huggingface-cli download kit/tiny-whisper" in rows["base_model whisper"]["fix"]
+    assert "hf download kit/tiny-whisper" in rows["base_model whisper"]["fix"]
     assert rows["ssh"]["detail"] == "transport local: no ssh"
 
     snapshot = cache / "models--kit--tiny-whisper" / "snapshots" / "0123abcd"
@@ -253,3 +269,29 @@ def test_local_endpoint_finds_hub_ids_in_the_hf_cache(
     (snapshot / "config.json").write_text(json.dumps({"model_type": "whisper"}))
     code, rows = doctor(one_model, "local")
     assert code == 0 and {r["status"] for r in rows.values()} == {"ok"}, rows
+
+
+def test_missing_tools_are_worded_from_the_prerequisite_table(tmp_path: Path) -> None:
+    """The rows for a tool missing on the endpoint (or here) say how to install it as
+    `make prereqs` does (common/prereqs.py), without an endpoint to ask."""
+    from adapter_deploy.common.errors import RemoteError
+    from adapter_deploy.common.prereqs import install_hint
+    from adapter_deploy.config import EndpointParams
+    from adapter_deploy.deploy.doctor import python_missing
+    from adapter_deploy.deploy.doctor_checks import check_python, check_rsync
+    from adapter_deploy.deploy.remote import Connection
+
+    ep = EndpointParams(adapter_dir="/srv/a", host="box")
+    row = check_rsync(ep, {"rsync_version": None})
+    assert (row.status, row.exit_code) == ("FAIL", 3) and install_hint("rsync") in row.fix
+    old = check_python({"python": [3, 9, 6], "python_executable": "/usr/bin/python3"})
+    assert old.status == "FAIL" and install_hint("python3") in old.fix
+
+    conn = Connection("box", ep, tmp_path)
+    for said in ("bash: line 1: python3: command not found", "sh: 1: python3: not found",
+                 "zsh:1: command not found: python3"):  # fmt: skip
+        row = python_missing(conn, RemoteError(f"box: endpoint command failed: {said}"))
+        assert row is not None and row.check == "python" and install_hint("python3") in row.fix
+    assert python_missing(conn, RemoteError("box: ssh login to box was refused")) is None
+    venv = Connection("box", ep.model_copy(update={"project_dir": "/srv/p"}), tmp_path)
+    assert python_missing(venv, RemoteError("box: the project is not installed on box")) is None

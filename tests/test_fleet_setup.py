@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from adapter_deploy.common.errors import UsageError
 from adapter_deploy.config import DEFAULT_RESTART_COMMAND, EndpointParams, load_params
 from adapter_deploy.deploy.service_install import service_files
 from adapter_deploy.health import load_clips
@@ -34,7 +35,7 @@ def test_shipped_params_describe_the_plans_fleet_completely() -> None:
     mac, rtx = params.endpoint("mac-dev"), params.endpoint("church-rtx2070-1")
     assert (mac.platform, mac.reload_method) == ("mlx", "sigusr1")
     assert (rtx.platform, rtx.reload_method) == ("cuda", "restart")
-    # seed phase 2: the NVIDIA box gets merged, requantized weights, not the plain adapter.
+    # the plan's phase 2: the NVIDIA box gets merged, requantized weights, not the plain adapter.
     assert rtx.formats["gemma_4b"] == "gguf" and rtx.gguf_type == "Q4_K_M"
 
 
@@ -73,10 +74,10 @@ def _endpoint(tmp_path: Path, **extra: object) -> EndpointParams:
     )
 
 
-def _verify(unit: Path) -> subprocess.CompletedProcess:
+def _verify(unit: Path, **env_extra: str) -> subprocess.CompletedProcess:
     runtime = unit.parent / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), **env_extra}
     cmd = ["systemd-analyze", "verify", "--user", str(unit)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
@@ -123,6 +124,60 @@ def test_service_files_refuse_a_home_relative_project_dir(tmp_path: Path) -> Non
     with pytest.raises(Exception, match="starts with ~") as err:
         service_files("ep1", ep)
     assert "absolute" in err.value.fix
+
+
+def _unescaped(line: str) -> str:
+    """A unit line as systemd reads it when no specifier is left in it: %% -> %."""
+    assert "%" not in line.replace("%%", ""), f"a systemd specifier is left in {line!r}"
+    return line.replace("%%", "%")
+
+
+def test_a_percent_in_a_path_stays_that_literal_path_in_the_service_files() -> None:
+    """Issue #27 hole 6: `project_dir: /srv/proj%h` passes the path allowlist; in a unit `%h`
+    is the user's home, so systemd would run another interpreter. Every value is escaped."""
+    ep = EndpointParams(adapter_dir="/srv/a", project_dir="/srv/proj%h", platform="cuda")
+    unit = service_files("ep1", ep).text
+    fields = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0] != "#"
+    )
+    assert _unescaped(fields["WorkingDirectory"]) == "/srv/proj%h"
+    assert _unescaped(fields["ExecStart"]).split() == [
+        "/srv/proj%h/.venv/bin/python",
+        "-m",
+        "adapter_deploy.service",
+        "--params",
+        "/srv/proj%h/params.yaml",
+        "--endpoint",
+        "ep1",
+    ]
+    for line in unit.splitlines():
+        if line and line[0] != "#":
+            _unescaped(line)
+    mac = service_files("mac", ep.model_copy(update={"platform": "mlx"}))
+    agent = plistlib.loads(mac.text.encode())  # launchd expands nothing: the path as given
+    assert agent["ProgramArguments"][0] == "/srv/proj%h/.venv/bin/python"
+    assert agent["WorkingDirectory"] == "/srv/proj%h"
+    # systemd reads a leading @ + - : ! of ExecStart as a prefix: only absolute paths.
+    with pytest.raises(UsageError, match="not an absolute path"):
+        service_files("ep1", ep.model_copy(update={"python": "+python3"}))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_analyze_reads_a_percent_path_as_the_literal_interpreter(
+    tmp_path: Path,
+) -> None:
+    """`systemd-analyze verify` checks that ExecStart's interpreter exists: it exists only at
+    the literal path (a `%h` read as a specifier names one under an empty home instead)."""
+    project = tmp_path / "proj%h"
+    (project / ".venv" / "bin").mkdir(parents=True)
+    (project / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    ep = EndpointParams(adapter_dir=str(tmp_path / "a"), project_dir=str(project))
+    unit = tmp_path / "units" / "adapter-serve.service"
+    unit.parent.mkdir()
+    unit.write_text(service_files("ep1", ep).text)
+    (tmp_path / "home").mkdir()
+    proc = _verify(unit, HOME=str(tmp_path / "home"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_service_install_over_ssh_writes_each_kind_and_dry_run_writes_nothing(

@@ -348,3 +348,46 @@ def test_gguf_tools_builds_cuda_with_an_nvcc_stub_and_a_driver(tmp_path: Path) -
     assert _cmake_args(tmp_path, ()) == "-DGGML_NATIVE=OFF"
     chosen = _cmake_args(tmp_path, ("nvidia-smi",), CMAKE_ARGS="-DGGML_VULKAN=on")
     assert chosen == "-DGGML_VULKAN=on"  # the operator's own CMAKE_ARGS win
+
+
+def test_a_same_size_rewrite_of_a_gguf_lora_base_is_refused_before_llama_cpp_loads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #27 hole 2: the size guard passes a base GGUF rewritten in place at the same
+    size; the engine hashes it against base.json's sha256 and never hands it to llama.cpp.
+    (llama.cpp's loader is replaced by a recorder: the check must come before any load.)"""
+    import hashlib
+
+    from adapter_deploy.engines import llamacpp_engine
+
+    release = tmp_path / "adapters" / "gemma_4b" / "releases" / "cycle1_20260101_aaaaaaaa"
+    release.mkdir(parents=True)
+    (release / "adapter.gguf").write_bytes(b"GGUF-lora")
+    base_id = "cycle0_00000000_12345678"
+    base = tmp_path / "adapters" / "gemma_4b-gguf-base" / "releases" / base_id / "model.gguf"
+    base.parent.mkdir(parents=True)
+    base.write_bytes(b"GGUF the base as converted")
+    info = {"version_id": base_id, "size": base.stat().st_size}
+    info["sha256"] = hashlib.sha256(base.read_bytes()).hexdigest()
+    (release / "base.json").write_text(json.dumps(info))
+    loaded: list[Path] = []
+
+    def recording_open(path: Path, n_gpu_layers: int):
+        loaded.append(path)
+        raise AdapterError("llama.cpp would load it now")
+
+    monkeypatch.setattr(llamacpp_engine, "_open", recording_open)
+    with pytest.raises(AdapterError, match="would load it now"):
+        LlamaCppEngine(release)  # the intact base reaches llama.cpp
+    assert loaded == [base]
+    base.write_bytes(b"GGUF a planted other model")  # the same size, other contents
+    assert base.stat().st_size == info["size"]
+    with pytest.raises(AdapterError) as refused:
+        LlamaCppEngine(release)
+    assert "sha256 differs" in refused.value.message and "did not load" in refused.value.message
+    assert str(base) in refused.value.message and "deploy the release again" in refused.value.fix
+    assert loaded == [base]  # never handed to llama.cpp
+    (release / "base.json").write_text(json.dumps({**info, "sha256": None}))
+    with pytest.raises(AdapterError, match="records no sha256"):
+        LlamaCppEngine(release)
+    assert loaded == [base]

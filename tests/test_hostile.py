@@ -240,3 +240,117 @@ def test_a_failed_dvc_push_is_a_remote_failure(store, tmp_path: Path) -> None:
     )
     assert proc.returncode == 3, proc.stderr
     assert "dvc push failed" in proc.stderr and "DVC remote" in proc.stderr
+
+
+# --- issue #27 hole 7: the landing path and a release dir are real directories -------------
+
+VID = "cycle1_20260101_abcdef12"
+WEIGHTS = b"the release's weights"
+
+
+def _landing_side(tmp_path: Path, below: str = ""):
+    """An endpoint's agent on a fresh adapter_dir, the files of one small release, and a
+    directory outside the endpoint holding those very files at `below` (the rest of a
+    landing path a planted link would be followed into)."""
+    from adapter_deploy.agent.operations import EndpointSide
+    from adapter_deploy.common.fsutil import sha256_file
+
+    adapter_dir = tmp_path / "adapters"
+    adapter_dir.mkdir()
+    outside = tmp_path / "outside"
+    (outside / below).mkdir(parents=True)
+    weights = outside / below / "adapter_model.safetensors"
+    weights.write_bytes(WEIGHTS)
+    files = {"adapter_model.safetensors": {"sha256": sha256_file(weights), "size": len(WEIGHTS)}}
+    return EndpointSide(adapter_dir), adapter_dir, outside, files
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every path under root (root included) with its mode and a file's contents."""
+    paths = [root, *sorted(root.rglob("*"))]
+    return {
+        str(p.relative_to(root)): (p.lstat().st_mode, p.read_bytes() if p.is_file() else None)
+        for p in paths
+    }
+
+
+LANDING_PATH = ("incoming", "gemma_4b", "releases", VID)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4], ids=LANDING_PATH)
+def test_a_symlinked_landing_path_is_refused_and_the_outside_dir_is_untouched(
+    tmp_path: Path, depth: int
+) -> None:
+    """A symlink to a directory outside the endpoint planted at the landing dir
+    incoming/<model>/releases/<id> (or at any dir above it under adapter_dir): prepare,
+    stage and drop refuse before claiming, renaming, chmodding or removing anything, and
+    nothing becomes a release or active."""
+    from adapter_deploy.common.errors import RemoteError
+
+    below = "/".join(LANDING_PATH[depth:])
+    side, adapter_dir, outside, files = _landing_side(tmp_path, below)
+    link = adapter_dir.joinpath(*LANDING_PATH[:depth])
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside)
+    before = _tree(outside)
+    requests = [
+        p.Prepare("gemma_4b", VID, files, size=len(WEIGHTS)),
+        p.Stage("gemma_4b", VID, files),
+        p.DropIncoming("gemma_4b", VID),
+    ]
+    for request in requests:
+        with pytest.raises(RemoteError, match="is a symlink") as refused:
+            side.handle(request)
+        assert str(link) in refused.value.message and "nothing was claimed" in refused.value.message
+        assert "remove" in refused.value.fix
+    with pytest.raises(UsageError, match="not a verified release"):
+        side.handle(p.Activate("gemma_4b", VID))
+    assert _tree(outside) == before  # the outside dir's modes and contents are untouched
+    assert link.is_symlink()
+    release = adapter_dir / "gemma_4b" / "releases" / VID
+    assert not release.exists() and not release.is_symlink()
+    assert not (adapter_dir / "gemma_4b" / "active").is_symlink()
+
+
+def test_a_symlink_in_releases_is_never_a_release(tmp_path: Path) -> None:
+    """releases/<id> is made by the agent's own rename: a link there is refused at stage
+    (its chmod and quarantine would follow it) and at activate."""
+    from adapter_deploy.common.errors import RemoteError
+
+    side, adapter_dir, outside, files = _landing_side(tmp_path)
+    release = adapter_dir / "gemma_4b" / "releases" / VID
+    release.parent.mkdir(parents=True)
+    release.symlink_to(outside)
+    before = _tree(outside)
+    with pytest.raises(RemoteError, match="is a symlink"):
+        side.handle(p.Stage("gemma_4b", VID, files))
+    with pytest.raises(UsageError, match="not a verified release"):
+        side.handle(p.Activate("gemma_4b", VID))
+    assert _tree(outside) == before
+    assert not (adapter_dir / "gemma_4b" / "active").is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_an_rsync_partial_entry_never_stays_in_a_release(tmp_path: Path, kind: str) -> None:
+    """`.rsync-partial` is rsync's partial dir (--partial-dir): staging removes it whatever
+    it is, never through a link, and a kept release holding one is not intact."""
+    from adapter_deploy.agent.releases import RSYNC_PARTIAL, ModelReleases, file_problems
+
+    side, adapter_dir, outside, files = _landing_side(tmp_path)
+    prep = side.handle(p.Prepare("gemma_4b", VID, files, size=len(WEIGHTS)))
+    incoming = Path(prep["incoming"])
+    (incoming / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    if kind == "file":
+        (incoming / RSYNC_PARTIAL).write_bytes(b"not rsync's")
+    else:
+        (incoming / RSYNC_PARTIAL).symlink_to(outside)
+    before = _tree(outside)
+    assert side.handle(p.Stage("gemma_4b", VID, files))["result"] == "staged"
+    release = ModelReleases(adapter_dir, "gemma_4b").release(VID)
+    assert sorted(x.name for x in release.iterdir()) == ["adapter_model.safetensors"]
+    assert _tree(outside) == before
+    # One left in a kept release (by an older agent) makes it damaged: sent and checked again.
+    release.chmod(0o755)
+    (release / RSYNC_PARTIAL).write_bytes(b"left behind")
+    assert file_problems(release, files) == [f"{RSYNC_PARTIAL}: not in the manifest"]
+    assert side.handle(p.Prepare("gemma_4b", VID, files, size=len(WEIGHTS)))["damaged"]

@@ -1,4 +1,4 @@
-"""Every record the project writes has the shape of the plan (seed §1.4, §7.1-7.3), checked
+"""Every record the project writes has the shape of the plan (the operator's plan), checked
 against the JSON Schemas in adapter_deploy/schemas after each kind of run."""
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_a_single_phase_writes_its_log_entry(fleet: Fleet) -> None:
 
 @pytest.mark.e2e
 def test_a_service_session_lists_every_model(fleet: Fleet, tmp_path: Path) -> None:
-    """The session record (seed §7.3) names every model of the endpoint, null when none."""
+    """The plan's session record names every model of the endpoint, null when none."""
     assert fleet.deploy("--cycle", "1", *DEPLOY_EP1).returncode == 0
     from test_serve import Service
 

@@ -280,7 +280,7 @@ def test_params_endpoint_start_falls_back_to_previous_then_base(tmp_path: Path, 
     add_release(twelve, V2, kit.good2)
     flip(twelve, BAD)
     port = free_port()
-    endpoint = {  # an NVIDIA endpoint's settings (seed §6.4); no CUDA here, so on the CPU
+    endpoint = {  # an NVIDIA endpoint's settings (the operator's plan); no CUDA here, so on the CPU
         "adapter_dir": str(adapters),
         "platform": "cuda",
         "transport": "local",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -279,3 +280,136 @@ def test_trust_covers_releases_already_there_and_rollbacks(fleet: Fleet, kit, tm
     state = json.loads(status_file.read_text())["models"]["gemma_4b"]["signature"]
     assert state.startswith("verified: signed by trusted key")
     assert fleet.links("ep1")[0] == signed_v
+
+
+# --- issue #27 hole 2: a gguf-lora release's base is held to the trust rule too -------------
+
+LORA_VID = "cycle3_20260401_0a1b2c3d"
+LORA_VID2 = "cycle4_20260402_0a1b2c3e"
+BASE_VID = "cycle0_00000000_5e5e5e5e"
+BASE_MODEL = "gemma_4b-gguf-base"
+BASE_GGUF = b"GGUF" + bytes(range(256)) * 4  # a stand-in: the agent never parses it
+
+
+def _release_files(contents: dict[str, bytes]) -> dict[str, dict]:
+    return {
+        n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in contents.items()
+    }
+
+
+BASE_CONTENTS = {"model.gguf": BASE_GGUF, "generate.json": b'[{"input": "Good morning."}]\n'}
+BASE_INFO = {
+    "version_id": BASE_VID,
+    "key": "5e5e5e5e" * 8,
+    "gguf_type": "Q8_0",
+    **_release_files({"model.gguf": BASE_GGUF})["model.gguf"],
+}
+
+
+def _lora_contents(n: int) -> dict[str, bytes]:
+    return {
+        "adapter.gguf": b"GGUF-lora" + bytes([n]) * 64,
+        "base.json": json.dumps(BASE_INFO).encode(),
+    }
+
+
+def _signed(key, model: str, version_id: str, cycle: int, files: dict) -> dict:
+    from adapter_deploy.common.clock import utc_now
+
+    entry = {"version_id": version_id, "cycle": cycle, "created": utc_now(), "files": files}
+    return sign(key, version_metadata(entry, model, 30))
+
+
+def _stage(side, model: str, version_id: str, contents: dict[str, bytes], signed=None) -> str:
+    """What a deployer's transfer does: prepare, the files into the landing dir, stage."""
+    files = _release_files(contents)
+    prep = side.handle(p.Prepare(model, version_id, files, size=1))
+    for name, data in contents.items() if not prep["present"] else ():
+        (Path(prep["incoming"]) / name).write_bytes(data)
+    asked = {"version_id": version_id}
+    return side.handle(p.Stage(model, version_id, files, signed, asked))["result"]
+
+
+def _trusting_gguf_lora_endpoint(tmp_path: Path):
+    from adapter_deploy.agent.operations import EndpointSide
+
+    adapter_dir = tmp_path / "ep1"
+    adapter_dir.mkdir()
+    a, b, _ = _keys(tmp_path)
+    return EndpointSide(adapter_dir), adapter_dir, a, b
+
+
+def test_a_gguf_lora_base_staged_before_trust_keeps_its_lora_out_until_signed(tmp_path):
+    """The base arrived (and verified) while the endpoint trusted no key; after `make trust`
+    the signed LoRA naming it is refused at pre-check and activate, until the deployer's
+    ensure_base stages the base again with its signature (it no longer skips a verified base)."""
+    from adapter_deploy.config import Params
+    from adapter_deploy.deploy.base_release import ensure_base
+    from adapter_deploy.deploy.plan import ModelOutcome, Release
+    from adapter_deploy.deploy.steps import EndpointRun
+
+    side, adapter_dir, a, _ = _trusting_gguf_lora_endpoint(tmp_path)
+    assert _stage(side, BASE_MODEL, BASE_VID, BASE_CONTENTS) == "staged"  # unsigned, no trust
+    side.handle(p.Record(model=BASE_MODEL, verified=BASE_VID, health_status="healthy"))
+    side.handle(p.Trust(public_pem=public_pem(a).decode()))
+    lora = _lora_contents(1)
+    signed_lora = _signed(a, "gemma_4b", LORA_VID, 3, _release_files(lora))
+    assert _stage(side, "gemma_4b", LORA_VID, lora, signed_lora) == "staged"
+    precheck = p.Health("gemma_4b", LORA_VID, base_model=None, engine="cpu")
+    for request in (precheck, p.Activate("gemma_4b", LORA_VID)):
+        with pytest.raises(SignatureRefused, match=f"GGUF base {BASE_MODEL} {BASE_VID}") as no:
+            side.handle(request)
+        assert "staged before `make trust`" in no.value.message and "deploy" in no.value.fix
+    assert not (adapter_dir / "gemma_4b" / "active").is_symlink()
+
+    # The deployer's next run: the base is kept and verified, but still staged (0 B sent).
+    local = tmp_path / "store" / BASE_VID
+    local.mkdir(parents=True)
+    for name, data in BASE_CONTENTS.items():
+        (local / name).write_bytes(data)
+    files = _release_files(BASE_CONTENTS)
+    signed_base = _signed(a, BASE_MODEL, BASE_VID, 0, files)
+    base = Release(BASE_MODEL, BASE_VID, 0, files, local, signed_base, {"version_id": BASE_VID})
+    endpoint = {"transport": "local", "adapter_dir": str(adapter_dir), "platform": "cpu"}
+    params = Params(
+        models={"gemma_4b": {"base_model": "kit/tiny-gemma"}}, endpoints={"ep1": endpoint}
+    )
+    run = EndpointRun(params, "ep1", tmp_path / "control")
+    out = ModelOutcome("gemma_4b", LORA_VID)
+    try:
+        run.open()
+        assert ensure_base(run, base, out)
+    finally:
+        run.close()
+    assert out.bytes_sent == 0 and "base" not in out.phases  # nothing re-sent, not re-checked
+    signatures = json.loads((adapter_dir / BASE_MODEL / "signatures.json").read_text())
+    assert list(signatures) == [BASE_VID]
+    assert side.handle(p.Activate("gemma_4b", LORA_VID))["new"] == LORA_VID
+
+
+def test_a_gguf_lora_base_signed_by_a_key_since_removed_is_refused(tmp_path: Path) -> None:
+    """Base signed by key A, LoRAs by key B, both trusted: fine. Key A removed from trust:
+    a LoRA on that base is refused at pre-check, activate and restore."""
+    side, adapter_dir, a, b = _trusting_gguf_lora_endpoint(tmp_path)
+    for key in (a, b):
+        side.handle(p.Trust(public_pem=public_pem(key).decode()))
+    files = _release_files(BASE_CONTENTS)
+    signed_base = _signed(a, BASE_MODEL, BASE_VID, 0, files)
+    assert _stage(side, BASE_MODEL, BASE_VID, BASE_CONTENTS, signed_base) == "staged"
+    for version_id, cycle in ((LORA_VID, 3), (LORA_VID2, 4)):
+        lora = _lora_contents(cycle)
+        signed = _signed(b, "gemma_4b", version_id, cycle, _release_files(lora))
+        assert _stage(side, "gemma_4b", version_id, lora, signed) == "staged"
+    assert side.handle(p.Activate("gemma_4b", LORA_VID))["new"] == LORA_VID
+    from adapter_deploy.signing import key_id
+
+    (adapter_dir / "trusted_keys" / f"{key_id(public_pem(a))}.pub").unlink()
+    refused = [
+        p.Health("gemma_4b", LORA_VID2, base_model=None, engine="cpu"),
+        p.Activate("gemma_4b", LORA_VID2),
+        p.Restore("gemma_4b", active=LORA_VID, previous=None),
+    ]
+    for request in refused:
+        with pytest.raises(SignatureRefused, match=f"GGUF base {BASE_MODEL} {BASE_VID}"):
+            side.handle(request)
+    assert (adapter_dir / "gemma_4b" / "active").resolve().name == LORA_VID  # untouched

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from adapter_deploy import protocol, signing
-from adapter_deploy.common import failpoints
 from adapter_deploy.common.errors import AdapterDeployError, NothingToRollBack, UsageError
 from adapter_deploy.common.fsutil import read_jsonl
 from adapter_deploy.common.names import check_version_id
 from adapter_deploy.config import EndpointParams, Params
 from adapter_deploy.deploy import doctor as preflight
-from adapter_deploy.deploy import fleet, quiet
+from adapter_deploy.deploy import fleet, quiet, rollout
 from adapter_deploy.deploy.alerts import send_alerts
 from adapter_deploy.deploy.fleet_status import fleet_status
 from adapter_deploy.deploy.phases import run_phase
@@ -51,6 +50,7 @@ class RunResult:
     note: str | None = None  # e.g. what a bare rollback undoes
     plan: list[str] | None = None  # the dry run's actions; nothing was done
     not_in_cycle: list[str] = field(default_factory=list)  # --all-adapters: models left out
+    rollout: list[str] | None = None  # a staged rollout's plan, wave by wave
 
     @property
     def exit_code(self) -> int:
@@ -65,6 +65,7 @@ class RunResult:
             "note": self.note,
             "plan": self.plan,
             "not_in_cycle": self.not_in_cycle,
+            "rollout": self.rollout,
             "endpoints": [o.to_dict() for o in self.outcomes],
         }
 
@@ -109,7 +110,14 @@ def history(params: Params, model: str | None = None) -> dict[str, list[dict[str
     log = read_jsonl(params.adapters_dir / DEPLOY_LOG)
     listing = versions(params, model)
     return {
-        m: [{**v, "deployments": _deployments_of(log, m, v["version_id"])} for v in vs]
+        m: [
+            {
+                **v,
+                "deployments": _deployments_of(log, m, v["version_id"]),
+                "rollouts": rollout.progress_of(log, m, v["version_id"]),
+            }
+            for v in vs
+        ]
         for m, vs in listing.items()
     }
 
@@ -174,21 +182,29 @@ def deploy(
     """
     if cycle is None and version_id is None:
         raise UsageError("nothing to deploy", "pass --cycle N (make deploy CYCLE=N)")
+    if not endpoints and params.rollout is not None:
+        endpoints = sorted(params.endpoints)  # a staged rollout covers the whole fleet
     if not endpoints:
-        raise UsageError("no endpoint given", "pass --endpoints NAME (make deploy ENDPOINT=NAME)")
+        raise UsageError(
+            "no endpoint given",
+            "pass --endpoints NAME (make deploy ENDPOINT=NAME), or set rollout: in params.yaml",
+        )
     params.check_endpoints(endpoints)
     models, not_in_cycle = _models_to_deploy(params, models, cycle)
     chosen = choose_releases(params, models, cycle, version_id)
     _refuse_in_quiet_hours(params, endpoints, force)
+    waves = rollout.plan_waves(params, endpoints)
+    staged = rollout.plan_lines(waves) if params.rollout is not None else None
     if dry_run:
         plan = dry_run_plan(params, endpoints, chosen)
+        plan = ["rollout plan:", *staged, *plan] if staged else plan
         return RunResult("deploy", plan=plan, not_in_cycle=not_in_cycle)
     run_id = fleet.new_run_id()
-    outcomes = fleet.deploy(params, endpoints, chosen, progress=progress)
-    failpoints.deployer("deploy.before_log")
-    record(params, "deploy", outcomes, run_id, cycle)
-    send_alerts(params, "deploy", outcomes)
-    return RunResult("deploy", outcomes, run_id, not_in_cycle=not_in_cycle)
+    outcomes, halt = rollout.roll_out(params, waves, chosen, run_id, cycle, progress)
+    result = RunResult("deploy", outcomes, run_id, not_in_cycle=not_in_cycle, rollout=staged)
+    if halt is not None:
+        result.note = f"rollout halted at wave {halt.wave}: {halt.reason}"
+    return result
 
 
 def _models_to_deploy(
@@ -271,7 +287,11 @@ def phase(
 def status(params: Params, endpoints: list[str] | None = None) -> StatusResult:
     names = endpoints or sorted(params.endpoints)
     params.check_endpoints(names)
-    return StatusResult(fleet_status(params, names))
+    statuses = fleet_status(params, names)
+    held = rollout.held_back(read_jsonl(params.adapters_dir / DEPLOY_LOG))
+    for st in statuses:
+        st["rollout"] = held.get(st["endpoint"])
+    return StatusResult(statuses)
 
 
 @dataclass

@@ -143,12 +143,32 @@ class StoreParams(_Strict):
     signature_expiry_days: int = Field(365, description="signed metadata expires after this")
 
 
+class WaveParams(_Strict):
+    """One step of a staged rollout: these endpoints (or groups), then an optional soak."""
+
+    name: str
+    endpoints: list[str] = Field(min_length=1, description="endpoint or group names")
+    # After the wave verified: wait this long, then run the post-activation check again on
+    # the wave's endpoints (through the service, as VERIFY does) before the next wave starts
+    # (so only when a later wave waits for it).
+    soak_s: float = Field(0.0, ge=0)
+
+
+class RolloutParams(_Strict):
+    """Staged rollout (canary first): the waves in order; a failure holds the later ones."""
+
+    groups: dict[str, list[str]] = {}  # name -> endpoint names, usable in a wave's endpoints
+    waves: list[WaveParams] = Field(min_length=1)
+    on_failure: Literal["halt"] = "halt"  # the later waves stay on their current release
+
+
 class Params(_Strict):
     store: StoreParams = StoreParams()
     models: dict[str, ModelParams]
     health_check: HealthCheckParams = HealthCheckParams()
     release: ReleaseParams = ReleaseParams()
     endpoints: dict[str, EndpointParams] = {}
+    rollout: RolloutParams | None = None  # absent: every endpoint in one wave
     alert_command: list[str] | None = None
     alert_url: str | None = None
     # extra keys merged into each alert_url body, e.g. ntfy's {topic: ..., priority: 4}
@@ -248,4 +268,37 @@ def load_params(path: str | Path | None = None) -> Params:
             "use letters, digits, '_' or '-'",
         )
     params.source = source
+    _check_rollout(params)
     return params
+
+
+def _check_rollout(params: Params) -> None:
+    """Every wave member is a known endpoint or group, and no endpoint is in two waves."""
+    rollout = params.rollout
+    if rollout is None:
+        return
+    where = params.source.name
+    problems = []
+    for group, members in rollout.groups.items():
+        if group in params.endpoints:
+            problems.append(f"group {group!r} has an endpoint's name")
+        problems += [f"group {group}: unknown endpoint {m!r}" for m in members
+                     if m not in params.endpoints]  # fmt: skip
+    seen: dict[str, str] = {}
+    for wave in rollout.waves:
+        for member in wave.endpoints:
+            names = rollout.groups.get(member, [member])
+            if member not in rollout.groups and member not in params.endpoints:
+                problems.append(f"wave {wave.name}: {member!r} is neither an endpoint nor a group")
+            for name in names:
+                if name in seen and seen[name] != wave.name:
+                    problems.append(f"{name} is in waves {seen[name]} and {wave.name}")
+                seen.setdefault(name, wave.name)
+    if len({w.name for w in rollout.waves}) != len(rollout.waves):
+        problems.append("two waves share a name")
+    if problems:
+        raise ConfigError(
+            f"{params.source}: rollout is invalid: " + "; ".join(problems),
+            f"name endpoints from endpoints: (or groups from rollout.groups) in {where}, "
+            "each endpoint in one wave",
+        )

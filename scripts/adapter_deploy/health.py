@@ -1,4 +1,4 @@
-"""The 5-sentence health check (seed §4): the gate that keeps a bad adapter off a service.
+"""The operator's 5-sentence health check: the gate that keeps a bad adapter off a service.
 
 Pass rules per sentence (case-insensitive): the output is non-empty, contains at least one
 `any_of` substring (when given) and every `all_of` substring (when given), and arrived within
@@ -87,7 +87,7 @@ class HealthResult:
         return asdict(self)
 
     def failures(self) -> list[str]:
-        """One line per failing sentence, as the deploy log prints them (seed §6.2)."""
+        """One line per failing sentence, as the deploy log prints them (the operator's plan)."""
         if self.error:
             return [f"release did not load: {self.error}"]
         return [

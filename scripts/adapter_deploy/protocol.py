@@ -21,7 +21,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from adapter_deploy.common.errors import ProtocolError, ProtocolMismatch
+from adapter_deploy.common.errors import ProtocolError, ProtocolMismatch, UntrustedReply
+from adapter_deploy.common.names import NAME_RE, VERSION_RE
 from adapter_deploy.common.wire import PROTOCOL_VERSION
 
 __all__ = ["PROTOCOL_VERSION"]  # kept in common/wire.py, where a shell can ask for it cheaply
@@ -183,7 +184,7 @@ class Record(Request):
     op: ClassVar[str] = "record"
     model: str
     verified: str | None = None  # the release `active` points at passed VERIFY
-    health_status: str | None = None  # seed §7.2: "healthy", or why not
+    health_status: str | None = None  # the operator's plan: "healthy", or why not
 
 
 @dataclass(frozen=True)
@@ -286,3 +287,48 @@ def check_ready(endpoint: str, ready: dict[str, Any]) -> None:
 
 
 _UPGRADE = "run make bootstrap for this endpoint so both sides run the same code"
+
+
+# Reply keys whose values name a release, and keys whose members do: an endpoint that answers
+# with anything else (escape codes, forged log lines, rich markup, paths) is refused before
+# its answer reaches a terminal, a table, a git commit or deploy_log.jsonl.
+_ID_KEYS = frozenset(
+    {"active", "previous", "from", "to", "old", "new", "version_id", "active_version",
+     "previous_version", "verified"}
+)  # fmt: skip
+_ID_COLLECTIONS = frozenset({"releases", "bad", "removed"})
+
+
+def check_reply(endpoint: str, reply: Any) -> Any:
+    """Every version id and model name in an endpoint's reply, held to the rules this
+    project's own ids and names follow; the reply unchanged, or UntrustedReply."""
+    for key, value in _walk(reply):
+        if key in _ID_KEYS and value is not None and not isinstance(value, bool):
+            _check(endpoint, "version id", value, VERSION_RE)
+        elif key in _ID_COLLECTIONS and isinstance(value, dict | list):
+            for member in value:
+                _check(endpoint, "version id", member, VERSION_RE)
+        elif key == "models" and isinstance(value, dict):
+            for member in value:
+                _check(endpoint, "model name", member, NAME_RE)
+    return reply
+
+
+def _walk(node: Any) -> Any:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item)
+
+
+def _check(endpoint: str, kind: str, value: Any, rule: Any) -> None:
+    if not isinstance(value, str) or not rule.fullmatch(value):
+        raise UntrustedReply(
+            f"endpoint {endpoint} answered with an invalid {kind} {value!r}; nothing of its "
+            "answer was used",
+            f"something on {endpoint} is not this project's: run `make doctor ENDPOINT="
+            f"{endpoint}` and `make bootstrap ENDPOINT={endpoint}`",
+        )

@@ -79,8 +79,9 @@ class EndpointSide:
             return {"present": True, "incoming": None, "damaged": False}
         free = shutil.disk_usage(self.adapter_dir).free
         # the deployer's rsync may have started before this session: what it already wrote
-        # is no longer free but is part of this release
-        need = max(0, req.size - releases.landed_bytes(kept.incoming(req.version_id)))
+        # is no longer free but is part of this release (counted only in real directories)
+        landing = releases.check_landing(kept, req.version_id)
+        need = max(0, req.size - releases.landed_bytes(landing))
         if free < need + req.reserve:
             raise DiskFull(
                 f"endpoint disk is full: {free} bytes free under {self.adapter_dir}, "
@@ -104,8 +105,10 @@ class EndpointSide:
 
     def drop_incoming(self, req: p.DropIncoming) -> dict[str, Any]:
         """After a full disk, keeping the partial for a resume would keep the disk full."""
-        incoming = self.releases_of(req.model).incoming(check_version_id(req.version_id))
+        kept = self.releases_of(req.model)
         self._received(req.model, req.version_id)
+        # never through a planted link: rmtree would empty a directory outside the endpoint
+        incoming = releases.check_landing(kept, check_version_id(req.version_id))
         shutil.rmtree(incoming, ignore_errors=True)
         return {}
 
@@ -184,6 +187,8 @@ class EndpointSide:
                     f"{req.model} {req.version_id} was not transferred to this endpoint",
                     "run the transfer phase first (make transfer)",
                 )
+            # A trusting endpoint loads nothing unsigned, a gguf-lora release's base included.
+            self._require_signed(kept, req.version_id)
         else:
             path = kept.active
             if failpoints.trigger(self.adapter_dir, "verify") == "fail":

@@ -11,7 +11,10 @@
     <adapter_dir>/quarantine/                      transfers that failed verification
 
 A link is replaced by creating a temp link and renaming it over the old one,
-so there is never a moment without `active` (unlike the seed's two renames).
+so there is never a moment without `active` (unlike the plan's two renames).
+Every dir of a landing path (incoming, <model>, releases, <version_id>) and a release dir
+itself must be a real directory, checked with lstat: a symlink planted there is refused
+before anything is claimed, moved, chmodded or removed through it.
 This module is pure filesystem: no model libraries are imported here.
 """
 
@@ -25,7 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy.common.errors import ChecksumMismatch, NothingToRollBack, UsageError
+from adapter_deploy.common.errors import (
+    ChecksumMismatch,
+    NothingToRollBack,
+    RemoteError,
+    UsageError,
+)
 from adapter_deploy.common.fsutil import atomic_write_json, fsync_dir, read_state, sha256_file
 from adapter_deploy.protocol import LANDING, landing_path
 
@@ -66,7 +74,7 @@ class ModelReleases:
     def release_ids(self) -> list[str]:
         if not self.releases.is_dir():
             return []
-        entries = [p for p in self.releases.iterdir() if p.is_dir()]
+        entries = [p for p in self.releases.iterdir() if _is_real_dir(p)]  # never a link
         return [p.name for p in sorted(entries, key=lambda p: p.stat().st_mtime)]
 
     def bad(self) -> dict[str, str]:
@@ -124,7 +132,7 @@ def file_problems(
 ) -> list[str]:
     """Every way `directory` differs from the manifest's file list."""
     problems = []
-    present = {p.name for p in directory.iterdir() if p.name != RSYNC_PARTIAL}
+    present = {p.name for p in directory.iterdir()}  # staging removed rsync's partial dir
     for extra in sorted(present - set(files)):
         problems.append(f"{extra}: not in the manifest")
     for name, info in files.items():
@@ -161,17 +169,68 @@ def _quarantine(kept: ModelReleases, source: Path, version_id: str) -> Path:
     return dest
 
 
+def _is_real_dir(path: Path) -> bool:
+    """A directory itself, not a symlink to one (lstat: never follows the last component)."""
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _not_a_dir(path: Path) -> RemoteError:
+    kind = "a symlink" if path.is_symlink() else "not a directory"
+    return RemoteError(
+        f"{path} is {kind}: every dir of a transfer's landing path and every release must be "
+        "a real directory on the endpoint; refused, nothing was claimed, moved or changed",
+        f"remove {path} on the endpoint (find out who planted it: only the deploying user "
+        "should write there), then deploy again",
+    )
+
+
+def landing_problem(kept: ModelReleases, version_id: str) -> Path | None:
+    """The first dir of the landing path (incoming/<model>/releases/<id>) that exists and is
+    not a real directory, else None. Checked from adapter_dir down, one lstat each, so no
+    check ever passes through a link."""
+    path = kept.adapter_dir
+    for part in (LANDING, *landing_path(kept.model, version_id).split("/")):
+        path = path / part
+        try:
+            if not stat.S_ISDIR(path.lstat().st_mode):
+                return path
+        except FileNotFoundError:
+            return None  # nothing further down exists either
+    return None
+
+
+def check_landing(kept: ModelReleases, version_id: str) -> Path:
+    """The landing dir, once each dir on its path that exists is a real directory."""
+    bad = landing_problem(kept, version_id)
+    if bad is not None:
+        raise _not_a_dir(bad)
+    return kept.incoming(version_id)
+
+
+def _remove(path: Path) -> None:
+    """Remove `path` whatever it is, never following a link (rmtree refuses links)."""
+    if _is_real_dir(path):
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def discard_incoming(kept: ModelReleases, version_id: str) -> None:
     """A refused transfer goes to quarantine, never into releases/."""
-    incoming = kept.incoming(version_id)
-    if incoming.is_dir():
+    incoming = check_landing(kept, version_id)
+    if _is_real_dir(incoming):
         _quarantine(kept, incoming, version_id)
 
 
 def prepare_incoming(kept: ModelReleases, version_id: str) -> Path:
     """Create the private landing dir for a transfer (kept across runs, so rsync resumes)."""
+    check_landing(kept, version_id)  # mkdir and chmod below would follow a planted link
     incoming = kept.incoming(version_id)
     incoming.mkdir(parents=True, exist_ok=True)
+    check_landing(kept, version_id)
     os.chmod(kept.adapter_dir / LANDING, 0o700)
     return incoming
 
@@ -180,10 +239,11 @@ def _claim(kept: ModelReleases, version_id: str) -> Path:
     """Move a transfer out of the landing path before it is verified. A deployer's rsync
     starts before its session holds the endpoint's lock, and rsync names every file by its
     path under the landing root: once the dir has moved, no rsync can add or replace a file
-    in what is being verified and staged."""
-    incoming = kept.incoming(version_id)
+    in what is being verified and staged. A landing path that is not real directories all
+    the way down is refused before the rename (rename moves a link itself, not its target)."""
+    incoming = check_landing(kept, version_id)
     claimed = incoming.with_name(f".{version_id}.staging-{os.getpid()}")
-    shutil.rmtree(claimed, ignore_errors=True)  # left by a session that died here
+    _remove(claimed)  # left by a session that died here
     try:
         incoming.rename(claimed)
     except FileNotFoundError:
@@ -191,11 +251,16 @@ def _claim(kept: ModelReleases, version_id: str) -> Path:
             f"{kept.model} {version_id} was not transferred to this endpoint",
             "run the transfer phase first (make transfer / deploy)",
         ) from None
+    if not _is_real_dir(claimed):  # swapped for a link between the check and the rename
+        claimed.unlink()
+        raise _not_a_dir(incoming)
     return claimed
 
 
 def drop_empty_incoming(kept: ModelReleases, version_id: str) -> None:
     """An rsync that found everything in a kept release leaves empty dirs behind."""
+    if landing_problem(kept, version_id) is not None:
+        return  # never remove anything through a planted link
     incoming = kept.incoming(version_id)
     for empty in (incoming / RSYNC_PARTIAL, incoming, incoming.parent, incoming.parent.parent):
         try:
@@ -218,6 +283,8 @@ def stage(
     `intact`: this session already found the release whole against exactly `files` (prepare),
     so it is not hashed a second time; `known` gives hashes taken while receiving."""
     release = kept.release(version_id)
+    if os.path.lexists(release) and not _is_real_dir(release):
+        raise _not_a_dir(release)  # chmod and quarantine below would follow a link
     if release.is_dir() and (intact or not file_problems(release, files)):
         kept.record_files(version_id, files)
         drop_empty_incoming(kept, version_id)
@@ -226,6 +293,7 @@ def stage(
         release.chmod(0o755)
         _quarantine(kept, release, version_id)
     incoming = _claim(kept, version_id)
+    _remove(incoming / RSYNC_PARTIAL)  # rsync's partial dir, or anything planted in its name
     problems = file_problems(incoming, files, known)
     if problems:
         where = _quarantine(kept, incoming, version_id)
@@ -235,7 +303,6 @@ def stage(
             + f" (quarantined in {where})",
             "run the deploy again to resend it; if it repeats, check the endpoint's disk",
         )
-    shutil.rmtree(incoming / RSYNC_PARTIAL, ignore_errors=True)
     kept.releases.mkdir(parents=True, exist_ok=True)
     _make_read_only(incoming)
     incoming.rename(release)
@@ -261,7 +328,7 @@ def point(link: Path, target: Path) -> None:
 def activate(kept: ModelReleases, version_id: str) -> tuple[str | None, str]:
     """active -> releases/<id>, previous -> what was active. Returns (old, new)."""
     release = kept.release(version_id)
-    if not release.is_dir():
+    if not _is_real_dir(release):  # a symlink in releases/ is never a release
         raise UsageError(
             f"{kept.model} {version_id} is not a verified release on this endpoint",
             "transfer it first",
@@ -279,7 +346,7 @@ def rollback_target(kept: ModelReleases, to: str | None) -> str:
     """The release a rollback goes to: `to`, or previous; never a release marked bad."""
     current = kept.active_id()
     if to is not None:
-        if not kept.release(to).is_dir():
+        if not _is_real_dir(kept.release(to)):
             kept = ", ".join(kept.release_ids()) or "none"
             raise NothingToRollBack(
                 f"{kept.model} has no kept release {to!r} (kept: {kept})",
@@ -290,7 +357,7 @@ def rollback_target(kept: ModelReleases, to: str | None) -> str:
     candidates = [kept.previous_id()] + list(reversed(kept.release_ids()))
     for candidate in candidates:
         if candidate and candidate != current and candidate not in bad:
-            if kept.release(candidate).is_dir():
+            if _is_real_dir(kept.release(candidate)):
                 return _intact(kept, candidate)
     raise NothingToRollBack(
         f"{kept.model} has no release to roll back to (active: {current})",
@@ -380,7 +447,7 @@ def check_compat_links(adapter_dir: Path, links: list[str]) -> None:
 
 
 def compat_link(adapter_dir: Path, link: str, model: str) -> Path:
-    """fine_tuned_* -> adapters/<model>/active (seed §1.3)."""
+    """fine_tuned_* -> adapters/<model>/active (the operator's plan)."""
     path = compat_link_path(adapter_dir, link)
     path.parent.mkdir(parents=True, exist_ok=True)
     point(path, adapter_dir / model / "active")

@@ -1,4 +1,4 @@
-"""The endpoint's own `status.json` (seed §7.2): per model, written atomically."""
+"""The endpoint's own `status.json` (the operator's plan): per model, written atomically."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ PLAN_FIELDS = ("active_version", "previous_version", "last_reload", "health_stat
 def record_status(
     adapter_dir: Path, model: str, endpoint: str | None = None, **fields: Any
 ) -> None:
-    """Per model the plan's fields (seed §7.2) always present, richer ones beside them."""
+    """Per model the plan's fields (the operator's plan) always present, richer ones beside them."""
     status = read_status(adapter_dir)
     if endpoint:
         status["endpoint"] = endpoint

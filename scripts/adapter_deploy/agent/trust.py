@@ -3,6 +3,10 @@
 <adapter_dir>/trusted_keys/<key_id>.pub    installed by `make trust`
 <adapter_dir>/<model>/accepted.json        newest signed version accepted (rollback guard)
 <adapter_dir>/<model>/signatures.json      per release: the trusted key its signature passed
+
+A gguf-lora release applies to a GGUF base release (`<model>-gguf-base`, named in its
+base.json): on a trusting endpoint that base is held to the same rule as the release itself,
+each time the release is pre-checked, activated or restored, not only when it was staged.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from adapter_deploy.agent.releases import ModelReleases
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.errors import CorruptState
 from adapter_deploy.common.fsutil import atomic_write_bytes, atomic_write_json, read_state
+from adapter_deploy.common.names import check_version_id
+from adapter_deploy.engines.base import read_json
+from adapter_deploy.engines.llamacpp_engine import BASE_INFO, BASE_MODEL_SUFFIX
 from adapter_deploy.signing import SignatureRefused, key_id
 
 KEYS = "trusted_keys"
@@ -101,19 +108,49 @@ def record_signature(kept: ModelReleases, version_id: str, kid: str) -> None:
     atomic_write_json(_signatures_file(kept), records)
 
 
+def _signed_now(kept: ModelReleases, version_id: str, trusted: dict[str, bytes]) -> bool:
+    record = signatures(kept).get(version_id)
+    return record is not None and record.get("key_id") in trusted
+
+
 def require_signed(kept: ModelReleases, version_id: str | None, trusted: dict[str, bytes]) -> None:
     """On a trusting endpoint, only a release whose signature passed against a key trusted
-    now may become active (a release staged before `make trust` has no such record)."""
+    now may become active (a release staged before `make trust` has no such record); a
+    gguf-lora release's base is held to the same rule."""
     if version_id is None or not trusted:
         return
-    record = signatures(kept).get(version_id)
-    if record is None or record.get("key_id") not in trusted:
+    if not _signed_now(kept, version_id, trusted):
         raise SignatureRefused(
             f"{kept.model} {version_id} has no verified signature on this endpoint "
             "(it trusts signed releases only)",
             f"deploy it again (make deploy VERSION={version_id}) to verify its signature, "
             "or pick a signed release",
         )
+    named = base_named_by(kept, version_id)
+    if named is not None and not _signed_now(*named, trusted):
+        base, base_id = named
+        raise SignatureRefused(
+            f"{kept.model} {version_id} applies to the GGUF base {base.model} {base_id}, "
+            "which has no signature verified against a key this endpoint trusts now "
+            "(staged before `make trust`, or signed by a key since removed)",
+            f"deploy {kept.model} again (make deploy VERSION={version_id}): the deployer "
+            "stages its base again, and the endpoint checks the base's signature",
+        )
+
+
+def base_named_by(kept: ModelReleases, version_id: str) -> tuple[ModelReleases, str] | None:
+    """(the base's releases, its version id) when `version_id` is a gguf-lora release."""
+    info_file = kept.release(version_id) / BASE_INFO
+    if not info_file.is_file():
+        return None
+    base_id = read_json(info_file).get("version_id")
+    if not isinstance(base_id, str):
+        raise SignatureRefused(
+            f"{info_file} names no base release (version_id missing)",
+            "convert and deploy the release again",
+        )
+    base = ModelReleases(kept.adapter_dir, f"{kept.model}{BASE_MODEL_SUFFIX}")
+    return base, check_version_id(base_id)
 
 
 def signature_state(kept: ModelReleases, version_id: str | None, trusted: dict) -> str:

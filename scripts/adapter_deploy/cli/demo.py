@@ -12,22 +12,26 @@ good cycle 3 hot-reloaded, acknowledged and verified; a forced post-activation
 failure (an armed failpoint) rolled back automatically; a manual rollback; the
 status table and the deploy log. Everything lives under --dir; the service is
 left running detached (logs in <dir>/endpoint/service.log) until --clean.
+
+Before anything starts, the system tools the demo runs (git, rsync) are checked. Each
+command's output also goes to <dir>/demo.log. A step that fails stops the service the demo
+started and ends the demo with one line: the step, what failed (a command's exit code, or
+the service), the log to read; the exit code is the failed command's (5: the service).
 """
 
 import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-from adapter_deploy.common.errors import UsageError
+from adapter_deploy.cli import service
+from adapter_deploy.cli.demo_steps import DemoSteps, shown_path
+from adapter_deploy.common import prereqs
+from adapter_deploy.common.errors import HealthCheckFailed, UsageError
 from adapter_deploy.common.failpoints import arm
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.kit.net import free_port
@@ -45,31 +49,11 @@ GIT_ENV = {
 }
 
 
-def step(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
-
-
-def sh(env: dict, *argv: str, show_err: bool = True) -> int:
-    """Run one project command as an operator would, echoing it and its output."""
-    words = [
-        os.path.relpath(a, PROJECT_ROOT) if a.startswith(str(PROJECT_ROOT)) else a for a in argv[1:]
-    ]
-    shown = "python " + " ".join(a if " " not in a else repr(a) for a in words)
-    print(f"$ {shown}", flush=True)
-    proc = subprocess.run(list(argv), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
-    if proc.stdout.strip():
-        print(proc.stdout.rstrip())
-    if show_err and proc.stderr.strip():
-        print("\n".join("  | " + line for line in proc.stderr.rstrip().splitlines()))
-    print(f"(exit {proc.returncode})", flush=True)
-    return proc.returncode
-
-
 def script(name: str) -> str:
     return str(PROJECT_ROOT / "scripts" / name)
 
 
-def build_store(root: Path, env: dict) -> Path:
+def build_store(demo: DemoSteps, root: Path) -> Path:
     repo = root / "project"
     repo.mkdir(parents=True)
     (root / "dvc-remote").mkdir()
@@ -80,7 +64,7 @@ def build_store(root: Path, env: dict) -> Path:
         ["git", "add", "-A"],
         ["git", "commit", "-q", "-m", "store"],
     ):
-        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+        demo.sh(*cmd, cwd=repo, quiet=True)
     return repo
 
 
@@ -108,95 +92,80 @@ def write_params(root: Path, kit_base: Path, port: int) -> Path:
     return path
 
 
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the demo service did not become ready; see its log under {url}")
-
-
-def ask(url: str, text: str) -> str:
-    body = json.dumps({"model": "gemma_4b", "text": text}).encode()
-    req = urllib.request.Request(f"{url}/translate", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        answer = json.loads(resp.read())
-    return f"{answer['text']!r}  (served by {answer['version_id']})"
-
-
 def clean(root: Path) -> int:
-    pidfile = root / "endpoint" / "serve.pid"
-    if pidfile.exists():
-        try:
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)
-            print(f"stopped the demo service (pid {pidfile.read_text().strip()})")
-        except (ProcessLookupError, ValueError):
-            pass
+    # only a live service holding its pidfile is signalled (a stale pid may be a stranger's)
+    if service.stop(root / "endpoint" / "serve.pid"):
+        print("stopped the demo service")
     shutil.rmtree(root, ignore_errors=True)
     print(f"removed {root}")
     return 0
 
 
 def story(root: Path) -> int:
-    from adapter_deploy.kit.gemma import build_kit
-
     if root.exists():
         clean(root)
-    env = {**os.environ, **GIT_ENV}
-    step("0. Build the kit: a tiny real model and real LoRA adapters (no downloads)")
+    demo = DemoSteps(root, {**os.environ, **GIT_ENV}, PROJECT_ROOT)
+    with demo.stopping_service_on_failure():
+        url = steps(demo, root)
+    print(f"\nThe demo service keeps running on {url} (log: {shown_path(demo.service_log)}).")
+    print("Try: PARAMS=demo/params.yaml make status    Stop and remove it: make demo-clean")
+    return 0
+
+
+def steps(demo: DemoSteps, root: Path) -> str:
+    """The story, step by step; the service's URL (it keeps running)."""
+    from adapter_deploy.kit.gemma import build_kit
+
+    demo.step("0. Build the kit: a tiny real model and real LoRA adapters (no downloads)")
     kit = build_kit(root / "kit")
     print(f"base model {kit.base}\nadapters: good, good2, regressed under {kit.root}")
-    build_store(root, env)
+    build_store(demo, root)
     port = free_port()
-    params = write_params(root, kit.base, port)
-    env["PARAMS"] = str(params)
+    demo.env["PARAMS"] = str(write_params(root, kit.base, port))
     url = f"http://127.0.0.1:{port}"
     py = sys.executable
 
-    step("1. Start the local endpoint's inference service (hot reload on SIGUSR1)")
-    sh(env, py, script("service.py"), "start", "--endpoint", "local")
-    wait_ready(url)
+    demo.step("1. Start the local endpoint's inference service (hot reload on SIGUSR1)")
+    demo.start_service(py, script("service.py"), "start", "--endpoint", "local", url=url)
     print(f"service ready on {url}; no adapter deployed yet")
 
-    def version_and_deploy(cycle: int, adapter: Path) -> None:
+    def version_and_deploy(cycle: int, adapter: Path, expect: int = 0) -> None:
         """`make version` then `make deploy` of gemma_4b to the local endpoint."""
         src = ("--model", "gemma_4b", "--cycle", str(cycle), "--src", str(adapter))
-        sh(env, py, script("version.py"), *src)
+        demo.sh(py, script("version.py"), *src)
         where = ("--cycle", str(cycle), "--models", "gemma_4b", "--endpoints", "local")
-        sh(env, py, script("deploy_adapters.py"), *where)
+        demo.sh(py, script("deploy_adapters.py"), *where, expect=expect)
 
-    step("2. Version cycle 1 and deploy it: healthy")
+    def answer(what: str = "service answers:") -> None:
+        print(what, demo.ask(url, "gemma_4b", JAMES))
+
+    demo.step("2. Version cycle 1 and deploy it: healthy")
     version_and_deploy(1, kit.good)
-    print("service answers:", ask(url, JAMES))
+    answer()
 
-    step("3. A regressed cycle 2: the pre-check fails, nothing changes")
-    version_and_deploy(2, kit.regressed)
-    print("service still answers:", ask(url, JAMES))
+    demo.step("3. A regressed cycle 2: the pre-check fails, nothing changes")
+    version_and_deploy(2, kit.regressed, expect=HealthCheckFailed.exit_code)
+    answer("service still answers:")
 
-    step("4. A good cycle 3: hot reload, acknowledged by the service, verified")
+    demo.step("4. A good cycle 3: hot reload, acknowledged by the service, verified")
     version_and_deploy(3, kit.good2)
-    print("service answers:", ask(url, JAMES))
+    answer()
 
-    step(
+    demo.step(
         "5. Cycle 4 fails AFTER activation (a failpoint forces the verify to fail): "
         "automatic rollback"
     )
     arm(root / "endpoint" / "adapters", "verify", "fail")
-    version_and_deploy(4, kit.good)
-    print("service answers:", ask(url, JAMES))
+    version_and_deploy(4, kit.good, expect=HealthCheckFailed.exit_code)
+    answer()
 
-    step("6. Manual rollback (make rollback): back to the release before cycle 3")
-    sh(env, py, script("deploy_adapters.py"), "--rollback", "--endpoints", "local")
-    print("service answers:", ask(url, JAMES))
+    demo.step("6. Manual rollback (make rollback): back to the release before cycle 3")
+    demo.sh(py, script("deploy_adapters.py"), "--rollback", "--endpoints", "local")
+    answer()
 
-    step("7. Status table and the last deploy-log entries")
-    sh(env, py, script("status.py"))
-    sh(env, py, script("versions.py"))
+    demo.step("7. Status table and the last deploy-log entries")
+    demo.sh(py, script("status.py"))
+    demo.sh(py, script("versions.py"))
     log = root / "project" / "adapters" / "deploy_log.jsonl"
     for line in log.read_text().splitlines()[-4:]:
         e = json.loads(line)
@@ -204,9 +173,7 @@ def story(root: Path) -> int:
             f"{e['timestamp']} {e['action']:8} cycle={e['cycle']} {e['endpoint']} "
             f"{e['versions']} -> {e['status']} ({e['duration_s']} s)"
         )
-    print(f"\nThe demo service keeps running on {url} (log: {root}/endpoint/service.log).")
-    print("Try: PARAMS=demo/params.yaml make status    Stop and remove it: make demo-clean")
-    return 0
+    return url
 
 
 def main(args: argparse.Namespace) -> int:
@@ -215,7 +182,12 @@ def main(args: argparse.Namespace) -> int:
             f"{PROJECT_ROOT} is not an Adapter Deploy checkout", "run make demo in the project"
         )
     root = Path(args.dir).resolve()
-    return clean(root) if args.clean else story(root)
+    if args.clean:
+        return clean(root)
+    absent = prereqs.missing(["demo"])  # make demo checked them before installing
+    if absent:
+        raise UsageError("; ".join(prereqs.missing_line(name) for name in absent))
+    return story(root)
 
 
 def cli() -> argparse.ArgumentParser:

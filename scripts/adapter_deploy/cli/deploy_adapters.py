@@ -1,4 +1,4 @@
-"""Deploy adapter versions to endpoints, or roll back (seed §3).
+"""Deploy adapter versions to endpoints, or roll back (the operator's plan).
 
 Usage:
     python scripts/deploy_adapters.py --cycle 1 --all-adapters --endpoints mac-dev church-rtx2070-1

@@ -22,6 +22,7 @@ import json
 
 from adapter_deploy import api
 from adapter_deploy.cli.render import render
+from adapter_deploy.common.names import printable
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 from adapter_deploy.deploy.doctor import COLUMNS
@@ -41,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     for e in result.endpoints:
         failed = [c["check"] for c in e["checks"] if c["status"] == "FAIL"]
         verdict = "a deploy would work" if not failed else "FAIL: " + ", ".join(failed)
-        print(f"[{e['endpoint']}] {verdict}")
+        print(f"[{e['endpoint']}] {printable(verdict)}")
     return result.exit_code
 
 

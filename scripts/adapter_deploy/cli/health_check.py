@@ -1,4 +1,4 @@
-"""Health-check one release with the 5-sentence smoke test (seed §4).
+"""Health-check one release with the 5-sentence smoke test (the operator's plan).
 
 Usage:
     python scripts/health_check.py --model gemma_4b --adapter-dir DIR
@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from adapter_deploy.common.errors import HealthCheckFailed
+from adapter_deploy.common.names import printable
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.health import (
     DEFAULT_LATENCY_LIMIT_S,
@@ -84,7 +85,7 @@ def report(result: HealthResult, model: str) -> None:
     verdict = "PASSED" if result.all_passed else "FAILED"
     print(f"[HEALTH] {model}: {verdict}")
     for line in result.failures():
-        print(f"[HEALTH] {line}")
+        print(f"[HEALTH] {printable(line)}")  # quotes the model's output
     if result.latency_p50 is not None:
         print(f"[HEALTH] latency p50 {result.latency_p50:.3f} s, p95 {result.latency_p95:.3f} s")
 

@@ -6,7 +6,8 @@ Usage:
 
 One row per version: cycle, date, final loss and eval WER with the change
 against the previous version (a regression is marked "!"), and where it was
-deployed, rolled back or refused according to the deploy log.
+deployed, rolled back or refused according to the deploy log, and how far each staged
+rollout of it went (waves done, halted where and why).
 """
 
 import argparse
@@ -16,7 +17,7 @@ from adapter_deploy.cli.render import print_per_model
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 
-COLUMNS = ("version id", "cycle", "date", "final_loss", "eval_wer", "deployments")
+COLUMNS = ("version id", "cycle", "date", "final_loss", "eval_wer", "deployments", "rollout")
 
 
 def _trend(value: object, before: object) -> str:
@@ -40,6 +41,7 @@ def rows_for(versions: list[dict]) -> list[list[object]]:
                 _trend(metrics.get("final_loss"), before.get("final_loss")),
                 _trend(metrics.get("eval_wer"), before.get("eval_wer")),
                 ", ".join(v["deployments"]) or "-",
+                "; ".join(v.get("rollouts") or []) or "-",
             ]
         )
         before = metrics

@@ -9,10 +9,18 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapter_deploy.api import RunResult
+from adapter_deploy.common.names import printable
 from adapter_deploy.deploy.plan import EndpointOutcome
+
+
+def cell(value: object) -> str:
+    """A value as table text: rich markup (`[link=...]`, `[red]`) shown, not obeyed, and no
+    control characters (cells carry what endpoints and models said)."""
+    return escape(printable(value))
 
 
 def render(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -21,11 +29,11 @@ def render(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
     console = Console(
         file=None, force_terminal=tty, no_color=not tty, width=200 if not tty else None
     )
-    table = Table(title=title, box=box.SIMPLE if tty else box.ASCII2, title_justify="left")
+    table = Table(title=cell(title), box=box.SIMPLE if tty else box.ASCII2, title_justify="left")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*("" if v is None else cell(v) for v in row))
     with console.capture() as capture:
         console.print(table)
     return capture.get()
@@ -79,7 +87,7 @@ def print_run(result: RunResult, as_json: bool) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return result.exit_code
     if result.note:
-        print(result.note)
+        print(printable(result.note))
     if result.not_in_cycle:
         print("not in this cycle (left as they are): " + ", ".join(result.not_in_cycle))
     if result.plan is not None:

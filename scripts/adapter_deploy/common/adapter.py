@@ -139,11 +139,11 @@ def check_adapter(src: Path) -> None:
         )
 
 
-PLAN_METRICS = ("final_loss", "eval_wer", "epochs", "data_hours")  # seed §1.4
+PLAN_METRICS = ("final_loss", "eval_wer", "epochs", "data_hours")  # the operator's plan
 
 
 def read_metrics(path: Path | None) -> tuple[dict[str, Any] | None, list[str]]:
-    """Training metrics (seed §1.4) and the plan's fields they lack. None when there is no
+    """Training metrics (the operator's plan) and the plan's fields they lack. None when there is no
     file (recorded as absent, never as {}); the plan's fields, where present, must be
     non-negative numbers (all problems listed at once); unknown fields are kept."""
     if path is None or not path.is_file():

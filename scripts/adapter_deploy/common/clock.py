@@ -1,4 +1,4 @@
-"""The one timestamp format of every record: UTC ISO 8601 with `Z` (seed §7)."""
+"""The one timestamp format of every record: UTC ISO 8601 with `Z` (the operator's plan)."""
 
 from __future__ import annotations
 

@@ -61,6 +61,11 @@ class CorruptState(UsageError):
     """A state file is not what this project writes: reported, never read as empty."""
 
 
+class TamperedTool(UsageError):
+    """A pinned tool (the llama-cpp-python sdist, llama.cpp's converter tree) whose bytes are
+    not the ones this repository pins: refused before it is built or run."""
+
+
 class BadAudio(UsageError):
     """An audio clip that is not a PCM WAV we can decode."""
 
@@ -84,8 +89,17 @@ class ChecksumMismatch(RemoteError):
     """A transferred file does not match the manifest."""
 
 
+class HostKeyRefused(RemoteError):
+    """An ssh host whose key is not in, or does not match, the user's known_hosts: nothing
+    is sent to it (and no ssh-agent is ever forwarded to any host)."""
+
+
 class DiskFull(RemoteError):
     """The endpoint ran out of space mid-transfer."""
+
+
+class UntrustedReply(RemoteError):
+    """An endpoint answered with a name or version id this project never writes."""
 
 
 class HealthCheckFailed(AdapterDeployError):
@@ -104,6 +118,21 @@ class Locked(AdapterDeployError):
     exit_code = 7
 
 
+class StepFailed(AdapterDeployError):
+    """A step of a scripted run (make demo) failed: its command's own exit code (one of the
+    codes above; 1 for any other), or 5 when the service it started stopped answering."""
+
+    def __init__(self, message: str, fix: str | None, exit_code: int) -> None:
+        super().__init__(message, fix)
+        self.exit_code = exit_code if exit_code in EXIT_CODES and exit_code else 1
+
+
+class RolloutHalted(AdapterDeployError):
+    """A wave of a staged rollout failed: the later waves were held on their release."""
+
+    exit_code = 8
+
+
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error",
@@ -113,4 +142,5 @@ EXIT_CODES = {
     5: "reload failed",
     6: "nothing to roll back",
     7: "endpoint locked",
+    8: "rollout halted: a wave failed, the later waves were held",
 }

@@ -19,6 +19,8 @@ lookup per point. The points, in the order a deploy reaches them:
     deploy.before_log       every endpoint done; the training-side deploy log not written
     rollback.after_mark_bad VERIFY failed and the release is marked bad; links not back yet
     rollback.after_links    links back on the old release and re-signalled, not re-verified
+and in a staged rollout (ROLLOUT_POINTS):
+    rollout.after_wave      a wave is done and recorded; the next wave not started
 and in a manual rollback (MANUAL_ROLLBACK_POINTS):
     manual_rollback.after_mark_bad   the release rolled back from is marked bad; links unmoved
     manual_rollback.after_links      links on the target, not yet health-checked or recorded
@@ -48,6 +50,7 @@ DEPLOYER_POINTS = (
     "rollback.after_mark_bad",
     "rollback.after_links",
 )
+ROLLOUT_POINTS = ("rollout.after_wave",)  # reached only by a staged rollout
 # Reached by `make rollback` (deploy_adapters.py --rollback), not by a deploy.
 MANUAL_ROLLBACK_POINTS = ("manual_rollback.after_mark_bad", "manual_rollback.after_links")
 
@@ -64,14 +67,21 @@ def trigger(adapter_dir: Path, name: str) -> str | None:
     action = armed.pop(name, None)
     if action is None:
         return None
+    if isinstance(action, list):  # a sequence, one action per time the point is reached
+        action, rest = (action[0], action[1:]) if action else (None, [])
+        if rest:
+            armed[name] = rest
     atomic_write_json(path, armed)
+    if action is None or action == "pass":
+        return None
     log.warning("failpoint %s: %s", name, action)
     if action == "crash":
         os._exit(CRASH_EXIT)
     return action
 
 
-def arm(adapter_dir: Path, name: str, action: str) -> None:
+def arm(adapter_dir: Path, name: str, action: str | list[str]) -> None:
+    """Arm `name` with an action, or a list of them ("pass" does nothing) taken in turn."""
     path = adapter_dir / FILE
     armed = json.loads(path.read_text()) if path.exists() else {}
     armed[name] = action

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import IO, Any
 
+from adapter_deploy.common.names import printable
+
 ENV = "LOG_JSON"
 _FIELDS = ("endpoint", "model")
 _CONTEXT: dict[str, ContextVar[str | None]] = {
@@ -87,6 +89,28 @@ def _exception_text(record: logging.LogRecord) -> str | None:
     return record.exc_text or None
 
 
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message with what it quotes (endpoint answers, model output, paths)
+    made printable: a value can neither colour the terminal nor start a forged log line;
+    the message's own text (its format string) stays as written."""
+    if not record.args:
+        return printable(record.getMessage())
+
+    def safe(value: Any) -> Any:
+        return value if isinstance(value, int | float) else printable(value)
+
+    args = record.args
+    values = (
+        {k: safe(v) for k, v in args.items()}
+        if isinstance(args, dict)
+        else tuple(safe(a) for a in args)
+    )
+    try:
+        return str(record.msg) % values
+    except (TypeError, ValueError, KeyError):  # as logging would show it, escaped
+        return printable(record.getMessage())
+
+
 class TextFormatter(logging.Formatter):
     """`<ts> <LEVEL> [endpoint] [model] message`; with `verbose`, the logger name too."""
 
@@ -99,7 +123,7 @@ class TextFormatter(logging.Formatter):
         if self.verbose:
             parts.append(record.name)
         parts += [f"[{v}]" for f in _FIELDS if (v := getattr(record, f, None))]
-        parts.append(record.getMessage())
+        parts.append(safe_message(record))
         line = " ".join(parts)
         exc = _exception_text(record)
         return f"{line}\n{exc}" if exc else line

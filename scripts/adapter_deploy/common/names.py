@@ -16,6 +16,21 @@ VERSION_RE = re.compile(r"cycle[0-9]+_[0-9]{8}_[0-9a-f]{8}")
 FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 
 
+# Terminal control (C0, DEL, C1) and the bidirectional overrides that reorder what is shown.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """`text` safe to show on a terminal or in a one-line log: every control character
+    (escapes, carriage returns, newlines that would forge a line) written as `\\xNN`."""
+
+    def escaped(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNPRINTABLE.sub(escaped, str(text))
+
+
 def check_name(kind: str, value: str) -> str:
     """Names end up in paths and remote commands: allow only a safe alphabet."""
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):

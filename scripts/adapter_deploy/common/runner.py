@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from adapter_deploy.common import logs
 from adapter_deploy.common.errors import EXIT_CODES, AdapterDeployError
+from adapter_deploy.common.names import printable
 
 _EPILOG = "exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
 
@@ -79,7 +80,7 @@ def _exit_with(as_json: bool, err: AdapterDeployError, **extra: str) -> NoReturn
         }
         print(logs.json_line("error", err.message, **fields), file=sys.stderr)
     else:
-        print(_red(f"error: {err.one_line()}"), file=sys.stderr)
+        print(_red(f"error: {printable(err.one_line())}"), file=sys.stderr)
     sys.exit(err.exit_code)
 
 

@@ -5,9 +5,10 @@ copied into this project):
     F16     llama.cpp's converter, `convert_hf_to_gguf.py --outtype f16`, run as a subprocess
             with this project's python from the source tree `make gguf-tools` extracts from the
             llama-cpp-python sdist (LLAMA_CPP_VERSION) into
-            ~/.cache/adapter-deploy/llama.cpp-<version>/ ($ADAPTER_DEPLOY_LLAMA_CPP names
-            another tree). The converter writes the tokenizer as llama.cpp reads Gemma's:
-            SentencePiece (`tokenizer.model`), its special tokens, chat template and hparams.
+            ~/.cache/adapter-deploy/llama.cpp-<version>/ ($ADAPTER_DEPLOY_LLAMA_CPP puts
+            it elsewhere; the same pins hold there). The converter writes the tokenizer as
+            llama.cpp reads Gemma's: SentencePiece (`tokenizer.model`), its special tokens,
+            chat template and hparams.
             Gemma 3 text-only (Gemma3ForCausalLM) or the multimodal TranslateGemma layout
             (Gemma3ForConditionalGeneration), whose language model is written and whose
             vision tower is left out (llama.cpp keeps vision in a separate mmproj file, and
@@ -24,6 +25,11 @@ Only safetensors are read. K-quants (Q4_K_M) need tensor rows in multiples of 25
 falls back to a legacy quant type for narrower tensors, so tiny models still convert. The
 converter's version (llama-cpp-python release, llama.cpp commit, gguf-py version) is part of
 the conversion key (`tool_versions()`), so a new converter reconverts.
+
+The converter tree lies in a user-writable cache, so it runs only as the bytes this repository
+pins (`converter_tree`: the sdist's sha256 and the sha256 of the tree's file list): every run
+is from a private copy of files checked as they were read, and a changed or planted tree is
+refused before anything of it runs.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy.common.errors import AdapterError
+from adapter_deploy.common.errors import AdapterDeployError, AdapterError
+from adapter_deploy.convert import converter_tree
+from adapter_deploy.convert.converter_tree import CONVERTER_INFO, LLAMA_CPP_VERSION
 from adapter_deploy.engines.base import read_json
 from adapter_deploy.engines.llamacpp_engine import TOOLS_HINT
 
@@ -48,19 +56,15 @@ log = logging.getLogger(__name__)
 GGUF_TYPES = ("Q4_K_M", "Q8_0", "F16")
 DEFAULT_GGUF_TYPE = "Q4_K_M"
 GGUF_FILE = "model.gguf"
-# The llama-cpp-python release whose vendored llama.cpp converts and quantizes (the Makefile's
-# LLAMA_CPP_VERSION; a test keeps the two equal).
-LLAMA_CPP_VERSION = "0.3.36"
-CONVERTER_ENV = "ADAPTER_DEPLOY_LLAMA_CPP"  # a llama.cpp source tree other than the cached one
+CONVERTER_ENV = "ADAPTER_DEPLOY_LLAMA_CPP"  # the pinned converter tree elsewhere than the cache
 CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
-CONVERTER_INFO = "converter.json"  # written last by `make gguf-tools`: which source this is
 SENTENCEPIECE_MODEL = "tokenizer.model"
 LLAMA_CPP_GEMMA3_SWA_PATTERN = 6  # every 6th layer full attention (see layer_pattern_mismatch)
 CONVERT_TIMEOUT_S = 3600
 # What this project serves as GGUF: Gemma 3, text-only or the multimodal TranslateGemma layout.
 _MODEL_TYPES = ("gemma3_text", "gemma3")
 _ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
-_INSTALL_FIX = f"run `make gguf-tools` (or set {CONVERTER_ENV} to a llama.cpp source tree)"
+_INSTALL_FIX = f"run `make gguf-tools` (with {CONVERTER_ENV} set, it extracts there)"
 
 
 def converter_dir() -> Path:
@@ -73,16 +77,25 @@ def converter_dir() -> Path:
 
 
 def converter_info() -> dict[str, Any] | None:
-    """The converter's version record, or None where no complete source tree is present."""
-    src = converter_dir()
-    if not (src / CONVERTER_SCRIPT).is_file() or not (src / "gguf-py" / "gguf").is_dir():
-        return None
+    """The converter's version record, or None where no complete, pinned source tree is."""
     try:
-        info = json.loads((src / CONVERTER_INFO).read_text())
-    except (OSError, json.JSONDecodeError):
+        return _converter_record()
+    except AdapterDeployError:
         return None
-    if not isinstance(info, dict):
-        return None
+
+
+def _converter_record() -> dict[str, Any]:
+    """The checked tree's version record (without its file list); AdapterError where no tree
+    is, TamperedTool where its files are not the pinned ones."""
+    src = converter_dir()
+    if not (src / CONVERTER_SCRIPT).is_file() or not (src / CONVERTER_INFO).is_file():
+        raise AdapterError(
+            f"llama.cpp's GGUF converter ({CONVERTER_SCRIPT}, llama-cpp-python "
+            f"{LLAMA_CPP_VERSION}) is not in {src}",
+            fix=_INSTALL_FIX + ", or use format merged",
+        )
+    record = converter_tree.verify(src)
+    info = {k: v for k, v in record.items() if k != "files"}
     try:
         project = tomllib.loads((src / "gguf-py" / "pyproject.toml").read_text())
         info["gguf-py"] = project["project"]["version"]
@@ -99,13 +112,8 @@ def tools_available(gguf_type: str = DEFAULT_GGUF_TYPE) -> bool:
 
 
 def check_tools(gguf_type: str = DEFAULT_GGUF_TYPE) -> None:
-    """Raise with the fix where the tools `gguf_type` needs are missing."""
-    if converter_info() is None:
-        raise AdapterError(
-            f"llama.cpp's GGUF converter ({CONVERTER_SCRIPT}, llama-cpp-python "
-            f"{LLAMA_CPP_VERSION}) is not in {converter_dir()}",
-            fix=_INSTALL_FIX + ", or use format merged",
-        )
+    """Raise with the fix where the tools `gguf_type` needs are missing or not the pinned ones."""
+    _converter_record()
     if gguf_type != "F16" and importlib.util.find_spec("llama_cpp") is None:
         raise AdapterError(TOOLS_HINT, fix="run `make gguf-tools`, or use format merged")
 
@@ -208,25 +216,26 @@ def write_f16(model_dir: Path, out_file: Path) -> Path:
 def run_converter(
     script: str, args: list[str], tool: str, source: Path, out_file: Path, cwd: Path, fix: str
 ) -> None:
-    """Run one of llama.cpp's converter scripts (from the pinned tree) on `source`: `out_file`
-    exists after, or AdapterError with the converter's last lines."""
-    src = converter_dir()
+    """Run one of llama.cpp's converter scripts on `source`, from a private copy of the pinned
+    tree checked as it is made (TamperedTool, before anything runs, where a file differs):
+    `out_file` exists after, or AdapterError with the converter's last lines."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter reads dirs, nothing else
     env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, never another one
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p
-    )
-    cmd = [sys.executable, str(src / script), *args]
-    log.debug("running %s", " ".join(cmd))
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=CONVERT_TIMEOUT_S
+    with converter_tree.verified_copy(converter_dir()) as src:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p
         )
-    except subprocess.TimeoutExpired as err:
-        raise AdapterError(
-            f"{tool} ran past {CONVERT_TIMEOUT_S}s on {source}",
-            fix="check the machine's load and memory, then convert again",
-        ) from err
+        cmd = [sys.executable, str(src / script), *args]
+        log.debug("running %s", " ".join(cmd))
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=CONVERT_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as err:
+            raise AdapterError(
+                f"{tool} ran past {CONVERT_TIMEOUT_S}s on {source}",
+                fix="check the machine's load and memory, then convert again",
+            ) from err
     log.debug("%s output:\n%s", tool, proc.stderr)
     if proc.returncode != 0 or not out_file.is_file():
         out_file.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Alert hooks: "ROLLED BACK with alert" (seed §3.2).
+"""Alert hooks: "ROLLED BACK with alert" (the operator's plan).
 
 On an aborted deploy, an automatic rollback or a failed verify, every configured
 hook gets a JSON summary: `alert_command` (argv; the JSON on stdin) and/or an
@@ -22,6 +22,7 @@ import urllib.request
 from typing import Any
 
 from adapter_deploy.common.logs import log_context
+from adapter_deploy.common.names import printable
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.plan import EndpointOutcome
 
@@ -78,16 +79,33 @@ def one_line(alert: dict[str, Any]) -> str:
     serving = alert.get("serving") or "the base model"
     error = " ".join(str(alert.get("error") or "").split()).removeprefix(f"{endpoint}: ")
     error = error if len(error) <= MAX_ERROR else error[: MAX_ERROR - 1] + "…"
-    if alert["status"] == "rolled_back":
+    if alert["status"] == "halted":
+        held = ", ".join(alert["held"]) or "none"
+        line = f"rollout halted at wave {alert['wave']} — {', '.join(alert['failed'])} failed; "
+        line += f"held on their current release: {held}"
+    elif alert["status"] == "rolled_back":
         line = f"rollback on {endpoint} — {what} failed verify, back on {serving}"
     elif alert["status"] == "aborted":
         line = f"{alert['action']} aborted on {endpoint} — {what} failed the pre-check, "
-        line += "nothing changed"  # active untouched (seed §3.2)
+        line += "nothing changed"  # active untouched (the operator's plan)
     elif model:
         line = f"{alert['action']} failed on {endpoint} — {what}: {error}"
     else:
         line = f"{alert['action']} failed on {endpoint} ({alert['phase']}): {error}"
-    return f"{TITLE}: {line}"
+    return f"{TITLE}: {chat_safe(line)}"
+
+
+ZWSP = "\u200b"  # zero-width space: shown as nothing, but breaks the chat syntax it sits in
+
+
+def chat_safe(text: str) -> str:
+    """Text quoted from endpoints (errors, model output) as inert chat text: no control
+    characters, no mentions (`@here`, `@everyone`, `<!channel>`, `<@U123>`), no link
+    syntax (`<url|label>`, `[label](url)`) and no bare link a chat would unfurl."""
+    text = printable(text)
+    for mark in ("@", "<", "](", "://"):
+        text = text.replace(mark, mark[0] + ZWSP + mark[1:])
+    return text
 
 
 def http_body(alert: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +142,23 @@ def _site(url: str) -> str:
 
 def send_alerts(params: Params, action: str, outcomes: list[EndpointOutcome]) -> int:
     """Run the hooks for every alerting outcome; returns how many alerts were raised."""
-    alerts = summaries(action, outcomes)
+    return raise_alerts(params, summaries(action, outcomes))
+
+
+def halt_alert(wave: str, failed: list[str], held: list[str]) -> dict[str, Any]:
+    """A staged rollout stopped: which endpoint failed in which wave, and who was held."""
+    return {
+        "action": "deploy",
+        "endpoint": failed[0],
+        "status": "halted",
+        "phase": "rollout",
+        "wave": wave,
+        "failed": failed,
+        "held": held,
+    }
+
+
+def raise_alerts(params: Params, alerts: list[dict[str, Any]]) -> int:
     for alert in alerts:
         with log_context(endpoint=alert["endpoint"], model=alert.get("model")):
             log.warning("ALERT %s", one_line(alert).removeprefix(f"{TITLE}: "))

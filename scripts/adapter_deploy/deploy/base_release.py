@@ -5,7 +5,10 @@ and is verified by sha256 like any release, then passes its own pre-check, load 
 `generate.json`: plain inputs, any non-empty answer passes; a base alone is not expected to
 translate the adapter's sentences), and is recorded as verified. It is never activated, so no
 service serves it as a model of its own; each LoRA release names it by version id. An endpoint
-that holds it verified already gets nothing sent: every later cycle ships only the LoRA.
+that holds it verified already gets nothing sent: every later cycle ships only the LoRA. It is
+staged every time all the same, as any present release is: the endpoint re-checks its files
+(a damaged copy is sent again and checked again) and, where it trusts a key, its signature
+(a base staged before `make trust`, or signed by a key since removed, is signed now).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ def ensure_base(run: EndpointRun, base: Release, out: ModelOutcome) -> bool:
     assert run.session
     view = run.session.call(p.Hello(models=[base.model]))["models"][base.model]
     kept = base.version_id in view["releases"] and base.version_id not in view["bad"]
-    if kept and view.get("verified") == base.version_id:
-        run.say(base.model, "base", f"{base.version_id} already verified (0 B)")
-        return True
+    verified = kept and view.get("verified") == base.version_id
     sent = ModelOutcome(base.model, base.version_id)
-    run.transfer(base, sent)
+    staged = run.transfer(base, sent)  # never skipped: Stage is where its signature is checked
     out.bytes_sent += sent.bytes_sent
+    if verified and staged == "present":
+        run.say(base.model, "base", f"{base.version_id} already verified ({sent.bytes_sent} B)")
+        return True
     result = run.session.call(
         p.Health(
             model=base.model,

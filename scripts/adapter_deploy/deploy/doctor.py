@@ -11,6 +11,7 @@ The endpoint's side is one read-only agent session (no lock, nothing created) an
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from adapter_deploy import __version__
 from adapter_deploy import protocol as p
 from adapter_deploy.common.errors import AdapterDeployError
+from adapter_deploy.common.prereqs import install_hint
 from adapter_deploy.config import EndpointParams, Params
 from adapter_deploy.deploy.doctor_checks import (
     SKIP,
@@ -107,7 +109,7 @@ def _reach(
         finally:
             session.close()
     except AdapterDeployError as err:
-        rows.append(fail("agent", err.message, err.fix, err.exit_code))
+        rows.append(python_missing(conn, err) or fail("agent", err.message, err.fix, err.exit_code))
         return None, 0.0
     agent = f"protocol {p.PROTOCOL_VERSION}, code {session.agent_version}"
     if session.agent_version != __version__:
@@ -121,6 +123,20 @@ def _reach(
     else:
         rows.append(ok("agent", agent))
     return facts, arrived
+
+
+def python_missing(conn: Connection, err: AdapterDeployError) -> Check | None:
+    """The python row when the endpoint's shell found no `python` command to start the agent
+    with (a path that is missing there means the project is not installed: the agent row)."""
+    python = conn.endpoint_python()
+    name = re.escape(python)  # bash, dash: "python3: (command) not found"; zsh: the reverse
+    said = re.search(
+        rf"(^|\W){name}: (command )?not found|command not found: {name}\b", err.message
+    )
+    if "/" in python or said is None:
+        return None
+    fix = f"install it on the endpoint: {install_hint('python3')}; or set python: to one there"
+    return fail("python", f"{python} is missing on the endpoint", fix, 3)
 
 
 def _judge(

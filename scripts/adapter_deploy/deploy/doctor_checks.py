@@ -11,13 +11,13 @@ from typing import Any
 
 from adapter_deploy import signing
 from adapter_deploy.agent.doctor import rsync_version
+from adapter_deploy.common.prereqs import MIN_PYTHON, install_hint
 from adapter_deploy.config import EndpointParams, Params
 from adapter_deploy.deploy.plan import release_format
 from adapter_deploy.store.manifest import load_manifest, versions_of
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 CLOCK_WARN_S = 5.0
-MIN_PYTHON = (3, 11)
 
 
 @dataclass
@@ -56,7 +56,8 @@ def check_python(facts: dict[str, Any]) -> Check:
     detail += f"here {_dotted(sys.version_info[:3])}"
     if theirs[:2] < MIN_PYTHON:
         need = _dotted(MIN_PYTHON)
-        fix = f"install Python >= {need} on the endpoint, set python: to it, make bootstrap"
+        fix = f"install Python >= {need} on the endpoint ({install_hint('python3')}), "
+        fix += "set python: to it, then make bootstrap"
         return fail("python", detail + f": the endpoint needs >= {need}", fix, 3)
     return ok("python", detail)
 
@@ -64,13 +65,14 @@ def check_python(facts: dict[str, Any]) -> Check:
 def check_rsync(ep: EndpointParams, facts: dict[str, Any]) -> Check:
     here, theirs = rsync_version(), facts["rsync_version"]
     if here is None:
-        return fail("rsync", "rsync is missing on this machine", "install rsync here", 3)
+        fix = f"install it here: {install_hint('rsync')}"
+        return fail("rsync", "rsync is missing on this machine", fix, 3)
     if ep.transport == "local":
         return ok("rsync", f"here {_dotted(here)} (transport local)")
     detail = f"here {_dotted(here)}, endpoint {_dotted(theirs)}"
     if theirs is None:
         where = f" at {ep.rsync_path}" if ep.rsync_path else " (not on its PATH)"
-        fix = "install it there (apt-get install rsync / brew install rsync) or set rsync_path"
+        fix = f"install it on the endpoint: {install_hint('rsync')}; or set rsync_path"
         return fail("rsync", f"rsync is missing on the endpoint{where}", fix, 3)
     if theirs[0] < 3:
         fix = "install rsync >= 3 on the endpoint (brew install rsync) and set rsync_path"
@@ -84,7 +86,7 @@ def check_base_model(model: str, state: dict[str, Any]) -> Check:
     if state["ok"]:
         return ok(check, f"{state['detail']} has a readable config.json")
     if state["kind"] == "hub":
-        fix = f"on the endpoint: huggingface-cli download {name}, or set base_models.{model}"
+        fix = f"on the endpoint: hf download {name}, or set base_models.{model}"
         fix += " to a local copy"
     else:
         fix = f"copy the base model to {name} on the endpoint, or fix base_models.{model}"

@@ -26,6 +26,7 @@ from adapter_deploy.common.errors import (
     RemoteError,
 )
 from adapter_deploy.common.logs import log_context
+from adapter_deploy.common.prereqs import install_hint
 from adapter_deploy.config import Params
 from adapter_deploy.deploy import records
 from adapter_deploy.deploy.plan import (
@@ -99,7 +100,8 @@ def deploy_endpoint(
         session = run.open(early_releases(params, name, chosen), farm)
         hello = session.call(p.Hello(models=[r.model for r in chosen]))
         if not hello["rsync"] and not run.conn.local:
-            raise RemoteError(f"{name}: rsync is missing on the endpoint", "install rsync there")
+            fix = f"install it on the endpoint: {install_hint('rsync')}"
+            raise RemoteError(f"{name}: rsync is missing on the endpoint", fix)
         prepared = [for_endpoint(params, run.ep, r) for r in chosen]
         on_endpoint = hello["models"]
         run.push_all(

@@ -11,7 +11,9 @@ from adapter_deploy.config import Params
 from adapter_deploy.deploy.fleet import run_parallel
 from adapter_deploy.deploy.remote import Connection, Session
 
-COLUMNS = ("endpoint", "model", "active", "previous", "loaded", "last reload", "health")
+COLUMNS = (
+    "endpoint", "model", "active", "previous", "loaded", "last reload", "health", "rollout"
+)  # fmt: skip
 
 
 def endpoint_status(params: Params, name: str, control_dir: Path) -> dict[str, Any]:
@@ -47,11 +49,13 @@ def status_rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for st in statuses:
         if "error" in st:
-            rows.append([st["endpoint"], "-", "-", "-", "-", "-", st["error"]])
+            rows.append([st["endpoint"], "-", "-", "-", "-", "-", st["error"], st.get("rollout")])
             continue
         models = st.get("models", {})
         if not models:
-            rows.append([st["endpoint"], "-", "nothing deployed", "", "", "", ""])
+            rows.append(
+                [st["endpoint"], "-", "nothing deployed", "", "", "", "", st.get("rollout")]
+            )
         for model, info in sorted(models.items()):
             reload = info.get("last_reload") or {}
             health = info.get("health_status") or (
@@ -66,6 +70,7 @@ def status_rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
                     _loaded(st, model),
                     reload.get("at") if isinstance(reload, dict) else reload,
                     health,
+                    st.get("rollout") or "",
                 ]
             )
     return rows

@@ -1,4 +1,4 @@
-"""Service hours (seed §5.4: "schedule deployments between services").
+"""Service hours (the operator's plan: "schedule deployments between services").
 
 An endpoint may declare `quiet_hours`: weekday and time ranges in its own time
 zone (`timezone`, IANA name; default this machine's). A deploy or rollback that

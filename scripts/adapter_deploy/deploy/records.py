@@ -1,4 +1,4 @@
-"""What a deploy or rollback leaves behind on the training side (seed §7).
+"""What a deploy or rollback leaves behind on the training side (the operator's plan).
 
 - adapters/deploy_log.jsonl: one JSON line per action per endpoint
 - adapters/manifest.json: the deployments list
@@ -27,6 +27,7 @@ from adapter_deploy.common.fsutil import (
     read_jsonl,
     read_state,
 )
+from adapter_deploy.common.names import printable
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome
 from adapter_deploy.store import registry
@@ -66,7 +67,7 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def health_results(models: list[ModelOutcome]) -> dict[str, Any]:
-    """seed §7.1: {"pre_activation": {...}, "post_activation": {...}} over all models."""
+    """the operator's plan: {"pre_activation": {...}, "post_activation": {...}} over all models."""
     phases = ("pre_activation", "post_activation")
     return {
         phase: _summary([m.health[phase] for m in models if m.health.get(phase)])
@@ -79,7 +80,7 @@ def _status_of(outcome: EndpointOutcome) -> str:
     statuses = {m.status for m in outcome.models}
     if outcome.error:
         return "failed"
-    for worst in ("failed", "rolled_back", "aborted"):
+    for worst in ("failed", "rolled_back", "aborted", "held"):
         if worst in statuses:
             return worst
     return "success"
@@ -119,7 +120,7 @@ def log_entry(
     }
 
 
-_WORST = ("failed", "rolled_back", "aborted", "success")
+_WORST = ("failed", "rolled_back", "aborted", "held", "success")
 # Actions that change what runs; a transfer, precheck or verify alone changes nothing.
 CHANGES_WHAT_RUNS = ("deploy", "rollback", "activate")
 
@@ -130,9 +131,14 @@ def record(
     outcomes: list[EndpointOutcome],
     run_id: str,
     cycle: int | None = None,
+    rollout: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
+    """`rollout`: for a staged rollout, the wave these outcomes belong to (kept in each
+    entry as `rollout`: {wave, index, waves, halted}), so history shows how far it went."""
     adapters = params.adapters_dir
     entries = [log_entry(action, o, run_id, cycle) for o in outcomes]
+    if rollout is not None:
+        entries = [{**entry, "rollout": rollout} for entry in entries]
     for entry in entries:
         append_jsonl(adapters / DEPLOY_LOG, entry)
     if action in ("deploy", "rollback"):
@@ -155,6 +161,7 @@ def _commit_message(action: str, run_id: str, entries: list[dict[str, Any]]) -> 
     for entry in entries:
         versions = ", ".join(f"{m} {v}" for m, v in entry["versions"].items()) or "nothing"
         lines.append(f"{versions} on {entry['endpoint']}: {entry['status']}")
+    lines = [printable(line) for line in lines]  # a status or id never forges a git line
     if len(lines) == 1:
         return f"{action} {run_id}: {lines[0]}"
     return f"{action} {run_id}: {len(lines)} endpoints\n\n" + "\n".join(lines)
@@ -167,7 +174,7 @@ def _deployment(
     entries: list[dict[str, Any]],
     outcomes: list[EndpointOutcome],
 ) -> dict[str, Any]:
-    """seed §1.4: one entry per run with its models and endpoints."""
+    """the operator's plan: one entry per run with its models and endpoints."""
     statuses = [e["status"] for e in entries]
     models = sorted({m for e in entries for m in e["models"]})
     return {

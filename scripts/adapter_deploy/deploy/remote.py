@@ -7,6 +7,7 @@ multiplexed connection per endpoint per run (its own ControlPath).
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +28,8 @@ from typing import Any
 from adapter_deploy import protocol
 from adapter_deploy.common import errors
 from adapter_deploy.common.errors import DiskFull, RemoteError
+from adapter_deploy.common.names import printable
+from adapter_deploy.common.prereqs import install_hint
 from adapter_deploy.config import EndpointParams
 from adapter_deploy.deploy.progress import RsyncOutput, progress_flags
 
@@ -168,7 +172,9 @@ class Connection:
                     f"{self.name}: " + message.format(host=self.ep.host), fix.format(name=self.name)
                 )
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-        return RemoteError(f"{self.name}: endpoint command failed: {last}", "rerun with -v")
+        return RemoteError(
+            f"{self.name}: endpoint command failed: {printable(last)}", "rerun with -v"
+        )
 
     def push(
         self,
@@ -190,7 +196,7 @@ class Connection:
         a shell command the endpoint runs first; rsync starts only if it succeeds.
         """
         if shutil.which("rsync") is None:
-            raise RemoteError("rsync is missing on this machine", "install rsync")
+            raise RemoteError("rsync is missing on this machine", install_hint("rsync"))
         # --copy-links: a symlinked store (DVC cache.type symlink) sends the files' contents.
         # --no-perms: staging makes every file read-only, and a kept release's read-only copy
         # must still count as the same file for --compare-dest.
@@ -221,7 +227,7 @@ class Connection:
             if _rsync_missing(code, stderr, self.ep.rsync_path or "rsync"):
                 raise RemoteError(
                     f"{self.name}: rsync is missing on the endpoint",
-                    "install it there (apt-get install rsync / brew install rsync)",
+                    f"on the endpoint: {install_hint('rsync')}",
                 )
             raise self.explain(stderr)
         return _bytes_sent(stdout)
@@ -259,6 +265,27 @@ class Connection:
             )
 
 
+def die_with_this_process() -> Callable[[], None] | None:
+    """For Popen's preexec_fn on Linux: the child gets SIGTERM when the thread that started
+    it ends, so an rsync never keeps writing into an endpoint after its deployer was killed
+    (even by kill -9, which no handler sees). Elsewhere (macOS) None: rsync there ends when
+    it next reports to the closed pipe."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the deployer died before the line above took effect
+            os._exit(1)
+
+    return preexec
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _run_rsync(
     argv: list[str],
     progress: Callable[[int], None] | None = None,
@@ -269,7 +296,9 @@ def _run_rsync(
     While it runs, the process is in `running` (so another thread can stop it)."""
     output = RsyncOutput(per_file)
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=err, preexec_fn=die_with_this_process()
+        )
         if running is not None:
             running.append(proc)
         try:
@@ -348,11 +377,14 @@ class Session:
         reply = json.loads(line)
         if not reply["ok"]:
             err = reply["error"]
-            cls = getattr(errors, err["type"], None)
+            cls = getattr(errors, str(err["type"]), None)
             if not (isinstance(cls, type) and issubclass(cls, errors.AdapterDeployError)):
                 cls = RemoteError
-            raise cls(f"{self.conn.name}: {err['message']}", err.get("fix"))
-        return reply["result"]
+            fix = err.get("fix")
+            # the endpoint's words reach a terminal, logs and git: never its escape codes
+            message = f"{self.conn.name}: {printable(err['message'])}"
+            raise cls(message, printable(fix) if fix is not None else None)
+        return protocol.check_reply(self.conn.name, reply["result"])
 
     def call(self, request: protocol.Request) -> Any:
         """Send one typed request; its result, or the endpoint's error raised here."""

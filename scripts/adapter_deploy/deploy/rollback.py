@@ -29,7 +29,7 @@ from adapter_deploy.deploy.plan import (
 from adapter_deploy.deploy.steps import EndpointRun
 
 
-def _rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcome:
+def rollback_model(run: EndpointRun, model: str, to: str | None) -> ModelOutcome:
     assert run.session
     choice = run.session.call(p.RollbackTarget(model=model, to=to))
     current, target = choice["from"], choice["to"]
@@ -70,5 +70,5 @@ def rollback_endpoint(
         if not chosen:
             raise NothingToRollBack(f"{name} has nothing deployed", "deploy a version first")
         for model in chosen:
-            per_model(outcome, model, None, lambda m=model: _rollback_model(run, m, to))
+            per_model(outcome, model, None, lambda m=model: rollback_model(run, m, to))
     return outcome

@@ -12,6 +12,11 @@
 
 Both run `<python> -m adapter_deploy.service --params <project_dir>/params.yaml --endpoint
 <name>` from the project `make bootstrap` installed.
+
+Every value written into the unit is escaped for systemd: `%` becomes `%%`, so a path such as
+`/srv/proj%h` stays that literal path instead of a specifier systemd expands (`%h` is the
+user's home: another interpreter would run). The launchd plist is XML written by plistlib,
+which escapes `&`, `<` and `>`; launchd expands nothing in ProgramArguments.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def service_command(name: str, ep: EndpointParams) -> list[str]:
     """The service's argv on the endpoint, from the project `make bootstrap` installed."""
     project = _project_dir(name, ep)
     python = ep.python or f"{project}/.venv/bin/python"
+    _absolute(name, "python", python)
     return [
         python,
         "-m",
@@ -73,11 +79,28 @@ def _project_dir(name: str, ep: EndpointParams) -> str:
             f"{name}: project_dir {ep.project_dir} starts with ~",
             "give project_dir (and python) as absolute paths for the service files",
         )
+    _absolute(name, "project_dir", ep.project_dir)
     return ep.project_dir.rstrip("/")
 
 
+def _absolute(name: str, key: str, path: str) -> None:
+    # A relative path means nothing to a service manager, and systemd reads a leading
+    # @ + - : ! of ExecStart as a prefix that changes how the command runs.
+    if not path.startswith("/"):
+        raise UsageError(
+            f"{name}: {key} {path} is not an absolute path",
+            "give project_dir (and python) as absolute paths for the service files",
+        )
+
+
+def systemd_value(value: str) -> str:
+    """`value` as systemd reads it back literally: its `%` specifiers escaped as `%%`."""
+    return value.replace("%", "%%")
+
+
 def _systemd(name: str, ep: EndpointParams) -> ServiceFiles:
-    project = _project_dir(name, ep)
+    project = systemd_value(_project_dir(name, ep))
+    exec_start = systemd_value(shlex.join(service_command(name, ep)))
     text = f"""\
 # Adapter Deploy inference service for endpoint {name}: a systemd user unit.
 # Installed by `make service-install ENDPOINT={name}` to ~/.config/systemd/user/.
@@ -85,13 +108,13 @@ def _systemd(name: str, ep: EndpointParams) -> ServiceFiles:
 # params.yaml: reload_method: restart (default restart_command:
 #   [{", ".join(DEFAULT_RESTART_COMMAND)}]); `systemctl --user reload {SERVICE_UNIT}` hot-reloads.
 [Unit]
-Description=Adapter Deploy inference service ({name})
+Description=Adapter Deploy inference service ({systemd_value(name)})
 After=network-online.target
 
 [Service]
 Type=simple
 WorkingDirectory={project}
-ExecStart={shlex.join(service_command(name, ep))}
+ExecStart={exec_start}
 ExecReload=/bin/kill -USR1 $MAINPID
 Restart=on-failure
 RestartSec=5

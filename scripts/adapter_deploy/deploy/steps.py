@@ -226,7 +226,8 @@ class EndpointRun:
             self._drop(batch)
             raise
 
-    def transfer(self, release: Release, out: ModelOutcome) -> None:
+    def transfer(self, release: Release, out: ModelOutcome) -> str:
+        """Send what the endpoint lacks and stage it; the endpoint's 'present' or 'staged'."""
         assert self.session
         pushed = self.pushed.pop(release.model, None)
         present = pushed == -1 or (pushed is None and (prep := self._prepare(release))["present"])
@@ -255,6 +256,7 @@ class EndpointRun:
         )
         self.say(release.model, "transfer", f"{staged['result']}, verified ({out.bytes_sent} B)")
         out.phases.append("transfer")
+        return staged["result"]
 
     def precheck(self, release: Release, out: ModelOutcome) -> bool:
         self.step(release.model, "pre-check")

@@ -1,4 +1,4 @@
-"""An engine by platform or kind, with the adapter path forwarded (seed §8).
+"""An engine by platform or kind, with the adapter path forwarded (the operator's plan).
 
     platform (params.yaml endpoints.*.platform)   engine kind
     mlx                                           mlx  (MLXGemmaEngine)
@@ -96,7 +96,7 @@ def make_engine(
 
 @dataclass
 class EngineSettings:
-    """Where a service finds its adapters (seed §8 `settings.py`: adapter_dir + per-model)."""
+    """Where a service finds its adapters (the plan's `settings.py`: adapter_dir + per model)."""
 
     adapter_dir: Path
     platform: str = "auto"

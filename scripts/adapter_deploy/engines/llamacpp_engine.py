@@ -2,10 +2,12 @@
 
 A GGUF release dir holds one `model.gguf`: the merged model with its tokenizer and chat
 template inside. A GGUF LoRA release (format gguf-lora) holds `adapter.gguf` and `base.json`,
-which names the GGUF base release it applies to (convert/gguf_lora.py): the base is loaded
-once and a reload to another LoRA on the same base swaps only the adapter on the loaded model
-(llama_adapter_lora_init + llama_set_adapters_lora), the base stays in memory and no restart is
-needed; a LoRA that does not load leaves the old one applied.
+which names the GGUF base release it applies to and its sha256 (convert/gguf_lora.py). The
+base is hashed and compared with base.json before llama.cpp loads it (a file rewritten in its
+place is refused, never loaded), and it is loaded once: a reload to another LoRA on the same
+base swaps only the adapter on the loaded model (llama_adapter_lora_init +
+llama_set_adapters_lora), the base stays in memory and no restart is needed; a LoRA that does
+not load leaves the old one applied.
 
 The prompt is rendered from the GGUF's embedded template (the same template the transformers
 engines use), generation is greedy, and a reload loads the new file beside the serving one
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_deploy.common.errors import AdapterError
+from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.engines.base import (
     LoadedRelease,
     SwappingEngine,
@@ -62,14 +65,39 @@ def base_gguf(release_dir: Path) -> Path:
         candidates.append(release_dir.parent / Path(key).name / BASE_FILE)
     size = info.get("size")
     for path in candidates:
-        # The size is a cheap guard against another file in its place; the sha256 was
-        # checked when the base was staged (read-only since), not again at every load.
+        # The size is a cheap guard against another file in its place; the sha256 is
+        # checked before the file is loaded (check_base).
         if path.is_file() and size in (None, path.stat().st_size):
             return path
     raise AdapterError(
         f"{release_dir}: the GGUF base it applies to ({version_id}) is not on this machine",
         fix="deploy the release again: a gguf-lora deploy sends its base before the pre-check",
     )
+
+
+def base_sha256(release_dir: Path) -> str:
+    """The sha256 of its base that a LoRA release's base.json records (signed with it)."""
+    sha256 = read_json(release_dir / BASE_INFO).get("sha256")
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise AdapterError(
+            f"{release_dir / BASE_INFO} records no sha256 of its GGUF base",
+            fix="convert and deploy the release again (make convert FORMAT=gguf-lora)",
+        )
+    return sha256
+
+
+def check_base(release_dir: Path, base: Path) -> str:
+    """Refuse a base GGUF whose contents are not the ones base.json records (a same-size
+    rewrite passes the size guard): llama.cpp never loads it. Returns the sha256."""
+    expected = base_sha256(release_dir)
+    if sha256_file(base) != expected:
+        raise AdapterError(
+            f"{base}: the GGUF base is not the file {release_dir.name}/{BASE_INFO} records "
+            f"(sha256 differs from {expected[:12]}...); llama.cpp did not load it",
+            fix="deploy the release again to resend its base (or remove the damaged base "
+            "release on the endpoint first)",
+        )
+    return expected
 
 
 def gguf_file(release_dir: Path) -> Path:
@@ -147,6 +175,7 @@ class LlamaCppEngine(SwappingEngine):
         self.llm: Any = None
         self._format: Any = None
         self.base_path: Path | None = None  # the base GGUF loaded, for a LoRA release
+        self.base_sha256: str | None = None  # its contents, checked before it was loaded
         self._lora: Any = None  # the applied llama_adapter_lora_p
         self._load(describe_release(release_path))
 
@@ -160,11 +189,15 @@ class LlamaCppEngine(SwappingEngine):
             self._load_model(gguf_file(release_dir), release, None)
             return
         lora, base = release_dir / LORA_FILE, base_gguf(release_dir)
-        if self.llm is not None and self.base_path == base.resolve():
-            self._swap_lora(lora)
-            self._loaded = replace(release, kind="gguf-lora")
+        lora_release = replace(release, kind="gguf-lora")
+        same_base = self.llm is not None and self.base_path == base.resolve()
+        if same_base and self.base_sha256 == base_sha256(release_dir):
+            self._swap_lora(lora)  # the base in memory is the one this LoRA names
+            self._loaded = lora_release
             return
-        self._load_model(base, replace(release, kind="gguf-lora"), lora)
+        sha256 = check_base(release_dir, base)
+        self._load_model(base, lora_release, lora)
+        self.base_sha256 = sha256
 
     def _load_model(self, path: Path, release: LoadedRelease, lora: Path | None) -> None:
         """A fresh model (with its LoRA); what served is closed only once it has loaded."""
@@ -178,6 +211,7 @@ class LlamaCppEngine(SwappingEngine):
         old = self.llm
         self.llm, self._format, self._loaded = llm, formatter, release
         self._lora, self.base_path = adapter, path.resolve() if lora is not None else None
+        self.base_sha256 = None
         if old is not None:
             old.close()  # its LoRA, if any, is freed with it
 

@@ -1,4 +1,4 @@
-"""MLX engine (seed §8): a base model loaded once with mlx-lm, LoRA adapters swapped in place.
+"""MLX engine: a base model loaded once with mlx-lm, LoRA adapters swapped in place.
 
 `MLXGemmaEngine(base_model, adapter_path=...)` takes either the trainer's PEFT adapter dir
 (converted on the fly into a private cache dir) or an already converted MLX adapter dir.

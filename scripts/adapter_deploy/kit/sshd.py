@@ -69,7 +69,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError("sshd did not start listening")
 
 
-def _start(d: Path, port: int) -> tuple[int, subprocess.Popen, Path]:
+def _start(d: Path, port: int, options: str = "") -> tuple[int, subprocess.Popen, Path]:
     """Write the server and client config for `port` into `d` and start sshd on it."""
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_ed25519'}\n"
@@ -78,7 +78,7 @@ def _start(d: Path, port: int) -> tuple[int, subprocess.Popen, Path]:
         "KbdInteractiveAuthentication no\nMaxStartups 100:30:200\nMaxSessions 100\n"
         "AcceptEnv LANG\n"
         # DVC's ssh remote (dvc-ssh) talks SFTP.
-        f"Subsystem sftp {SFTP_SERVER}\n"
+        f"Subsystem sftp {SFTP_SERVER}\n{options}"
     )
     host_key = (d / "host_ed25519.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
@@ -106,12 +106,13 @@ def _lost_the_port(proc: subprocess.Popen, log: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_sshd(directory: Path) -> Iterator[SSHServer]:
+def running_sshd(directory: Path, options: str = "") -> Iterator[SSHServer]:
     """Start a private sshd on a free 127.0.0.1 port with its keys and config in `directory`.
 
     Generates ed25519 host and client keys, a pinned known_hosts and an ssh_config with the
-    alias `adapter-test`; yields once it listens and stops it (SIGTERM) on exit. No pytest
-    here, so benchmarks reuse it.
+    alias `adapter-test`; yields once it listens and stops it (SIGTERM) on exit. `options`:
+    more sshd_config lines (e.g. "LogLevel DEBUG1\n"; its log is `directory`/sshd.log). No
+    pytest here, so benchmarks reuse it.
     """
     if not os.path.exists(SSHD):
         raise RuntimeError("sshd missing: apt-get install openssh-server (see .ci/run)")
@@ -125,7 +126,7 @@ def running_sshd(directory: Path) -> Iterator[SSHServer]:
     # free_port() releases the port before sshd binds it, so another process (a parallel
     # test worker) may take it in between: sshd then exits at once and a new port is tried.
     for attempt in range(5):
-        port, proc, log = _start(d, free_port())
+        port, proc, log = _start(d, free_port(), options)
         if not _lost_the_port(proc, log) or attempt == 4:
             break
     try:

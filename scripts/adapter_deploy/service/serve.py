@@ -1,4 +1,4 @@
-"""The inference service: hot reload on SIGUSR1 without pausing translations (seed §5, §7.3).
+"""The inference service: hot reload on SIGUSR1 without pausing translations (the operator's plan).
 
 Usage:
     python -m adapter_deploy.service --params params.yaml --endpoint mac-dev
@@ -730,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--platform", choices=["auto", "mlx", "cuda", "cpu", "hf"])
     parser.add_argument("--port", type=int, help=f"loopback port (default {DEFAULT_PORT})")
     parser.add_argument("--pidfile", help="written once ready, removed on clean exit")
-    parser.add_argument("--diagnostics", help="session metadata JSONL (seed §7.3)")
+    parser.add_argument("--diagnostics", help="session metadata JSONL (the operator's plan)")
     parser.add_argument("--reload-mode", choices=["auto", "standby", "inplace"])
     parser.add_argument("--max-queue", type=int, help="requests waiting at most (16)")
     parser.add_argument("--max-input-tokens", type=int, help="longest text in tokens (200)")

@@ -207,7 +207,7 @@ class Service:
         return self._on_engine_thread(lambda: self._build(target, model))
 
     def load_initial(self, model: str) -> None:
-        """Serve active, else previous, else the base model (seed §6.4), loudly."""
+        """Serve active, else previous, else the base model (the operator's plan), loudly."""
         served, errors = ServedModel(model, self.config.task_of(model)), []
         for source in ("active", "previous"):
             link = self.link(model, source)

@@ -1,4 +1,4 @@
-"""adapters/manifest.json (seed §1.4): versions per model, endpoints, deployments.
+"""adapters/manifest.json (the operator's plan): versions per model, endpoints, deployments.
 
 Read-modify-write happens under a lock and lands atomically, so two writers
 never lose each other's entries and a crash never leaves half a file.

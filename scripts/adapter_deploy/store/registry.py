@@ -1,7 +1,9 @@
 """The training-side version store: git commits and tags, DVC content store.
 
 Every git/dvc call goes through `_run`, which turns a failure into the
-project's own error with the tool's message.
+project's own error with the tool's message. The one call that reaches the DVC
+remote, `dvc push`, runs through `ssh_remote` (an ssh:// remote's host key checked
+against the user's known_hosts, no ssh-agent forwarded).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from adapter_deploy.common.errors import AdapterDeployError, ConfigError, RemoteError, UsageError
+from adapter_deploy.store import ssh_remote
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +22,19 @@ log = logging.getLogger(__name__)
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        last = detail[-1] if detail else f"exit {proc.returncode}"
-        if what == "dvc push":  # the remote is away or full: a remote failure, not bad usage
-            raise RemoteError(
-                f"{what} failed: {last}", "check the DVC remote (dvc remote list), then rerun"
-            )
-        raise UsageError(f"{what} failed: {last}", "fix the repository state named above and rerun")
+        raise _failure(proc, what)
     return proc.stdout
+
+
+def _failure(proc: subprocess.CompletedProcess, what: str) -> AdapterDeployError:
+    detail = (proc.stderr or proc.stdout).strip().splitlines()
+    errors = [line for line in detail if line.startswith("ERROR:")]  # not dvc's support footer
+    last = (errors or detail or [f"exit {proc.returncode}"])[-1]
+    if what == "dvc push":  # the remote is away or full: a remote failure, not bad usage
+        return RemoteError(
+            f"{what} failed: {last}", "check the DVC remote (dvc remote list), then rerun"
+        )
+    return UsageError(f"{what} failed: {last}", "fix the repository state named above and rerun")
 
 
 def git(repo: Path, *args: str) -> str:
@@ -66,26 +74,55 @@ def use_remote(repo: Path, url: str, options: dict[str, str]) -> Path:
     return repo / ".dvc" / "config"
 
 
+def push(repo: Path, target: Path, url: str, port: str | None = None) -> None:
+    """`dvc push` `target` (a .dvc file) to the default remote `url` (`port`: its port
+    setting): over ssh only to a host whose key the user's known_hosts holds (HostKeyRefused
+    before anything is sent), and never with the ssh-agent forwarded."""
+    ssh = ssh_remote.ssh_target(url, port)
+    if ssh:
+        ssh_remote.check_known_host(*ssh)
+    # Not --quiet: that hides dvc's ERROR line, the only place its reason is.
+    cmd = [sys.executable, "-m", ssh_remote.__name__, "push", str(target)]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if ssh and ssh_remote.refused_host_key(proc.stderr + proc.stdout):
+            raise ssh_remote.host_key_error(*ssh)
+        raise _failure(proc, "dvc push")
+
+
+def dvc_settings(repo: Path) -> dict[str, str]:
+    """The repository's DVC settings ("core.remote", "remote.<name>.url" ...), every config
+    level merged as dvc merges them: `dvc config --list` prints the levels in order."""
+    settings = {}
+    for line in dvc(repo, "config", "--list").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def _default_remote(settings: dict[str, str]) -> tuple[str | None, str | None]:
+    """(URL, port setting) of the default remote in `settings`; (None, None) without one."""
+    name = settings.get("core.remote")
+    if not name:
+        return None, None
+    return settings.get(f"remote.{name}.url") or None, settings.get(f"remote.{name}.port")
+
+
 def default_remote_url(repo: Path) -> str | None:
     """The URL of the store's default DVC remote, None without one."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "remote", "default"], cwd=repo, capture_output=True, text=True
-    )
-    name = proc.stdout.strip() if proc.returncode == 0 else ""
-    if not name:
-        return None
     # `dvc config`, not `dvc remote list`: the list wraps long URLs at the terminal width.
-    return dvc(repo, "config", f"remote.{name}.url").strip() or None
+    return _default_remote(dvc_settings(repo))[0]
 
 
 def track(repo: Path, version_dir: Path) -> tuple[list[Path], str | None]:
     """`dvc add` a version dir and push it when there is a default remote: (files for git,
     the remote's URL or None when the version exists only on this machine)."""
     dvc(repo, "add", "--quiet", str(version_dir.relative_to(repo)))
-    remote = default_remote_url(repo)
+    remote, port = _default_remote(dvc_settings(repo))
     if remote:
         log.info("pushing %s to the DVC remote %s", version_dir.name, remote)
-        dvc(repo, "push", "--quiet", str(version_dir.relative_to(repo)) + ".dvc")
+        push(repo, version_dir.relative_to(repo).with_name(version_dir.name + ".dvc"), remote, port)
     git_paths = [
         version_dir.with_name(version_dir.name + ".dvc"),
         version_dir.parent / ".gitignore",

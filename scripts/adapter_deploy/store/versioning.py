@@ -1,4 +1,4 @@
-"""Phase 1, VERSION (seed §1): validate, hash, copy, record, DVC-track, commit, tag.
+"""Phase 1, VERSION (the operator's plan): validate, hash, copy, record, DVC-track, commit, tag.
 
 Nothing is written until the adapter has passed every check; a failure after
 the copy removes what this run created.
