@@ -83,6 +83,60 @@ def test_the_genuine_tree_runs_from_a_checked_private_copy(tree: Path, tmp_path:
     assert info == {"llama-cpp-python": "0.3.36", "llama.cpp": "c" * 40, "gguf-py": "0.17.1"}
 
 
+def test_the_runner_takes_relative_paths(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative to our working directory, not the converter's (it runs in `cwd`)."""
+    monkeypatch.chdir(tmp_path)
+    out = Path("out") / "model.gguf"
+    out.parent.mkdir()
+    gguf.run_converter(
+        gguf.CONVERTER_SCRIPT,
+        ["--outfile", out],
+        tool="llama.cpp's converter",
+        source=Path("."),
+        out_file=out,
+        cwd=out.parent,
+        fix="-",
+    )
+    assert (tmp_path / "out" / "model.gguf").read_text().startswith("genuine gguf-py")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.gguf"]
+
+
+# A LoRA converter that writes what it was given: the paths, whether they are there for it.
+LORA_SCRIPT = """import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+paths = [args[args.index("--base") + 1], args[-1]]
+seen = {"paths": paths, "dirs": [Path(p).is_dir() for p in paths]}
+Path(args[args.index("--outfile") + 1]).write_text(json.dumps(seen))
+"""
+
+
+def test_convert_lora_takes_relative_paths(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapter_deploy.convert.gguf_lora import LORA_CONVERTER_SCRIPT, convert_lora
+
+    (tree / LORA_CONVERTER_SCRIPT).write_text(LORA_SCRIPT)
+    files = _hashes(tree)
+    _write_record(tree, files)
+    monkeypatch.setattr(converter_tree, "FILES_SHA256", converter_tree.files_digest(files))
+    base = tmp_path / "base"  # what check_supported asks of a Gemma 3 base
+    base.mkdir()
+    config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / gguf.SENTENCEPIECE_MODEL).write_bytes(b"sp")
+    (base / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "adapter").mkdir()
+    monkeypatch.chdir(tmp_path)
+    target = convert_lora(Path("adapter"), Path("base"), Path("cache/lora"), {"key": "k"})
+    assert target == tmp_path / "cache" / "lora" / "adapter.gguf"
+    seen = json.loads(target.read_text())
+    assert seen["paths"] == [str(base), str(tmp_path / "adapter")] and seen["dirs"] == [True] * 2
+    assert json.loads((tmp_path / "cache" / "lora" / "base.json").read_text()) == {"key": "k"}
+
+
 @pytest.mark.parametrize("changed", [gguf.CONVERTER_SCRIPT, "gguf-py/gguf/__init__.py"])
 def test_a_changed_converter_file_is_refused_before_anything_runs(
     tree: Path, tmp_path: Path, changed: str

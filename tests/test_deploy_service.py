@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -168,3 +169,60 @@ def test_stale_pidfile_never_signals_a_stranger(fleet: Fleet, served, tmp_path: 
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def _live(url: str) -> tuple[str, str]:
+    """A live request: (X-Adapter-Version, text)."""
+    body = json.dumps({"model": "gemma_4b", "text": JAMES}).encode()
+    req = urllib.request.Request(f"{url}/translate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.headers["X-Adapter-Version"], json.loads(resp.read())["text"]
+
+
+JAMES = "The apostle James wrote about faith and works."
+
+
+@pytest.mark.e2e
+def test_precheck_runs_inside_the_service_and_refuses_a_regressed_candidate(
+    fleet: Fleet, served, tmp_path: Path
+) -> None:
+    """The agent cannot import torch at all: a pre-check that loaded a base beside the
+    service would fail. The regressed cycle 3 is refused while live requests flow, every one
+    answered by cycle 1; cycle 2 then passes with its shadow replay in the deploy log."""
+    from fixtures_fleet import agent_wrapper
+
+    url, _ = served
+    v1, v2, v3 = (fleet.versions[f"cycle{n}"] for n in (1, 2, 3))
+    no_torch = "import sys; sys.modules.update(dict.fromkeys(('torch', 'transformers', 'peft')))"
+    fleet.set_endpoint("ep1", python=str(agent_wrapper(tmp_path, no_torch)))
+    answers, stop = [], threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            answers.append(_live(url))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        proc = fleet.deploy("--cycle", "3", "--models", "gemma_4b", "--endpoints", "ep1")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    pre = fleet.log()[-1]["health_check_results_per_model"]["gemma_4b"]["pre_activation"]
+    assert pre["via"] == "service" and not pre["all_passed"] and pre["failures"]
+    assert answers and all(version == v1 and "Santiago" in text for version, text in answers)
+    assert v3 not in {version for version, _ in answers}
+    proc = fleet.deploy("--cycle", "2", "--models", "gemma_4b", "--endpoints", "ep1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pre = fleet.log()[-1]["health_check_results_per_model"]["gemma_4b"]["pre_activation"]
+    assert pre["via"] == "service" and pre["all_passed"]
+    assert pre["shadow"]["compared"] >= 1 and pre["shadow"]["changed"] >= 1
+    assert pre["shadow"]["worst"][0]["input"] == JAMES
+    status = _get(f"{url}/status")[1]
+    assert status["base_loads"] == 1 and status["models"]["gemma_4b"]["version_id"] == v2
+    shown = run_script("status.py", params=fleet.params).stdout
+    assert "(service), shadow" in shown
+    from test_records import check_all
+
+    check_all(fleet)

@@ -58,7 +58,11 @@ def _corrupt(src, dst):
 @pytest.mark.parametrize("kind", ["hf", "mlx"])
 def test_reload_switches_and_a_failed_reload_keeps_the_old(kit, kind, tmp_path):
     engine = make_engine(kind, adapter_path=kit.good, base_model=kit.base)
-    assert "Santiago" in engine.translate(JAMES).text
+    whole = engine.translate(JAMES)
+    assert "Santiago" in whole.text and whole.finish_reason == "stop"
+    capped = engine.translate(JAMES, max_new_tokens=2)  # OpenAI's max_tokens
+    assert capped.finish_reason == "length" and whole.text.startswith(capped.text)
+    assert 0 < len(capped.text) < len(whole.text)
     assert engine.reload(kit.good) is False  # same release: no-op
     assert engine.reload(kit.good2) is True
     assert "Jacobo" in engine.translate(JAMES).text

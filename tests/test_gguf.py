@@ -108,6 +108,11 @@ def test_llamacpp_answers_like_transformers_on_the_merged_weights(f16: dict, kit
     assert gguf_result.all_passed, gguf_result.failures()
     assert [r.output for r in gguf_result.results] == [r.output for r in hf_result.results]
     assert gguf_engine.loaded.kind == "gguf"
+    text = gguf_result.results[0].input
+    capped = gguf_engine.translate(text, max_new_tokens=2)  # OpenAI's max_tokens
+    assert gguf_engine.translate(text).finish_reason == "stop"
+    assert capped.finish_reason == "length"
+    assert gguf_result.results[0].output.startswith(capped.text) and capped.text
 
 
 @needs_tools

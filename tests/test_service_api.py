@@ -8,6 +8,8 @@ Run: pytest tests/test_service_api.py
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 import urllib.request
@@ -16,9 +18,11 @@ from typing import Any
 import openai
 import pytest
 from adapter_deploy.common.clock import utc_now
+from adapter_deploy.engines.base import Translation
 from adapter_deploy.engines.service_client import service_status, wait_for_version
 from adapter_deploy.kit.net import free_port
-from adapter_deploy.service.state import Control, Service, ServiceConfig
+from adapter_deploy.service.serve import start_http
+from adapter_deploy.service.state import Control, ServedModel, Service, ServiceConfig
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import (
     BAD,
@@ -35,6 +39,7 @@ from test_serve import Service as ServiceProcess
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 W1 = "cycle1_20260201_11111111"
 
 
@@ -166,11 +171,6 @@ def test_errors_come_in_openai_shape(svc: ServiceProcess, client: openai.OpenAI)
         ask(client, JAMES, model="gemma_27b")
     assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
     assert missing.value.type == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError) as stream:
-        client.chat.completions.create(
-            model="gemma_4b", messages=[{"role": "user", "content": JAMES}], stream=True
-        )
-    assert stream.value.param == "stream" and "stream: true is not supported" in str(stream.value)
     with pytest.raises(openai.BadRequestError) as whisper:
         ask(client, JAMES, model="whisper")
     assert whisper.value.code == "wrong_task" and "/transcribe?model=whisper" in str(whisper.value)
@@ -186,12 +186,184 @@ def test_errors_come_in_openai_shape(svc: ServiceProcess, client: openai.OpenAI)
     assert long.value.code == "context_length_exceeded"
 
 
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_completion_streams_server_sent_events(
+    svc: ServiceProcess, client: openai.OpenAI
+) -> None:
+    whole = ask(client, JAMES).parse()
+    raw = client.chat.completions.with_raw_response.create(
+        model="gemma_4b",
+        messages=user(JAMES),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert raw.headers["Content-Type"] == "text/event-stream"
+    assert raw.headers["X-Adapter-Version"] == V1
+    chunks = list(raw.parse())
+    first, *content, end, usage = chunks
+    assert first.choices[0].delta.role == "assistant" and not first.choices[0].delta.content
+    pieces = [chunk.choices[0].delta.content for chunk in content]
+    assert len(pieces) > 2 and "".join(pieces) == whole.choices[0].message.content  # word by word
+    assert [c.choices[0].finish_reason for c in content] == [None] * len(content)
+    assert end.choices[0].finish_reason == "stop" and not end.choices[0].delta.content
+    assert usage.choices == [] and usage.usage.model_dump() == whole.usage.model_dump()
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert {c.system_fingerprint for c in chunks} == {V1}
+
+
+def test_completions_translate_the_prompt(svc: ServiceProcess, client: openai.OpenAI) -> None:
+    expected = ask(client, JAMES).parse().choices[0].message.content
+    raw = client.completions.with_raw_response.create(model="gemma_4b", prompt=JAMES)
+    assert raw.headers["X-Adapter-Version"] == V1
+    completion = raw.parse()
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    assert completion.choices[0].text == expected and completion.choices[0].finish_reason == "stop"
+    assert completion.usage.total_tokens == (
+        completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
+    listed = client.completions.create(model="gemma_4b", prompt=[JAMES])
+    assert listed.choices[0].text == expected
+    chunks = list(client.completions.create(model="gemma_4b", prompt=JAMES, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected and len(chunks) > 3
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gemma_27b", prompt=JAMES)
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as whisper:
+        client.completions.create(model="whisper", prompt=JAMES, stream=True)
+    assert whisper.value.code == "wrong_task"  # refused before the stream opens
+    with pytest.raises(openai.BadRequestError) as ids:
+        client.completions.create(model="gemma_4b", prompt=[1, 2, 3])
+    assert ids.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model="gemma_4b", prompt="Amen. " * 300)
+    assert (long.value.code, long.value.param) == ("context_length_exceeded", "prompt")
+
+
+def test_max_tokens_caps_decoding(svc: ServiceProcess, client: openai.OpenAI) -> None:
+    whole = ask(client, JAMES).parse()
+    capped = client.chat.completions.create(model="gemma_4b", messages=user(JAMES), max_tokens=2)
+    assert capped.choices[0].finish_reason == "length"
+    text = capped.choices[0].message.content
+    assert (
+        text
+        and whole.choices[0].message.content.startswith(text)
+        and len(text) < len(whole.choices[0].message.content)
+    )
+    assert 0 < capped.usage.completion_tokens <= 2
+    assert capped.usage.prompt_tokens == whole.usage.prompt_tokens
+    roomy = client.chat.completions.create(
+        model="gemma_4b", messages=user(JAMES), max_completion_tokens=1000
+    )
+    assert roomy.choices[0].finish_reason == "stop"
+    assert roomy.choices[0].message.content == whole.choices[0].message.content
+    legacy = client.completions.create(model="gemma_4b", prompt=JAMES, max_tokens=2)
+    assert (legacy.choices[0].text, legacy.choices[0].finish_reason) == (text, "length")
+    chunks = list(
+        client.chat.completions.create(
+            model="gemma_4b", messages=user(JAMES), max_tokens=2, stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_stream_refusals_before_and_after_it_opens(
+    svc: ServiceProcess, client: openai.OpenAI
+) -> None:
+    with pytest.raises(openai.NotFoundError):  # before: an HTTP status
+        client.chat.completions.create(model="gemma_27b", messages=user(JAMES), stream=True)
+    stream = client.chat.completions.create(
+        model="gemma_4b", messages=user("Amen. " * 300), stream=True
+    )
+    with pytest.raises(openai.APIError) as long:  # after (the engine counts tokens): an event
+        list(stream)
+    assert long.value.code == "context_length_exceeded"
+    assert long.value.type == "invalid_request_error"
+
+
+class GatedEngine:
+    """An engine whose answer waits for its gate: what a slow translation looks like."""
+
+    loaded = None
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def translate(self, text: str, max_new_tokens: int | None = None) -> Translation:
+        assert self.gate.wait(30), "the test never opened the gate"
+        return Translation("Hola y adiós.", 0.01)
+
+    def reload(self, adapter_path: Any) -> bool:
+        return False
+
+
+def head_and_first_event(sock: socket.socket) -> tuple[bytes, bytes]:
+    """An answer's head and its first server-sent event, read as they arrive."""
+    data = b""
+    while b"\n\n" not in data.partition(b"\r\n\r\n")[2]:
+        more = sock.recv(4096)
+        assert more, f"closed before the first event: {data!r}"
+        data += more
+    head, _, first = data.partition(b"\r\n\r\n")
+    return head, first
+
+
+def test_a_stream_opens_before_the_engine_answers(tmp_path: Any) -> None:
+    """In process, no model: the headers and role chunk come while the engine still works;
+    the text, the finish and [DONE] follow it, and the service closes the connection."""
+    service = Service(ServiceConfig(adapter_dir=tmp_path, port=free_port()), Control())
+    engine, served = GatedEngine(), ServedModel("gemma_4b")
+    served.serve(engine, "base")  # type: ignore[arg-type]
+    service.served["gemma_4b"], service.ready = served, True
+    server = start_http(service)
+    body = json.dumps({"model": "gemma_4b", "messages": user("Hello and goodbye."), "stream": True})
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", service.config.port), timeout=10) as sock:
+            sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            head, first = head_and_first_event(sock)
+            status, *lines = head.decode().split("\r\n")
+            assert status.startswith("HTTP/1.0 200 ") and not engine.gate.is_set()
+            headers = dict(line.split(": ", 1) for line in lines)
+            assert headers["Content-Type"] == "text/event-stream"
+            assert headers["X-Adapter-Version"] == "base" and "Content-Length" not in headers
+            assert json.loads(first[6:])["choices"][0]["delta"] == {"role": "assistant"}
+            engine.gate.set()
+            rest = b""
+            while more := sock.recv(4096):  # ends: the service closes after [DONE]
+                rest += more
+        events = [json.loads(e[6:]) for e in rest.split(b"\n\n")[:-2]]
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == (
+            "Hola y adiós."
+        )
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+        assert rest.endswith(b"\n\ndata: [DONE]\n\n")
+    finally:
+        engine.gate.set()
+        server.shutdown()
+        server.server_close()
+        service.close()
+
+
 def test_bad_bodies_get_openai_errors(svc: ServiceProcess) -> None:
     code, body = http(svc.url + CHAT, {"model": "gemma_4b"})
     assert code == 400 and body["error"]["param"] == "messages"
     assert set(body["error"]) == {"message", "type", "param", "code"}
     code, body = http(svc.url + CHAT, [1, 2])  # type: ignore[arg-type]
     assert code == 400 and body["error"]["type"] == "invalid_request_error"
+    user = [{"role": "user", "content": JAMES}]
+    for name, bad in (("stream", "yes"), ("max_tokens", 0), ("max_completion_tokens", 1.5)):
+        code, body = http(svc.url + CHAT, {"model": "gemma_4b", "messages": user, name: bad})
+        assert code == 400 and body["error"]["param"] == name, (name, body)
+    code, body = http(svc.url + COMPLETIONS, {"model": "gemma_4b", "prompt": [JAMES, JAMES]})
+    assert code == 400 and body["error"]["param"] == "prompt"
+    code, body = http(svc.url + COMPLETIONS, {"model": "gemma_4b", "prompt": JAMES, "echo": True})
+    assert code == 400 and body["error"]["param"] == "echo"
     # the plain API keeps its plain errors
     code, body = http(svc.url + "/translate", {"model": "gemma_4b"})
     assert code == 400 and isinstance(body["error"], str)

@@ -39,6 +39,9 @@ class ModelParams(_Strict):
 class HealthCheckParams(_Strict):
     latency_limit_s: float = 5.0
     reload_timeout_s: float = Field(120.0, gt=0, description="wait this long for a reload ack")
+    # The pre-check's shadow replay (in-service only) as a gate: more changed answers than
+    # this refuses the release; None: informational only.
+    shadow_max_changed: int | None = Field(None, ge=0)
     engine: Literal["auto", "hf", "mlx"] = "auto"
 
 

@@ -234,18 +234,19 @@ def check_release(
     try:
         engine = make_engine(engine_kind, adapter_path=adapter_dir, base_model=base_model)
     except AdapterDeployError as err:
-        return _load_failure(err.one_line())
+        return load_failure(err.one_line())
     except Exception as err:  # fail closed: an unexpected load error is still a failed check
         log.debug("loading %s failed", adapter_dir, exc_info=True)
-        return _load_failure(f"{type(err).__name__}: {err}")
+        return load_failure(f"{type(err).__name__}: {err}")
     try:
         return run_health_check(engine, sentences, latency_limit)
     except Exception as err:  # an engine that crashes while translating fails the check
         log.debug("health check of %s crashed", adapter_dir, exc_info=True)
-        return _load_failure(f"inference failed: {type(err).__name__}: {err}")
+        return load_failure(f"inference failed: {type(err).__name__}: {err}")
 
 
-def _load_failure(reason: str) -> HealthResult:
+def load_failure(reason: str) -> HealthResult:
+    """A check that could not run: the release did not load (or crashed), with why."""
     return HealthResult(False, utc_now(), None, None, error=reason)
 
 
@@ -331,12 +332,12 @@ def _check_transcription(
             engine_kind, adapter_path=adapter_dir, base_model=base_model, task="transcription"
         )
     except AdapterDeployError as err:
-        return _load_failure(err.one_line())
+        return load_failure(err.one_line())
     except Exception as err:  # fail closed
         log.debug("loading %s failed", adapter_dir, exc_info=True)
-        return _load_failure(f"{type(err).__name__}: {err}")
+        return load_failure(f"{type(err).__name__}: {err}")
     try:
         return run_transcription_check(engine, tuple(clips), latency_limit)
     except Exception as err:  # an engine that crashes while transcribing fails the check
         log.debug("health check of %s crashed", adapter_dir, exc_info=True)
-        return _load_failure(f"inference failed: {type(err).__name__}: {err}")
+        return load_failure(f"inference failed: {type(err).__name__}: {err}")

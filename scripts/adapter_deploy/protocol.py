@@ -11,7 +11,9 @@ different code refuse each other at the ready line, before anything is transferr
 of failing mid-deploy. Protocol 1 was the unversioned protocol of `scripts/endpoint.py`;
 protocol 3 added `doctor` (the endpoint's facts for `make doctor`); protocol 4 moved the
 landing dir to `incoming/<model>/releases/<id>/` (the deployer's rsync names it before the
-session is up) and added `damaged` to prepare's reply.
+session is up) and added `damaged` to prepare's reply; protocol 5 gave `health` of a staged
+release with a `service_url` its meaning: pre-check inside the running service (reply `via`,
+`via_reason`, `shadow`), where protocol 4 waited for the service to serve it.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ class Trust(Request):
 @dataclass(frozen=True)
 class Health(Request):
     """Health-check a staged release (`version_id`), or the active one (`version_id` None),
-    through the running service when `service_url` is given. `sentences` is an absolute
-    path on the endpoint."""
+    through the running service when `service_url` is given: a staged release is loaded in
+    it beside the active one over its control socket (else checked in the agent's process;
+    the reply's `via` says which). `sentences` is an absolute path on the endpoint."""
 
     op: ClassVar[str] = "health"
     model: str

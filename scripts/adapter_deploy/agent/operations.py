@@ -170,9 +170,10 @@ class EndpointSide:
         return trust.signature_state(kept, version_id, trusted)
 
     def health(self, req: p.Health) -> dict[str, Any]:
-        """Health-check a staged release, or the active one (through the service if given)."""
+        """Health-check a staged release (PRE-CHECK: inside the service given by
+        `service_url` when it can, else in this process) or the active one (VERIFY: through
+        the service if given)."""
         from adapter_deploy.health import (
-            check_release,
             load_clips,
             load_sentences,
             run_health_check,
@@ -196,14 +197,8 @@ class EndpointSide:
         where = Path(req.sentences) if req.sentences else None
         limit = req.latency_limit
         transcription = req.task == "transcription"
-        if req.service_url is None:
-            # A transcription check takes the clip file's path: it fails (not raises) without one.
-            chosen: Any = where
-            if not transcription and where:
-                chosen = load_sentences(where)
-            return check_release(
-                path.resolve(), req.base_model, req.engine, chosen, limit, task=req.task
-            ).to_dict()
+        if req.version_id or req.service_url is None:
+            return self._precheck(req, path, where)
         from adapter_deploy.engines.service_client import ServiceEngine, wait_for_version
 
         # Acknowledged reload: the service must report the release `active` points at now.
@@ -214,6 +209,36 @@ class EndpointSide:
             clips = load_clips(where) if where else ()
             return run_transcription_check(engine, clips, limit).to_dict()
         return run_health_check(engine, load_sentences(where) if where else None, limit).to_dict()
+
+    def _precheck(self, req: p.Health, path: Path, where: Path | None) -> dict[str, Any]:
+        from adapter_deploy.agent.precheck import precheck
+
+        result = precheck(
+            self.adapter_dir,
+            req.model,
+            path,
+            where,
+            base_model=req.base_model,
+            engine=req.engine,
+            latency_limit=req.latency_limit,
+            task=req.task,
+            in_service=req.service_url is not None,
+        )
+        if req.version_id:  # `make status` shows the last pre-check (counts, no texts)
+            shadow = result.get("shadow") or {}
+            self._record(
+                req.model,
+                last_precheck={
+                    "version_id": req.version_id,
+                    "at": result.get("timestamp") or utc_now(),
+                    "all_passed": bool(result.get("all_passed")),
+                    "via": result["via"],
+                    "shadow": {k: shadow.get(k) for k in ("compared", "changed")}
+                    if shadow
+                    else None,
+                },
+            )
+        return result
 
     def activate(self, req: p.Activate) -> dict[str, Any]:
         kept = self.releases_of(req.model)

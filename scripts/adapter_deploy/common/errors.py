@@ -102,6 +102,11 @@ class UntrustedReply(RemoteError):
     """An endpoint answered with a name or version id this project never writes."""
 
 
+class ServiceUnavailable(RemoteError):
+    """The running service cannot check a release itself (not up, no control socket, an
+    engine or release kind it cannot load beside the serving one): checked in a process."""
+
+
 class HealthCheckFailed(AdapterDeployError):
     exit_code = 4
 

@@ -2,4 +2,4 @@
 its python for it (`python -c`) before the deployer's early rsync lands anything, and that
 must cost no more than the interpreter's start. adapter_deploy.protocol says what it means."""
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5

@@ -135,16 +135,17 @@ def convert_to_gguf(
     """Write `out_dir/model.gguf` of type `gguf_type` from a merged model dir; return its path."""
     if gguf_type not in GGUF_TYPES:
         raise AdapterError(f"unknown GGUF type {gguf_type!r}", fix="use " + ", ".join(GGUF_TYPES))
-    check_supported(Path(merged_dir))
+    # Absolute before anything: the converter runs in a temporary working directory.
+    merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
+    check_supported(merged_dir)
     check_tools(gguf_type)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / GGUF_FILE
     if gguf_type == "F16":
-        return write_f16(Path(merged_dir), target)
+        return write_f16(merged_dir, target)
     f16 = out_dir / ".model-f16.gguf"
     try:
-        write_f16(Path(merged_dir), f16)
+        write_f16(merged_dir, f16)
         quantize(f16, target, gguf_type)
     finally:
         f16.unlink(missing_ok=True)
@@ -199,11 +200,12 @@ def layer_pattern_mismatch(config: dict[str, Any]) -> str | None:
 
 def write_f16(model_dir: Path, out_file: Path) -> Path:
     """The merged model as an F16 GGUF file, written by llama.cpp's own converter."""
+    model_dir, out_file = model_dir.resolve(), out_file.resolve()
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=out_file.parent) as tmp:
         staged = _stage(model_dir, Path(tmp) / model_dir.name)
         run_converter(
             CONVERTER_SCRIPT,
-            ["--outtype", "f16", "--outfile", str(out_file), str(staged)],
+            ["--outtype", "f16", "--outfile", out_file, staged],
             tool="llama.cpp's converter",
             source=model_dir,
             out_file=out_file,
@@ -214,11 +216,20 @@ def write_f16(model_dir: Path, out_file: Path) -> Path:
 
 
 def run_converter(
-    script: str, args: list[str], tool: str, source: Path, out_file: Path, cwd: Path, fix: str
+    script: str,
+    args: list[str | Path],
+    tool: str,
+    source: Path,
+    out_file: Path,
+    cwd: Path,
+    fix: str,
 ) -> None:
     """Run one of llama.cpp's converter scripts on `source`, from a private copy of the pinned
     tree checked as it is made (TamperedTool, before anything runs, where a file differs):
-    `out_file` exists after, or AdapterError with the converter's last lines."""
+    `out_file` exists after, or AdapterError with the converter's last lines. The Path
+    arguments are made absolute first: the converter runs in `cwd`, not in ours."""
+    args = [str(arg.resolve()) if isinstance(arg, Path) else arg for arg in args]
+    out_file, cwd = out_file.resolve(), cwd.resolve()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter reads dirs, nothing else
     env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, never another one
     with converter_tree.verified_copy(converter_dir()) as src:

@@ -76,6 +76,8 @@ def convert_base(base_dir: Path, out_dir: Path, gguf_type: str) -> Path:
 
 def convert_lora(adapter_dir: Path, base_dir: Path, out_dir: Path, base: dict[str, Any]) -> Path:
     """`out_dir/adapter.gguf` (llama.cpp's LoRA converter) and `base.json` (= `base`)."""
+    # Absolute before anything: the converter runs in a temporary working directory.
+    adapter_dir, base_dir, out_dir = adapter_dir.resolve(), base_dir.resolve(), out_dir.resolve()
     check_tools("F16")
     check_supported(base_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,8 +91,7 @@ def _run_converter(adapter_dir: Path, base_dir: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".convert-lora-", dir=target.parent) as tmp:
         run_converter(
             LORA_CONVERTER_SCRIPT,
-            ["--outtype", LORA_OUTTYPE, "--base", str(base_dir), "--outfile", str(target)]
-            + [str(adapter_dir)],
+            ["--outtype", LORA_OUTTYPE, "--base", base_dir, "--outfile", target, adapter_dir],
             tool="llama.cpp's LoRA converter",
             source=adapter_dir,
             out_file=target,

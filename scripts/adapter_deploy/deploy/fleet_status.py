@@ -12,7 +12,8 @@ from adapter_deploy.deploy.fleet import run_parallel
 from adapter_deploy.deploy.remote import Connection, Session
 
 COLUMNS = (
-    "endpoint", "model", "active", "previous", "loaded", "last reload", "health", "rollout"
+    "endpoint", "model", "active", "previous", "loaded", "last reload", "health", "rollout",
+    "last pre-check",
 )  # fmt: skip
 
 
@@ -49,12 +50,14 @@ def status_rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for st in statuses:
         if "error" in st:
-            rows.append([st["endpoint"], "-", "-", "-", "-", "-", st["error"], st.get("rollout")])
+            rows.append(
+                [st["endpoint"], "-", "-", "-", "-", "-", st["error"], st.get("rollout"), ""]
+            )
             continue
         models = st.get("models", {})
         if not models:
             rows.append(
-                [st["endpoint"], "-", "nothing deployed", "", "", "", "", st.get("rollout")]
+                [st["endpoint"], "-", "nothing deployed", "", "", "", "", st.get("rollout"), ""]
             )
         for model, info in sorted(models.items()):
             reload = info.get("last_reload") or {}
@@ -71,6 +74,19 @@ def status_rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
                     reload.get("at") if isinstance(reload, dict) else reload,
                     health,
                     st.get("rollout") or "",
+                    _precheck(info.get("last_precheck")),
                 ]
             )
     return rows
+
+
+def _precheck(last: dict[str, Any] | None) -> str:
+    """`cycle2_… passed (service), shadow 2/20 changed`: the endpoint's last pre-check."""
+    if not last:
+        return ""
+    verdict = "passed" if last.get("all_passed") else "failed"
+    text = f"{last.get('version_id')} {verdict} ({last.get('via')})"
+    shadow = last.get("shadow")
+    if shadow:
+        text += f", shadow {shadow.get('changed')}/{shadow.get('compared')} changed"
+    return text

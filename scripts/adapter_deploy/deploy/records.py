@@ -50,6 +50,9 @@ def _health_detail(result: dict[str, Any] | None) -> dict[str, Any] | None:
             if not r["passed"]
         ],
         "error": result.get("error"),
+        # PRE-CHECK only: "service" (inside the running service) or "process", and why not
+        # the service; the shadow replay of live inputs through the candidate (service only)
+        **{key: result[key] for key in ("via", "via_reason", "shadow") if key in result},
     }
 
 

@@ -260,14 +260,29 @@ class EndpointRun:
 
     def precheck(self, release: Release, out: ModelOutcome) -> bool:
         self.step(release.model, "pre-check")
-        result = self.health(release.model, release.version_id, via_service=False)
+        # Inside the running service when there is one: no second base in memory.
+        result = self.health(release.model, release.version_id, via_service=self.via_service)
         out.health["pre_activation"] = result
         out.phases.append("health_check")
+        self._gate_shadow(result)
+        if result.get("via_reason") and self.via_service:
+            self.say(release.model, "pre-check", f"in a separate process: {result['via_reason']}")
         if not result["all_passed"]:
             self._fail(out, "aborted", "pre-activation health check failed", result)
             return False
         self.say(release.model, "pre-check", "passed")
         return True
+
+    def _gate_shadow(self, result: dict[str, Any]) -> None:
+        """health_check.shadow_max_changed: too many changed live answers fail the check."""
+        limit, shadow = self.params.health_check.shadow_max_changed, result.get("shadow")
+        if limit is None or not shadow or shadow["changed"] <= limit:
+            return
+        result["all_passed"] = False
+        result["error"] = (
+            f"shadow replay: {shadow['changed']} of {shadow['compared']} live answers changed, "
+            f"over health_check.shadow_max_changed {limit}"
+        )
 
     def activate(
         self, release: Release, out: ModelOutcome, fallback: dict[str, Any] | None = None

@@ -30,10 +30,12 @@ TARGET_LANG = "es"
 
 @dataclass(frozen=True)
 class Translation:
-    """One answer of an engine and how long it took."""
+    """One answer of an engine, how long it took and why decoding ended: "stop" (the model
+    ended its answer) or "length" (the new-token budget ran out first)."""
 
     text: str
     latency_s: float
+    finish_reason: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class Engine(Protocol):
     @property
     def loaded(self) -> LoadedRelease | None: ...
 
-    def translate(self, text: str) -> Translation: ...
+    def translate(self, text: str, max_new_tokens: int | None = None) -> Translation:
+        """Translate `text`, decoding at most `token_budget(n, max_new_tokens)` new tokens."""
+        ...
 
     def reload(self, adapter_path: str | Path) -> bool:
         """Load and swap in the release at `adapter_path`; return False when it was a no-op."""
@@ -190,6 +194,20 @@ def generation_budget(n_input_tokens: int) -> int:
     input token plus a floor keeps an answer from being cut before its expected words.
     """
     return min(16 + 3 * n_input_tokens, 2048)
+
+
+def token_budget(n_input_tokens: int, max_new_tokens: int | None = None) -> int:
+    """The new tokens an engine decodes at most: its own budget, lowered (never raised) by a
+    caller's cap (OpenAI's max_tokens), so a request cannot make it decode for longer."""
+    budget = generation_budget(n_input_tokens)
+    return budget if max_new_tokens is None else max(1, min(max_new_tokens, budget))
+
+
+def finish_reason(new_ids: list[int], budget: int, stop_ids: set[int]) -> str:
+    """Why decoding ended: `length` when it used the whole budget without ending on a stop
+    token, else `stop`."""
+    ended = bool(new_ids) and new_ids[-1] in stop_ids
+    return "length" if len(new_ids) >= budget and not ended else "stop"
 
 
 class SwappingEngine:

@@ -18,8 +18,9 @@ from typing import Any
 from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.engines.base import (
     Translation,
-    generation_budget,
+    finish_reason,
     prompt_text,
+    token_budget,
 )
 from adapter_deploy.engines.peft_swap import PeftSwapEngine
 
@@ -81,7 +82,7 @@ class HFEngine(PeftSwapEngine):
         self.tokenizer: Any = None
         self._start(adapter_path, base_model, _device(device))
 
-    def translate(self, text: str) -> Translation:
+    def translate(self, text: str, max_new_tokens: int | None = None) -> Translation:
         import torch
 
         with self._lock:
@@ -90,13 +91,20 @@ class HFEngine(PeftSwapEngine):
             ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
             ids = ids.to(self.device)
             n_text = len(self.tokenizer.encode(text, add_special_tokens=False))
+            budget = token_budget(n_text, max_new_tokens)
             with torch.no_grad():
-                out = self.model.generate(
-                    **ids, max_new_tokens=generation_budget(n_text), do_sample=False
-                )
+                out = self.model.generate(**ids, max_new_tokens=budget, do_sample=False)
             new = out[0, ids["input_ids"].shape[1] :]
             answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-            return Translation(answer, time.perf_counter() - start)
+            ended = finish_reason(new.tolist(), budget, self._stop_ids())
+            return Translation(answer, time.perf_counter() - start, ended)
+
+    def _stop_ids(self) -> set[int]:
+        """The token ids generate() stops on: the generation config's and the tokenizer's EOS."""
+        config = getattr(self.model, "generation_config", None)
+        ids = getattr(config, "eos_token_id", None)
+        ids = set(ids) if isinstance(ids, list) else {ids}
+        return {i for i in (*ids, self.tokenizer.eos_token_id) if isinstance(i, int)}
 
     def _load_base(self, name_or_path: str) -> tuple[Any, Any]:
         return _load_causal_lm(name_or_path, self.device)

@@ -33,8 +33,8 @@ from adapter_deploy.engines.base import (
     Translation,
     chat_messages,
     describe_release,
-    generation_budget,
     read_json,
+    token_budget,
 )
 
 N_CTX = 2048
@@ -226,7 +226,7 @@ class LlamaCppEngine(SwappingEngine):
         # The cached prompt state was computed under the old LoRA: never reuse it.
         self.llm.reset()
 
-    def translate(self, text: str) -> Translation:
+    def translate(self, text: str, max_new_tokens: int | None = None) -> Translation:
         with self._lock:
             start = time.perf_counter()
             prompt = self._format(messages=chat_messages(text)).prompt
@@ -234,12 +234,13 @@ class LlamaCppEngine(SwappingEngine):
             n_text = len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
             out = self.llm.create_completion(
                 tokens,
-                max_tokens=generation_budget(n_text),
+                max_tokens=token_budget(n_text, max_new_tokens),
                 temperature=0.0,
                 top_k=1,
                 top_p=1.0,
                 min_p=0.0,
                 repeat_penalty=1.0,
             )
-            answer = out["choices"][0]["text"].strip()
-            return Translation(answer, time.perf_counter() - start)
+            choice = out["choices"][0]
+            ended = "length" if choice.get("finish_reason") == "length" else "stop"
+            return Translation(choice["text"].strip(), time.perf_counter() - start, ended)

@@ -27,9 +27,9 @@ from adapter_deploy.engines.base import (
     LoadedRelease,
     Translation,
     describe_release,
-    generation_budget,
     prompt_text,
     read_json,
+    token_budget,
 )
 from adapter_deploy.engines.convert_mlx import convert_peft_to_mlx
 
@@ -72,17 +72,24 @@ class MLXGemmaEngine:
     def loaded(self) -> LoadedRelease | None:
         return self._active.release if self._active else None
 
-    def translate(self, text: str) -> Translation:
-        from mlx_lm import generate
+    def translate(self, text: str, max_new_tokens: int | None = None) -> Translation:
+        from mlx_lm import stream_generate
 
         with self._lock:
             start = time.perf_counter()
             prompt = self.tokenizer.encode(
                 prompt_text(self.tokenizer, text), add_special_tokens=False
             )
-            budget = generation_budget(len(self.tokenizer.encode(text, add_special_tokens=False)))
-            out = generate(self.model, self.tokenizer, prompt=prompt, max_tokens=budget)
-            return Translation(out.strip(), time.perf_counter() - start)
+            n_text = len(self.tokenizer.encode(text, add_special_tokens=False))
+            budget = token_budget(n_text, max_new_tokens)
+            pieces, ended = [], "stop"
+            # mlx_lm.generate() is this loop; its last response says why decoding ended.
+            for response in stream_generate(
+                self.model, self.tokenizer, prompt=prompt, max_tokens=budget
+            ):
+                pieces.append(response.text)
+                ended = "length" if response.finish_reason == "length" else "stop"
+            return Translation("".join(pieces).strip(), time.perf_counter() - start, ended)
 
     def reload(self, adapter_path: str | Path) -> bool:
         """Swap in the adapter at `adapter_path`; False when that release is already loaded."""

@@ -3,11 +3,18 @@
 Shared by the causal-LM engine (hf_engine) and the Whisper engine: load the base once,
 then swap adapters under fresh PEFT adapter names so the old one serves until the new
 one has fully landed.
+
+A staged release can be checked beside the serving one (the service's in-service pre-check):
+`load_candidate(path)` loads it as a second named adapter on the same base, `candidate()`
+serves with it for the calls made inside (the active adapter is set back after each), and
+`drop_candidate()` deletes it. The serving adapter is never touched.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,7 @@ class PeftSwapEngine(SwappingEngine):
         self._lock = threading.RLock()
         self._loaded: LoadedRelease | None = None
         self._adapter_seq = 0  # PEFT adapter names "r1", "r2", ...: old and new coexist
+        self._candidate: tuple[str, LoadedRelease] | None = None  # (PEFT name, release)
         self.model = None
         if adapter_path is not None:
             self._load(describe_release(adapter_path))
@@ -91,8 +99,15 @@ class PeftSwapEngine(SwappingEngine):
         self.base_model = base
 
     def _swap_adapter(self, path: Path) -> None:
-        safetensors_names(path / PEFT_WEIGHTS)
         old, name = self.model.active_adapter, self._next_adapter_name()
+        self._add_adapter(path, name)
+        self.model.set_adapter(name)
+        self.model.delete_adapter(old)
+        self.model.eval()
+
+    def _add_adapter(self, path: Path, name: str) -> None:
+        """Load the adapter at `path` as `name` beside the others; it does not serve yet."""
+        safetensors_names(path / PEFT_WEIGHTS)
         try:
             self.model.load_adapter(str(path), adapter_name=name)
             check_landed(self.model, path, name)
@@ -104,9 +119,57 @@ class PeftSwapEngine(SwappingEngine):
             raise AdapterError(
                 f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
             ) from err
-        self.model.set_adapter(name)
-        self.model.delete_adapter(old)
         self.model.eval()
+
+    # --- a candidate beside the serving adapter (the in-service pre-check) ---------------
+    def candidate_refusal(self, adapter_path: str | Path) -> str | None:
+        """Why the release cannot be checked beside the serving one (None: it can)."""
+        kind = describe_release(adapter_path).kind
+        if kind != "peft":
+            return f"a {kind} release needs its own model, not an adapter on this one's base"
+        if self._loaded is None or self._loaded.kind != "peft" or self.model is None:
+            return "this engine serves no PEFT adapter to load a candidate beside"
+        if getattr(self.model, "is_loaded_in_4bit", False):
+            return "a bitsandbytes model is checked in a separate process"
+        return None
+
+    def load_candidate(self, adapter_path: str | Path) -> LoadedRelease:
+        """Load the release as a second adapter on the serving base; it serves nothing yet."""
+        with self._lock:
+            self.drop_candidate()
+            release = describe_release(adapter_path)
+            why = self.candidate_refusal(adapter_path)
+            if why:
+                raise AdapterError(f"cannot check {release.version_id} in place: {why}")
+            self._adapter_seq += 1
+            name = f"c{self._adapter_seq}"
+            self._add_adapter(Path(release.path), name)
+            self._candidate = (name, release)
+            return release
+
+    @contextmanager
+    def candidate(self) -> Iterator[LoadedRelease]:
+        """Serve with the candidate for the calls inside; the active adapter is set back."""
+        with self._lock:
+            if self._candidate is None:
+                raise AdapterError("no candidate is loaded", fix="load_candidate() first")
+            name, release = self._candidate
+            active = self.model.active_adapter
+            self.model.set_adapter(name)
+            try:
+                yield release
+            finally:
+                self.model.set_adapter(active)
+                self.model.eval()
+
+    def drop_candidate(self) -> None:
+        """Delete the candidate adapter (nothing when none is loaded)."""
+        with self._lock:
+            if self._candidate is not None:
+                name, _ = self._candidate
+                self._candidate = None
+                if name in self.model.peft_config:
+                    self.model.delete_adapter(name)
 
     def _next_adapter_name(self) -> str:
         self._adapter_seq += 1

@@ -5,7 +5,7 @@ Usage:
     python -m adapter_deploy.service --adapter-dir DIR [--models gemma_4b ...] \\
         [--base-model gemma_4b=/models/base ...] [--task whisper=transcription ...] \\
         [--platform cpu|cuda|mlx|auto] [--port 8765] [--pidfile FILE] [--diagnostics FILE] \\
-        [--reload-mode auto|standby|inplace] [--request-deadline 10]
+        [--reload-mode auto|standby|inplace] [--request-deadline 10] [--shadow-inputs 20]
 
 It serves every model with an `active` link under the adapter dir (`--models` / the endpoint's
 `models:` narrows that), on 127.0.0.1 only. A model's task (params.yaml `task:`, or `--task`;
@@ -17,8 +17,9 @@ default translation) picks its engine: transcription models get the Whisper engi
                        fallback, requests, ...
     GET  /health    -> 200 once every served model is loaded, 503 before
     GET  /metrics   -> Prometheus text: requests, latency, reloads, release, fallback, queue
-    GET  /v1/models, POST /v1/chat/completions -> OpenAI-compatible (service/openai_api.py)
-Answers of /translate, /transcribe and /v1/chat/completions name the release that answered
+    GET  /v1/models, POST /v1/chat/completions, POST /v1/completions -> OpenAI-compatible,
+         `stream: true` as server-sent events (service/openai_api.py)
+Answers of /translate, /transcribe and the /v1/ completions name the release that answered
 in an X-Adapter-Version header (`base` when the model serves its base model).
 Hostile or runaway requests are refused: a Host or Origin that is not loopback 403 (a web
 page or DNS rebinding), a body of another Content-Type 415, an invalid Content-Length 400,
@@ -44,6 +45,13 @@ warms it up, then swaps it in on the executor between two requests, so a request
 for the swap (the cost: base weights twice in memory during a reload). `inplace` runs
 `engine.reload()` on the executor: no second copy, but requests wait for the whole adapter
 swap. `auto` = inplace (measured faster; MLX evaluation never leaves one thread).
+
+The endpoint's agent pre-checks a staged release inside the service, over a Unix socket in
+the adapter dir (`.service-control.sock`, mode 0600, the service's uid only; never the HTTP
+port): the candidate is loaded beside the active adapter on the same base, its sentences run
+in turn with live requests (which the active release keeps answering), and the last
+--shadow-inputs live translations (memory only, never on disk) are replayed through it to
+count changed answers; then it is dropped (service/control.py).
 
 At start-up a model whose `active` does not load falls back to `previous`, then to its base
 model, reported loudly (`fallback: true` in /status). A failed reload keeps the old release.
@@ -77,9 +85,12 @@ from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.engines.factory import TASKS
 from adapter_deploy.service.metrics import OTHER_MODEL
 from adapter_deploy.service.openai_api import (
+    CHAT,
+    CLIENT_GONE,
+    COMPLETIONS,
+    VERSION_HEADER,
     ApiError,
-    chat_completion,
-    chat_request,
+    OpenAIRoutes,
     error_body,
     model_entry,
     model_list,
@@ -111,9 +122,7 @@ MAX_HEAD_BYTES = 64 * 1024  # a request line and headers longer than this are dr
 REQUEST_DEADLINE_S = 10.0  # accept to the end of the body, however slowly the bytes trickle
 SOCKET_TIMEOUT_S = 10.0  # writing an answer to a client that does not read it
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-INFERENCE_PATHS = {"/translate", "/transcribe", "/v1/chat/completions"}  # counted in /metrics
-VERSION_HEADER = "X-Adapter-Version"  # the release that answered (`base`: fallback)
-CLIENT_GONE = 499  # the status /metrics counts for a request dropped because its client left
+INFERENCE_PATHS = {"/translate", "/transcribe", CHAT, COMPLETIONS}  # counted in /metrics
 # What a WAV upload is labelled with; none of them is a type a web page may send cross-site
 # without a CORS preflight (which is never answered), like application/json.
 AUDIO_TYPES = {
@@ -166,7 +175,7 @@ class _DeadlineReader(io.RawIOBase):
             self.sock.settimeout(SOCKET_TIMEOUT_S)  # for writing the answer
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(OpenAIRoutes, BaseHTTPRequestHandler):
     """JSON over loopback HTTP; the service object hangs off the server.
 
     One request per connection (HTTP/1.0: the connection closes after the answer), so the
@@ -279,10 +288,10 @@ class Handler(BaseHTTPRequestHandler):
             self._transcribe_request(url.query)
         elif url.path == "/translate":
             self._translate_request()
-        elif url.path == "/v1/chat/completions":
-            self._chat_request()
+        elif url.path in (CHAT, COMPLETIONS):
+            self._completion_request()  # service/openai_api.py
         else:
-            where = "/translate, /transcribe or /v1/chat/completions"
+            where = "/translate, /transcribe, /v1/chat/completions or /v1/completions"
             self._fail(ApiError(404, f"POST only to {where}"))
 
     def _translate_request(self) -> None:
@@ -302,21 +311,6 @@ class Handler(BaseHTTPRequestHandler):
         if answer is not None:
             plain = {key: answer[key] for key in ("text", "version_id", "latency_s")}
             self._reply(200, plain, {VERSION_HEADER: version_header(answer)})
-
-    def _chat_request(self) -> None:
-        read, request = self._read_json()
-        if not read:
-            return
-        self._name_model(request)
-        try:
-            model, text = chat_request(request)
-        except ApiError as err:
-            self._fail(err)
-            return
-        answer = self._call(model, lambda: self.service.translate(model, text, self._client_gone))
-        if answer is not None:
-            completion = chat_completion(model, answer)
-            self._reply(200, completion, {VERSION_HEADER: version_header(answer)})
 
     def _content_type(self) -> str:
         return self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -395,7 +389,8 @@ class Handler(BaseHTTPRequestHandler):
             # OpenAI's clients know an overlong input as 400 context_length_exceeded.
             status = 400 if self.path.startswith("/v1/") else 413
             message = str(err) + "; send one sentence at a time"
-            return ApiError(status, message, "context_length_exceeded", "messages")
+            param = "prompt" if self.path.startswith(COMPLETIONS) else "messages"
+            return ApiError(status, message, "context_length_exceeded", param)
         if isinstance(err, AudioTooLong):
             return ApiError(413, err.one_line(), "audio_too_long")
         if isinstance(err, BadAudio):
@@ -705,6 +700,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         "max_queue",
         "max_input_tokens",
         "max_audio_bytes",
+        "shadow_inputs",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -738,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-audio-bytes", type=int, help=f"largest /transcribe body ({MAX_AUDIO_BYTES})"
     )
     parser.add_argument(
+        "--shadow-inputs",
+        type=int,
+        metavar="N",
+        help="live translations kept in memory per model for the pre-check's shadow replay "
+        "(20; 0: none)",
+    )
+    parser.add_argument(
         "--request-deadline",
         type=float,
         default=REQUEST_DEADLINE_S,
@@ -757,6 +760,7 @@ def main(args: argparse.Namespace) -> int:
     # First of all: a SIGUSR1 sent while the models load must queue a reload, not kill us.
     install_signal_handlers(control)
     service = Service(config_from_args(args), control)
+    channel = None  # the agent's control socket, once the models are loaded
     try:
         # /health answers 503 while the models load
         server = start_http(service, args.request_deadline)
@@ -766,13 +770,31 @@ def main(args: argparse.Namespace) -> int:
         ) from err
     try:
         service.load_all()
+        channel = _start_control(service)
         service.become_ready()
         service.run_controller()
     finally:
         server.shutdown()
+        if channel is not None:
+            channel.close()
         service.close()
         log.info("stopped")
     return 0
+
+
+def _start_control(service: Service) -> Any:
+    """The agent's control socket; without it pre-checks run in a separate process."""
+    from adapter_deploy.service.control import ControlServer
+
+    if not service.config.control:
+        return None
+    server = ControlServer(service)
+    try:
+        server.start()
+    except OSError as err:
+        log.warning("no control socket at %s (%s): pre-checks run beside it", server.path, err)
+        return None
+    return server
 
 
 def entry() -> None:

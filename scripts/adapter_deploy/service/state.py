@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ MAX_AUDIO_BYTES = 8 * 1024 * 1024
 WARMUP_TEXT = "Amen."
 WARMUP_AUDIO_S = 0.5  # of silence: a Whisper engine's first call pays its one-time costs
 CONTROL_POLL_S = 0.02
+# Live translations kept per model, in memory only, for the pre-check's shadow replay.
+SHADOW_INPUTS = 20
 
 
 class Busy(Exception):
@@ -92,6 +95,8 @@ class ServiceConfig:
     max_queue: int = MAX_QUEUE
     max_audio_bytes: int = MAX_AUDIO_BYTES
     tasks: dict[str, str] = field(default_factory=dict)  # model -> task; default translation
+    shadow_inputs: int = SHADOW_INPUTS  # live inputs kept per model for the shadow replay
+    control: bool = True  # listen on <adapter_dir>/.service-control.sock for the agent
 
     def task_of(self, model: str) -> str:
         return self.tasks.get(model, "translation")
@@ -123,6 +128,8 @@ class ServedModel:
     last_reload: dict[str, Any] | None = None
     error: str | None = None  # why nothing at all could be loaded
     requests: int = 0  # requests this model answered
+    # (input, output, version_id) of the last live translations; memory only, never on disk
+    shadow: deque[tuple[str, str, str | None]] = field(default_factory=deque)
 
     def serve(self, engine: Engine, source: str) -> None:
         self.engine, self.release, self.source = engine, engine.loaded, source
@@ -166,6 +173,7 @@ class Service:
         self.dropped = 0  # queued requests skipped because their client had gone
         self.waiting = 0  # of the queued: not started yet (guarded by self.lock)
         self.metrics = ServiceMetrics(self.status)
+        self.base_loads = 0  # engines built, each with its base model: a pre-check adds none
 
     # --- models and loading -------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -182,6 +190,8 @@ class Service:
     def _build(self, target: Path | None, model: str) -> Engine:
         """A new engine for `target` (None: base model only), warmed up before it serves."""
         base, task = self.config.base_models.get(model), self.config.task_of(model)
+        with self.lock:
+            self.base_loads += 1
         engine: Any = make_engine(
             self.config.platform, adapter_path=target, base_model=base, task=task
         )
@@ -197,6 +207,11 @@ class Service:
     def _on_engine_thread(self, fn: Any) -> Any:
         return self.executor.submit(fn).result()
 
+    def on_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread in turn with live requests (FIFO): a live request
+        waits at most for one such call."""
+        return self._on_engine_thread(fn)
+
     def _construct(self, target: Path | None, model: str) -> Engine:
         # MLX engines are built on the engine thread (MLX stays on one thread). torch is safe
         # across threads, and an HF engine built on the engine thread translated ~10x slower
@@ -209,6 +224,7 @@ class Service:
     def load_initial(self, model: str) -> None:
         """Serve active, else previous, else the base model (the operator's plan), loudly."""
         served, errors = ServedModel(model, self.config.task_of(model)), []
+        served.shadow = deque(maxlen=max(0, self.config.shadow_inputs))
         for source in ("active", "previous"):
             link = self.link(model, source)
             if not link.exists():
@@ -303,27 +319,36 @@ class Service:
 
     # --- serving ------------------------------------------------------------------------
     def translate(
-        self, model: str, text: str, gone: Callable[[], bool] = lambda: False
+        self,
+        model: str,
+        text: str,
+        gone: Callable[[], bool] = lambda: False,
+        max_tokens: int | None = None,
     ) -> dict[str, Any]:
         """Translate on the engine thread. Busy when the queue is full; InputTooLong over the
         token cap; ClientGone when the caller left (or timed out) before its turn came;
         WrongTask for a transcription model; KeyError for a model not served.
         The answer's `usage` counts the text's and the translation's tokens (words when the
-        engine has no tokenizer)."""
+        engine has no tokenizer); `max_tokens` caps the new tokens decoded, and
+        `finish_reason` says whether a cap ended the translation ("length") or not ("stop")."""
         served = self._serving(model, "translation")
         usage: dict[str, int] = {}
+        ended = {"finish_reason": "stop"}
 
         def work(engine: Any) -> Translation:
             tokens = input_tokens(engine, text)
             if tokens is not None and tokens > self.config.max_input_tokens:
                 raise InputTooLong(tokens, self.config.max_input_tokens)
-            answer = engine.translate(text)
+            answer = engine.translate(text, max_new_tokens=max_tokens)
+            ended["finish_reason"] = answer.finish_reason
+            if served.shadow.maxlen:  # what answered, read on the thread that swaps releases
+                served.shadow.append((text, answer.text, _vid(served)))
             out = input_tokens(engine, answer.text)  # on this thread: tokenizers are not shared
             usage["prompt_tokens"] = len(text.split()) if tokens is None else tokens
             usage["completion_tokens"] = len(answer.text.split()) if out is None else out
             return answer
 
-        return {**self._run(served, work, gone), "usage": usage}
+        return {**self._run(served, work, gone), "usage": usage, **ended}
 
     def transcribe(
         self, model: str, audio: bytes, gone: Callable[[], bool] = lambda: False
@@ -406,6 +431,7 @@ class Service:
             "ready": self.ready,
             "engine": self.config.engine_kind,
             "reload_mode": "standby" if self.config.standby else "inplace",
+            "base_loads": self.base_loads,
             "models": models,
             "not_served": [m for m in self.model_names() if m not in models],
         }
