@@ -16,6 +16,7 @@ import pytest
 import yaml
 from adapter_deploy.api import install_targets
 from adapter_deploy.common.errors import AdapterError, ReloadFailed
+from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.config import EndpointParams, load_params
 from adapter_deploy.convert import gguf as convert_gguf
 from adapter_deploy.convert.gguf import gguf_metadata
@@ -348,11 +349,12 @@ def test_translategemma_layout_lora_passes_and_the_regressed_fails_sentence_3(
     if mismatch:  # a kit limitation, not the conversion's (see test_gguf.py)
         pytest.xfail(f"the multimodal kit's {mismatch}; llama.cpp runs Gemma 3's pattern")
     cache = tmp_path / "cache"
-    convert_base(multimodal_kit.base, cache / "base", "Q8_0")
+    base_gguf = convert_base(multimodal_kit.base, cache / "base", "Q8_0")
+    base_info = {"key": "base", "sha256": sha256_file(base_gguf)}  # what a release records
     passed = {}
     for name in ("good", "regressed"):
         adapter = getattr(multimodal_kit, name)
-        convert_lora(adapter, multimodal_kit.base, cache / name, {"key": "base"})
+        convert_lora(adapter, multimodal_kit.base, cache / name, base_info)
         names = _gguf_names(cache / name / "adapter.gguf")
         assert names and all(n.startswith("blk.") for n in names)  # no vision tower LoRA
         health = check_release(cache / name, None, latency_limit=SLOW)

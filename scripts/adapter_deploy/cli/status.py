@@ -14,6 +14,7 @@ import json
 
 from adapter_deploy import api
 from adapter_deploy.cli.render import render
+from adapter_deploy.common.names import printable
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
 from adapter_deploy.deploy.fleet_status import COLUMNS, status_rows
@@ -26,6 +27,8 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({"exit_code": result.exit_code, "endpoints": result.endpoints}, indent=2))
     else:
         print(render("status", COLUMNS, status_rows(result.endpoints)), end="")
+        for failed in (st for st in result.endpoints if "error" in st):
+            print(printable(failed["error"]))  # whole, where a table cell would fold it
     return result.exit_code
 
 
