@@ -6,12 +6,12 @@ _HERE = Path(__file__).parent
 pytest_plugins = [
     name
     for name in (
+        "plugin_budget",  # first: fixtures_kit imports it (its kit-build clock)
         "fixtures_repo",
         "fixtures_kit",
         "fixtures_sshd",
         "fixtures_fleet",
         "fixtures_convert",
-        "plugin_budget",
     )
     if (_HERE / f"{name}.py").exists()
 ]

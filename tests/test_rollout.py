@@ -178,6 +178,17 @@ def test_a_failed_soak_rolls_the_canary_back_holds_the_rest_and_the_rerun_comple
 
 
 @pytest.mark.e2e
+def test_a_failed_soak_of_a_first_release_leaves_the_canary_with_no_release(waves: Fleet) -> None:
+    arm(waves.endpoints["ep1"], "verify", ["pass", "fail"])  # VERIFY passes, the soak does not
+    proc = waves.deploy("--cycle", "1", *GEMMA)
+    assert proc.returncode == RolloutHalted.exit_code, proc.stdout + proc.stderr
+    assert waves.links("ep1") == (None, None)  # nothing earlier: the release is taken away
+    bad = json.loads((waves.endpoints["ep1"] / "gemma_4b" / "bad.json").read_text())
+    assert waves.versions["cycle1"] in bad
+    _untouched(waves, "ep2", "ep3")
+
+
+@pytest.mark.e2e
 def test_a_deployer_killed_between_waves_leaves_the_later_waves_untouched(
     waves: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -168,12 +168,15 @@ def _roll_back(
     with fleet.endpoint_run(params, deployed.endpoint, control) as (run, outcome):
         run.open()
         for m in _new_models(deployed):
-            back = rollback_model(run, m.model, None)
+            if m.previous is None:  # its first release here: back to no release at all
+                run.restore(m.model, None, None, m.version_id)
+            else:
+                back = rollback_model(run, m.model, None)
+                m.health["rollback"] = back.health.get("post_activation")
+                outcome.models.append(back)
             m.status, m.error = "rolled_back", why
             m.exit_code = HealthCheckFailed.exit_code
             m.phases.append("rollback")
-            m.health["rollback"] = back.health.get("post_activation")
-            outcome.models.append(back)
     if outcome.error:
         deployed.error = f"{why}; the rollback failed: {outcome.error}"
         deployed.exit_code = max(deployed.exit_code, outcome.exit_code)
