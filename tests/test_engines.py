@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from adapter_deploy.common.errors import AdapterError, ReloadFailed
@@ -73,6 +75,41 @@ def test_reload_switches_and_a_failed_reload_keeps_the_old(kit, kind, tmp_path):
         engine.reload(tmp_path / "missing")
     assert engine.loaded.version_id == "good2"
     assert "Jacobo" in engine.translate(JAMES).text
+
+
+@pytest.mark.parametrize("kind", ["hf", "mlx"])
+def test_a_reload_loads_beside_while_requests_are_answered(kit, kind, monkeypatch):
+    """prepare() reads and places the new weights without the lock requests take: a request
+    made while the load is held half-way is answered, by the old release; only switch()
+    (between two requests) changes what answers."""
+    from adapter_deploy.engines import mlx_engine, peft_swap
+
+    module, name = (peft_swap, "check_landed") if kind == "hf" else (mlx_engine, "host_weights")
+    real, reached, gate = getattr(module, name), threading.Event(), threading.Event()
+
+    def held(*args):
+        reached.set()
+        assert gate.wait(60)
+        return real(*args)
+
+    engine = make_engine(kind, adapter_path=kit.good, base_model=kit.base)
+    monkeypatch.setattr(module, name, held)
+    states: list[str] = []
+    loader = threading.Thread(target=lambda: states.append(engine.prepare(kit.good2)))
+    loader.start()
+    try:
+        assert reached.wait(60), "the load never started"
+        with ThreadPoolExecutor(1) as pool:  # a request while the load is held
+            answer = pool.submit(engine.translate, JAMES).result(timeout=60)
+        assert "Santiago" in answer.text and engine.loaded.version_id == "good"
+    finally:
+        gate.set()
+        loader.join(60)
+    assert states == ["prepared"]
+    assert "Santiago" in engine.translate(JAMES).text  # prepared is not serving
+    assert engine.switch().version_id == "good2"
+    assert "Jacobo" in engine.translate(JAMES).text
+    assert engine.prepare(kit.good2) == "noop"
 
 
 def test_mlx_refuses_a_wrongly_keyed_adapter(kit, tmp_path):

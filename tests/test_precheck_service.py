@@ -1,7 +1,9 @@
 """PRE-CHECK inside the running service (issue #28): the staged release is loaded beside the
 active adapter on the service's own base over its control socket, live requests keep their
 release, the shadow replay counts changed live answers, and without a service it falls back
-to a separate process. A real service process on the tiny kit model (test_serve's Service).
+to a separate process. A real service process on the tiny kit model (test_serve's Service),
+once with the transformers engine (PEFT: a second named adapter) and once with MLX (mlx[cpu]:
+the candidate's weights put into the serving LoRA layers for its check sentences only).
 """
 
 from __future__ import annotations
@@ -24,17 +26,18 @@ REGRESSED = "cycle3_20260103_dddddddd"
 GOOD_MORNING = "Good morning, welcome to the service."
 
 
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory, kit: Any) -> Any:
+@pytest.fixture(scope="module", params=["cpu", "mlx"])
+def svc(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kit: Any) -> Any:
     """gemma_4b: V1 (good) active, V2 (good2) and REGRESSED staged; the service serves V1."""
-    tmp = tmp_path_factory.mktemp("precheck")
+    tmp = tmp_path_factory.mktemp(f"precheck-{request.param}")
     model_dir = tmp / "adapters" / "gemma_4b"
     add_release(model_dir, V1, kit.good)
     add_release(model_dir, V2, kit.good2)
     add_release(model_dir, REGRESSED, kit.regressed)
     flip(model_dir, V1)
     args = ["--adapter-dir", str(tmp / "adapters"), "--models", "gemma_4b"]
-    args += ["--base-model", f"gemma_4b={kit.base}", "--platform", "cpu", "--shadow-inputs", "5"]
+    args += ["--base-model", f"gemma_4b={kit.base}", "--platform", request.param]
+    args += ["--shadow-inputs", "5"]
     service = Service(tmp, args, free_port())
     service.wait(200)
     service.tmp, service.model_dir = tmp, model_dir
@@ -113,6 +116,7 @@ def test_regressed_candidate_fails_while_live_requests_keep_the_active_release(s
     assert service_status(svc.url)["base_loads"] == 1
 
 
+@pytest.mark.parametrize("svc", ["cpu"], indirect=True)
 def test_without_a_control_socket_it_runs_in_a_process(svc: Service, tmp_path: Path) -> None:
     result = check(svc, V2, adapter_dir=tmp_path)  # no service listens there
     assert result["via"] == "process" and result["all_passed"], result

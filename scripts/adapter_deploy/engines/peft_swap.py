@@ -4,21 +4,33 @@ Shared by the causal-LM engine (hf_engine) and the Whisper engine: load the base
 then swap adapters under fresh PEFT adapter names so the old one serves until the new
 one has fully landed.
 
+A hot reload is split so that live requests never wait for an adapter's load: `prepare(path)`
+reads, hashes, places and checks the new adapter's weights beside the serving one, on any
+thread, while the engine keeps translating; `switch()`, run between two requests on the
+serving thread, only makes it the active adapter and deletes the old one.
+
 A staged release can be checked beside the serving one (the service's in-service pre-check):
-`load_candidate(path)` loads it as a second named adapter on the same base, `candidate()`
-serves with it for the calls made inside (the active adapter is set back after each), and
-`drop_candidate()` deletes it. The serving adapter is never touched.
+`load_candidate(path)` loads it as a second named adapter on the same base (also off the
+serving thread), `candidate()` serves with it for the calls made inside (the active adapter is
+set back after each), and `drop_candidate()` deletes it. The serving adapter is never touched.
+
+Two locks: `_lock` is held by every call that runs the model (one request at a time);
+`_staging` by every change to the set of adapters. Loading a new adapter takes `_staging` only,
+so it never waits for a request nor makes one wait; changing which adapter serves takes both.
+PEFT's forward pass reads only the active adapters' modules, so adding or deleting another one
+beside it is safe while it runs.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from adapter_deploy.common.errors import AdapterError
+from adapter_deploy.common.errors import AdapterError, ReloadFailed
 from adapter_deploy.engines.base import (
     PEFT_WEIGHTS,
     LoadedRelease,
@@ -45,9 +57,11 @@ class PeftSwapEngine(SwappingEngine):
         self.device = device
         self.base_model = str(base_model) if base_model else None
         self._lock = threading.RLock()
+        self._staging = threading.RLock()
         self._loaded: LoadedRelease | None = None
         self._adapter_seq = 0  # PEFT adapter names "r1", "r2", ...: old and new coexist
         self._candidate: tuple[str, LoadedRelease] | None = None  # (PEFT name, release)
+        self._prepared: tuple[str, LoadedRelease] | None = None  # loaded, not serving yet
         self.model = None
         if adapter_path is not None:
             self._load(describe_release(adapter_path))
@@ -121,10 +135,79 @@ class PeftSwapEngine(SwappingEngine):
             ) from err
         self.model.eval()
 
+    # --- a reload in two steps: load beside (any thread), then switch (between requests) ---
+    def prepare(self, adapter_path: str | Path) -> str:
+        """Load the release beside the serving adapter without holding up a request.
+
+        "noop": it is already serving; "prepared": loaded and checked, `switch()` makes it
+        serve; "whole": it needs a whole model load (merged, a first adapter on a bare base,
+        bitsandbytes), which `reload()` does. A release that fails to load raises
+        ReloadFailed and leaves nothing behind."""
+        with self._staging:
+            self._discard_prepared()
+            try:
+                release = describe_release(adapter_path)
+                if self._serving(release):
+                    return "noop"
+                if self._refusal(release) is not None:
+                    return "whole"
+                name = self._next_adapter_name()
+                self._add_adapter(Path(release.path), name)
+            except AdapterError as err:
+                raise ReloadFailed(
+                    f"reload of {adapter_path} failed: {err.one_line()}",
+                    fix="the previous release is still serving",
+                ) from err
+            self._prepared = (name, release)
+            return "prepared"
+
+    def switch(self) -> LoadedRelease:
+        """Serve the prepared release and delete the old adapter: no load, no disk."""
+        with self._lock, self._staging:
+            if self._prepared is None:
+                raise AdapterError("no release is prepared", fix="prepare() it first")
+            (name, release), self._prepared = self._prepared, None
+            old = self.model.active_adapter
+            self.model.set_adapter(name)
+            self.model.delete_adapter(old)
+            self._loaded = release
+        logging.getLogger(type(self).__module__).info(
+            "reloaded %s (%s)", release.version_id, release.sha256[:8]
+        )
+        return release
+
+    def reload(self, adapter_path: str | Path) -> bool:
+        """Swap in the release at `adapter_path`; False when it is already loaded."""
+        state = self.prepare(adapter_path)
+        if state == "prepared":
+            self.switch()
+            return True
+        if state == "noop":
+            return False
+        with self._lock, self._staging:
+            return super().reload(adapter_path)
+
+    def _serving(self, release: LoadedRelease) -> bool:
+        loaded = self._loaded
+        return loaded is not None and (loaded.path, loaded.sha256) == (
+            release.path,
+            release.sha256,
+        )
+
+    def _discard_prepared(self) -> None:
+        if self._prepared is not None:
+            name, _ = self._prepared
+            self._prepared = None
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+
     # --- a candidate beside the serving adapter (the in-service pre-check) ---------------
     def candidate_refusal(self, adapter_path: str | Path) -> str | None:
         """Why the release cannot be checked beside the serving one (None: it can)."""
-        kind = describe_release(adapter_path).kind
+        return self._refusal(describe_release(adapter_path))
+
+    def _refusal(self, release: LoadedRelease) -> str | None:
+        kind = release.kind
         if kind != "peft":
             return f"a {kind} release needs its own model, not an adapter on this one's base"
         if self._loaded is None or self._loaded.kind != "peft" or self.model is None:
@@ -134,11 +217,12 @@ class PeftSwapEngine(SwappingEngine):
         return None
 
     def load_candidate(self, adapter_path: str | Path) -> LoadedRelease:
-        """Load the release as a second adapter on the serving base; it serves nothing yet."""
-        with self._lock:
+        """Load the release as a second adapter on the serving base; it serves nothing yet.
+        Runs on any thread: requests go on being answered while it loads."""
+        with self._staging:
             self.drop_candidate()
             release = describe_release(adapter_path)
-            why = self.candidate_refusal(adapter_path)
+            why = self._refusal(release)
             if why:
                 raise AdapterError(f"cannot check {release.version_id} in place: {why}")
             self._adapter_seq += 1
@@ -150,7 +234,7 @@ class PeftSwapEngine(SwappingEngine):
     @contextmanager
     def candidate(self) -> Iterator[LoadedRelease]:
         """Serve with the candidate for the calls inside; the active adapter is set back."""
-        with self._lock:
+        with self._lock, self._staging:
             if self._candidate is None:
                 raise AdapterError("no candidate is loaded", fix="load_candidate() first")
             name, release = self._candidate
@@ -163,8 +247,9 @@ class PeftSwapEngine(SwappingEngine):
                 self.model.eval()
 
     def drop_candidate(self) -> None:
-        """Delete the candidate adapter (nothing when none is loaded)."""
-        with self._lock:
+        """Delete the candidate adapter (nothing when none is loaded). It is not serving, so
+        this needs no turn on the serving thread."""
+        with self._staging:
             if self._candidate is not None:
                 name, _ = self._candidate
                 self._candidate = None
@@ -172,7 +257,7 @@ class PeftSwapEngine(SwappingEngine):
                     self.model.delete_adapter(name)
 
     def _next_adapter_name(self) -> str:
-        self._adapter_seq += 1
+        self._adapter_seq += 1  # under _staging
         return f"r{self._adapter_seq}"
 
 

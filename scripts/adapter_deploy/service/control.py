@@ -4,7 +4,8 @@
 created mode 0600 and answers only peers of the service's own uid: the endpoint's agent, not
 whoever can reach the public loopback HTTP port. One connection is one candidate session:
 `load` puts the staged release `<model>/releases/<id>/` beside the active adapter on the same
-base (`load_candidate` of the engine: PEFT today), each `translate`/`transcribe` runs one
+base (`load_candidate` of the engine: PEFT and MLX; on this connection's thread, so live
+requests are answered while it loads), each `translate`/`transcribe` runs one
 input with it on the engine thread, in turn with live requests (FIFO: a live request waits
 at most one check sentence, and is always answered by the active release), `shadow` replays
 the live inputs the service kept through it, and `drop` or the end of the connection deletes
@@ -79,7 +80,9 @@ class CandidateCheck:
                 raise Unsupported(why)
             return engine.load_candidate(path)
 
-        release = self.service.on_engine_thread(load)
+        # Loaded on this connection's thread: live requests are answered meanwhile (the
+        # engine adds the candidate beside the serving adapter without holding them up).
+        release = load()
         self.served, self.engine = served, engine
         log.info("%s: pre-check of %s beside %s", model, release.version_id, _active(served))
         return release.to_dict()
@@ -126,7 +129,7 @@ class CandidateCheck:
     def drop(self) -> None:
         engine, self.engine, self.served = self.engine, None, None
         if engine is not None:
-            self.service.on_engine_thread(engine.drop_candidate)
+            engine.drop_candidate()  # not serving: deleted without a turn on the engine thread
 
 
 def _active(served: ServedModel) -> str | None:

@@ -290,7 +290,7 @@ class Service:
             if current == (wanted.path, wanted.sha256) and served.source == "active":
                 record["result"] = "noop"
             else:
-                self._swap_in(served, target)
+                record["engine_s"] = round(self._swap_in(served, target), 4)
                 record["result"] = "ok"
         except Exception as err:  # a bad release must never take the service down
             record["error"] = reason_of(err)
@@ -303,19 +303,30 @@ class Service:
         self.metrics.reloaded(served.name, record["result"])
         self._diagnose_reload(served.name, previous, record)
 
-    def _swap_in(self, served: ServedModel, target: Path) -> None:
+    def _swap_in(self, served: ServedModel, target: Path) -> float:
+        """Serve `target`; the seconds the engine thread spent on it (no request ran then)."""
+        state, held = "whole", []
         if self.config.standby or served.engine is None:
             engine = self._construct(target, served.name)
+            state = "built"
         else:
             engine = served.engine
-            # Inplace: the executor is busy with this for the whole adapter swap.
-            self._on_engine_thread(lambda: engine.reload(target))
+            prepare = getattr(engine, "prepare", None)
+            if prepare is not None:
+                # Read, hash, place and check the new weights here, off the engine thread:
+                # live requests go on being answered by the old release meanwhile.
+                state = prepare(target)
+            if state == "whole":  # a whole model load (merged...): the engine waits for it
+                self._on_engine_thread(lambda: _timed(held, lambda: engine.reload(target)))
 
         def swap() -> None:  # runs between two requests on the engine thread
+            if state == "prepared":
+                engine.switch()
             with self.lock:
                 served.serve(engine, "active")
 
-        self._on_engine_thread(swap)
+        self._on_engine_thread(lambda: _timed(held, swap))
+        return sum(held)
 
     # --- serving ------------------------------------------------------------------------
     def translate(
@@ -488,6 +499,14 @@ class Service:
         if self.config.diagnostics:
             entry = {"session_id": self.session_id, "at": utc_now(ms=True), **record}
             append_jsonl(self.config.diagnostics, entry)
+
+
+def _timed(spent: list[float], fn: Callable[[], Any]) -> None:
+    start = time.perf_counter()
+    try:
+        fn()
+    finally:
+        spent.append(time.perf_counter() - start)
 
 
 def _vid_of(release: LoadedRelease | None) -> str | None:
