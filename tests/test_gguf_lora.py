@@ -175,6 +175,22 @@ def test_reload_swaps_only_the_lora_and_a_broken_one_keeps_the_old(
     assert _answers(engine).all_passed
 
 
+@needs_tools
+def test_a_candidate_lora_answers_only_inside_its_check(versioned, cycles) -> None:
+    good, regressed = _lora(versioned, "1", "F16"), _lora(versioned, "3", "F16")
+    engine = LlamaCppEngine(good["path"])
+    model = engine.llm
+    assert engine.candidate_refusal(regressed["path"]) is None
+    base = Path(good["path"]).parent / good["base"]["key"]  # a whole GGUF: its own model
+    assert "whole GGUF" in engine.candidate_refusal(base)
+    assert engine.load_candidate(regressed["path"]).kind == "gguf-lora"
+    with engine.candidate():
+        assert [r.passed for r in _answers(engine).results] == [True, True, False, True, True]
+    assert _answers(engine).all_passed  # the serving LoRA is back, no stale prompt state
+    engine.drop_candidate()
+    assert engine.llm is model and engine.loaded.version_id == Path(good["path"]).name
+
+
 def test_a_lora_whose_base_is_absent_or_another_file_names_it(tmp_path: Path) -> None:
     release = tmp_path / "adapters" / "gemma_4b" / "releases" / "cycle1_20260101_aaaaaaaa"
     release.mkdir(parents=True)
@@ -285,11 +301,13 @@ def test_gguf_lora_endpoint_base_once_hot_swap_precheck_and_rollback(
     status = _get(f"{url}/status")["models"]
     assert base_name not in status and status["gemma_4b"]["version_id"] == v1
     pid = int(pidfile.read_text())
+    base_loads = _get(f"{url}/status")["base_loads"]
 
     # Cycle 2: only the LoRA travels; the service swaps it on the loaded base.
     code, second = _deploy(fleet, "--cycle", "2", "--models", "gemma_4b")
     assert code == 0, second["models"][0]["error"]
     outcome = second["models"][0]
+    assert outcome["health"]["pre_activation"]["via"] == "service"  # the LoRA on its base
     assert "base" not in outcome["phases"] and 0 < outcome["bytes_sent"] < base_size / 2
     post = outcome["health"]["post_activation"]
     assert post["all_passed"] and post["release"]["version_id"] == v2
@@ -306,6 +324,8 @@ def test_gguf_lora_endpoint_base_once_hot_swap_precheck_and_rollback(
     assert _get(f"{url}/status")["models"]["gemma_4b"]["version_id"] == v2
     assert "pre-activation health check failed" in third["models"][0]["error"]
     assert third["models"][0]["version_id"] == v3
+    assert third["models"][0]["health"]["pre_activation"]["via"] == "service"
+    assert _get(f"{url}/status")["base_loads"] == base_loads  # no second base for the checks
 
     # Rollback: cycle 1's LoRA swapped back on the same base, in the same process.
     proc = fleet.deploy("--rollback", "--endpoints", "ep1", "--models", "gemma_4b")

@@ -14,6 +14,12 @@ engines use), generation is greedy, and a reload loads the new file beside the s
 before switching, so a file that does not load leaves the old release serving.
 Layers are offloaded to the GPU where llama.cpp was built with CUDA (n_gpu_layers=-1 is a
 no-op on a CPU build).
+
+A staged gguf-lora release on the loaded base is checked beside the serving one (the service's
+in-service pre-check): `load_candidate(path)` loads its LoRA against the loaded model (with the
+serving lock held: a llama.cpp adapter is bound to its model, and a LoRA file is small),
+`candidate()` makes it the context's one LoRA for the calls inside and puts the serving one
+back after them, and `drop_candidate()` frees it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -129,8 +137,19 @@ def _open(path: Path, n_gpu_layers: int) -> Any:
 
 def _apply_lora(llm: Any, lora: Path) -> Any:
     """Load `lora` against `llm`'s model and make it the one LoRA its context applies."""
-    import ctypes
+    import llama_cpp
 
+    adapter = _load_lora(llm, lora)
+    try:
+        _use_lora(llm, adapter)
+    except AdapterError:
+        llama_cpp.llama_adapter_lora_free(adapter)
+        raise
+    return adapter
+
+
+def _load_lora(llm: Any, lora: Path) -> Any:
+    """Load `lora` against `llm`'s model; nothing applies it yet."""
     import llama_cpp
 
     adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode())
@@ -139,12 +158,21 @@ def _apply_lora(llm: Any, lora: Path) -> Any:
             f"llama.cpp cannot load the LoRA {lora} on its base",
             fix="convert and deploy the release again (its base must be the one it names)",
         )
+    return adapter
+
+
+def _use_lora(llm: Any, adapter: Any) -> None:
+    """Make `adapter` the one LoRA `llm`'s context applies; its cached prompt state, computed
+    under another LoRA, is never reused."""
+    import ctypes
+
+    import llama_cpp
+
     adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
     scales = (ctypes.c_float * 1)(LORA_SCALE)
     if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales) != 0:
-        llama_cpp.llama_adapter_lora_free(adapter)
-        raise AdapterError(f"llama.cpp cannot apply the LoRA {lora}", fix="deploy it again")
-    return adapter
+        raise AdapterError("llama.cpp cannot apply the LoRA", fix="deploy it again")
+    llm.reset()
 
 
 def _prompt_formatter(llm: Any, path: Path) -> Any:
@@ -177,6 +205,7 @@ class LlamaCppEngine(SwappingEngine):
         self.base_path: Path | None = None  # the base GGUF loaded, for a LoRA release
         self.base_sha256: str | None = None  # its contents, checked before it was loaded
         self._lora: Any = None  # the applied llama_adapter_lora_p
+        self._candidate: tuple[Any, LoadedRelease] | None = None  # (its LoRA, its release)
         self._load(describe_release(release_path))
 
     @property
@@ -219,12 +248,58 @@ class LlamaCppEngine(SwappingEngine):
         """Apply `lora` in place of the current LoRA on the loaded base."""
         import llama_cpp
 
-        adapter = _apply_lora(self.llm, lora)
+        adapter = _apply_lora(self.llm, lora)  # the cached prompt state is dropped there
         old, self._lora = self._lora, adapter
         if old is not None:
             llama_cpp.llama_adapter_lora_free(old)
-        # The cached prompt state was computed under the old LoRA: never reuse it.
-        self.llm.reset()
+
+    # --- a candidate beside the serving LoRA (the in-service pre-check) -------------------
+    def candidate_refusal(self, adapter_path: str | Path) -> str | None:
+        """Why the release cannot be checked beside the serving one (None: it can)."""
+        release_dir = Path(adapter_path).resolve()
+        if not is_lora_release(release_dir):
+            return "a whole GGUF release needs its own model, not a LoRA on this one's base"
+        if self._lora is None or self.base_path is None:
+            return "this engine serves no LoRA on a base to load a candidate beside"
+        base = base_gguf(release_dir)
+        if base.resolve() != self.base_path or base_sha256(release_dir) != self.base_sha256:
+            return "its base is not the base this engine has loaded"
+        return None
+
+    def load_candidate(self, adapter_path: str | Path) -> LoadedRelease:
+        """Load the release's LoRA against the loaded base; it applies to nothing yet."""
+        with self._lock:
+            self.drop_candidate()
+            why = self.candidate_refusal(adapter_path)
+            release = replace(describe_release(adapter_path), kind="gguf-lora")
+            if why:
+                raise AdapterError(f"cannot check {release.version_id} in place: {why}")
+            adapter = _load_lora(self.llm, Path(release.path) / LORA_FILE)
+            self._candidate = (adapter, release)
+            return release
+
+    @contextmanager
+    def candidate(self) -> Iterator[LoadedRelease]:
+        """Apply the candidate's LoRA for the calls inside; the serving one is put back."""
+        with self._lock:
+            if self._candidate is None:
+                raise AdapterError("no candidate is loaded", fix="load_candidate() first")
+            adapter, release = self._candidate
+            _use_lora(self.llm, adapter)
+            try:
+                yield release
+            finally:
+                _use_lora(self.llm, self._lora)
+
+    def drop_candidate(self) -> None:
+        """Free the candidate's LoRA (nothing when none is loaded)."""
+        import llama_cpp
+
+        with self._lock:
+            if self._candidate is not None:
+                adapter, _ = self._candidate
+                self._candidate = None
+                llama_cpp.llama_adapter_lora_free(adapter)
 
     def translate(self, text: str, max_new_tokens: int | None = None) -> Translation:
         with self._lock:
