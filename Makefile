@@ -167,6 +167,16 @@ rollback: install ## [ENDPOINT=..] [MODELS=..] [TO=version_id]: roll back (bare:
 	@set -f; $(PY) scripts/deploy_adapters.py --rollback $${ENDPOINT:+--endpoints $$ENDPOINT} \
 	  $${MODELS:+--models $$MODELS} $${TO:+--to "$$TO"} $(FLAGS)
 
+promote: install ## CYCLE=1 ENDPOINT="pulling endpoints or groups" [MODELS=..]: desired state in git
+	@set -f; $(PY) scripts/promote.py $(WHAT) $${ENDPOINT:+--endpoints $$ENDPOINT} \
+	  $${MODELS:+--models $$MODELS} $${JSON:+--json}
+
+pull: ## on a pulling endpoint [ENDPOINT=..] [FORCE=1]: fetch and deploy what was promoted to it
+	@test -x $(PY) || { echo "run make install-endpoint first"; exit 2; }
+	@$(PY) scripts/pull.py $${ENDPOINT:+--endpoint "$$ENDPOINT"} $${FORCE:+--force} $${JSON:+--json}
+
+.PHONY: promote pull
+
 status: install ## [ENDPOINT=..]: endpoint x model table, read live (JSON=1 for JSON)
 	@set -f; $(PY) scripts/status.py $${ENDPOINT:+--endpoints $$ENDPOINT} $${JSON:+--json}
 

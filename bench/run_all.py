@@ -19,6 +19,7 @@ ORDER = [
     "bench_fleet.py",
     "bench_engines.py",
     "bench_reload.py",
+    "bench_precheck.py",
     "bench_convert.py",
 ]
 

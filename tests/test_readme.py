@@ -14,6 +14,7 @@ from fixtures_repo import ROOT
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 PAGES = ["operating", "endpoints", "security", "reference", "benchmarks", "architecture", "testing"]
+PAGES += ["pull"]
 README_MAX_LINES = 200
 
 

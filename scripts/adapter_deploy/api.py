@@ -20,6 +20,7 @@ from adapter_deploy.common.names import check_version_id
 from adapter_deploy.config import EndpointParams, Params
 from adapter_deploy.deploy import doctor as preflight
 from adapter_deploy.deploy import fleet, quiet, rollout
+from adapter_deploy.deploy import pull as pulling
 from adapter_deploy.deploy.alerts import send_alerts
 from adapter_deploy.deploy.fleet_status import fleet_status
 from adapter_deploy.deploy.phases import run_phase
@@ -28,8 +29,13 @@ from adapter_deploy.deploy.progress import NO_PROGRESS, Progress
 from adapter_deploy.deploy.records import DEPLOY_LOG, last_run, record
 from adapter_deploy.deploy.remote import Connection, Session
 from adapter_deploy.deploy.rollback import rollback_endpoint
-from adapter_deploy.deploy.service_install import ServiceFiles, service_files, start_script
-from adapter_deploy.store import registry
+from adapter_deploy.deploy.service_install import (
+    ServiceFiles,
+    pull_timer_files,
+    service_files,
+    start_script,
+)
+from adapter_deploy.store import registry, stages
 from adapter_deploy.store.conversions import ConversionResult, convert_release
 from adapter_deploy.store.manifest import (
     load_manifest,
@@ -183,13 +189,15 @@ def deploy(
     if cycle is None and version_id is None:
         raise UsageError("nothing to deploy", "pass --cycle N (make deploy CYCLE=N)")
     if not endpoints and params.rollout is not None:
-        endpoints = sorted(params.endpoints)  # a staged rollout covers the whole fleet
+        # a staged rollout covers the whole fleet that is pushed to
+        endpoints = sorted(n for n, ep in params.endpoints.items() if ep.mode == "push")
     if not endpoints:
         raise UsageError(
             "no endpoint given",
             "pass --endpoints NAME (make deploy ENDPOINT=NAME), or set rollout: in params.yaml",
         )
     params.check_endpoints(endpoints)
+    params.check_pushable(endpoints)
     models, not_in_cycle = _models_to_deploy(params, models, cycle)
     chosen = choose_releases(params, models, cycle, version_id)
     _refuse_in_quiet_hours(params, endpoints, force)
@@ -247,6 +255,7 @@ def rollback(
         models = models or sorted({m for e in last for m in e["models"]})
         note = f"undoing deploy {last[0]['run_id']}: {', '.join(models)} on {', '.join(endpoints)}"
     params.check_endpoints(endpoints)
+    params.check_pushable(endpoints)
     _refuse_in_quiet_hours(params, endpoints, force)
     if dry_run:
         what = ", ".join(models or ["every model"])
@@ -276,12 +285,130 @@ def phase(
     if not endpoints:
         raise UsageError("no endpoint given", "pass --endpoints NAME (ENDPOINT=NAME)")
     params.check_endpoints(endpoints)
+    params.check_pushable(endpoints)
     models, not_in_cycle = _models_to_deploy(params, models or None, cycle)
     chosen = choose_releases(params, models, cycle, version_id)
     run_id = fleet.new_run_id()
     outcomes = run_phase(params, name, endpoints, chosen, progress)
     record(params, name, outcomes, run_id, cycle)
     return RunResult(name, outcomes, run_id, not_in_cycle=not_in_cycle)
+
+
+# --- pulling endpoints ----------------------------------------------------------------------
+
+
+@dataclass
+class PromoteResult:
+    """Each (endpoint, model) promoted: its version, its stage tag (None: already assigned),
+    and the git remote the tags went to."""
+
+    assignments: list[dict[str, Any]]
+    git_remote: str
+    not_in_cycle: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "git_remote": self.git_remote,
+            "assignments": self.assignments,
+            "not_in_cycle": self.not_in_cycle,
+        }
+
+
+def pulling_endpoints(params: Params, names: list[str]) -> list[str]:
+    """Endpoint or rollout-group names as pulling endpoint names (a pushed one is refused)."""
+    if not names:
+        raise UsageError("no endpoint given", "pass ENDPOINT=<pulling endpoint or group>")
+    groups = params.rollout.groups if params.rollout else {}
+    expanded = list(dict.fromkeys(n for name in names for n in groups.get(name, [name])))
+    params.check_endpoints(expanded)
+    pushed = [n for n in expanded if params.endpoint(n).mode != "pull"]
+    if pushed:
+        raise UsageError(
+            f"{', '.join(pushed)} {'is' if len(pushed) == 1 else 'are'} pushed to (mode: push): "
+            "make promote only records what pulling endpoints should run",
+            f'deploy to it with make deploy CYCLE=N ENDPOINT="{" ".join(pushed)}", '
+            "or set mode: pull for it in params.yaml",
+        )
+    return expanded
+
+
+def promote(
+    params: Params,
+    endpoints: list[str],
+    models: list[str] | None,
+    cycle: int | None,
+    version_id: str | None = None,
+) -> PromoteResult:
+    """Record which version each pulling endpoint should run (GTO stage tags on the version's
+    commit) and push those tags to the git remote; nothing is sent to any endpoint."""
+    if cycle is None and version_id is None:
+        raise UsageError("nothing to promote", "pass --cycle N (make promote CYCLE=N)")
+    names = pulling_endpoints(params, endpoints)
+    if not params.store.git_remote:
+        raise UsageError(
+            "no git remote to publish the desired state on",
+            "set store.git_remote in params.yaml (the repository pulling endpoints fetch)",
+        )
+    models, not_in_cycle = _models_to_deploy(params, models, cycle)
+    manifest = load_manifest(params.adapters_dir)
+    repo = registry.repo_root(params.adapters_dir)
+    chosen = []
+    for model in models:
+        params.model(model)
+        entry = pick_version(manifest, model, cycle, version_id)
+        if not entry.get("signed"):
+            raise UsageError(
+                f"{model} {entry['version_id']} is unsigned and pulling endpoints refuse "
+                "unsigned releases",
+                "set store.signing_key, run make keygen, version the adapter again, then promote",
+            )
+        commit = stages.version_commit(repo, params.adapters_dir, model, entry["version_id"])
+        chosen.append((model, entry["version_id"], commit))
+    done, to_push = [], []
+    for name in names:
+        wanted = set(params.endpoint(name).models or models)
+        for model, vid, commit in chosen:
+            if model not in wanted:
+                continue
+            tag = stages.assign(repo, model, name, commit, vid)
+            done.append({"endpoint": name, "model": model, "version_id": vid, "tag": tag})
+            to_push += [tag] if tag else []
+            to_push += stages.version_tags(repo, model, commit)
+    # Every stage tag of these endpoints, so a push that failed before is completed now.
+    for name in names:
+        for model, _, _ in chosen:
+            to_push += registry.tags(repo, f"{model}#{name}#*")
+            to_push += registry.tags(repo, f"{model}#{name}!#*")
+    stages.push_tags(repo, params.store.git_remote, sorted(set(to_push)))
+    return PromoteResult(done, params.store.git_remote, not_in_cycle)
+
+
+def this_pulling_endpoint(params: Params, name: str | None) -> str:
+    """The endpoint `make pull` runs for: the one named, else the only pulling one."""
+    if name:
+        params.check_endpoints([name])
+        return name
+    pulling = sorted(n for n, ep in params.endpoints.items() if ep.mode == "pull")
+    if len(pulling) != 1:
+        listed = ", ".join(pulling) or "none"
+        raise UsageError(
+            f"which endpoint is this? params.yaml has {len(pulling)} pulling endpoints ({listed})",
+            "pass ENDPOINT=<this endpoint's name> (make pull ENDPOINT=...)",
+        )
+    return pulling[0]
+
+
+def pull(params: Params, endpoint: str | None, force: bool = False) -> pulling.PullResult:
+    """On a pulling endpoint: fetch and deploy here what `make promote` assigned it."""
+    return pulling.pull(params, this_pulling_endpoint(params, endpoint), force)
+
+
+def trust_here(params: Params, endpoint: str | None, public_key: Path) -> tuple[str, str]:
+    """On a pulling endpoint: trust this public signing key; (endpoint, key id)."""
+    name = this_pulling_endpoint(params, endpoint)
+    if not public_key.is_file():
+        raise UsageError(f"public key {public_key} not found", "copy <signing_key>.pub here first")
+    return name, pulling.trust_here(params, name, public_key.read_text())
 
 
 def status(params: Params, endpoints: list[str] | None = None) -> StatusResult:
@@ -339,6 +466,12 @@ def trust(params: Params, endpoints: list[str]) -> dict[str, str]:
     if not endpoints:
         raise UsageError("no endpoint given", "pass ENDPOINT=<name>")
     params.check_endpoints(endpoints)
+    pulling = [n for n in endpoints if params.endpoint(n).mode == "pull"]
+    if pulling:
+        raise UsageError(
+            f"{', '.join(pulling)} pulls its releases (mode: pull): this machine does not reach it",
+            f"copy {pub} there and run scripts/pull.py --endpoint {pulling[0]} --trust <that file>",
+        )
     trusted = {}
     with tempfile.TemporaryDirectory() as control:
         for name in endpoints:
@@ -437,7 +570,12 @@ def service_install(
     if not endpoints:
         raise UsageError("no endpoint given", "pass ENDPOINT=<name>")
     params.check_endpoints(endpoints)
-    planned = [(name, service_files(name, params.endpoint(name))) for name in endpoints]
+    planned = []
+    for name in endpoints:
+        ep = params.endpoint(name)
+        planned.append((name, service_files(name, ep)))
+        if ep.mode == "pull":  # and its pull timer
+            planned += [(name, files) for files in pull_timer_files(name, ep)]
     results = [
         ServiceInstall(name, files.kind, files.path, files.text, start_script(files))
         for name, files in planned
@@ -458,7 +596,7 @@ def _install_service(
     conn: Connection, files: ServiceFiles, work: Path, result: ServiceInstall, start: bool
 ) -> None:
     local = work / conn.name / files.filename
-    local.parent.mkdir(parents=True)
+    local.parent.mkdir(parents=True, exist_ok=True)
     local.write_text(files.text)
     directory = conn.remote_path(files.directory)
     if conn.local:
@@ -466,7 +604,7 @@ def _install_service(
     else:
         conn.run(["mkdir", "-p", "--", directory])
     conn.push([local], directory)
-    if not start:
+    if not start or not result.start:
         return
     conn.run(["sh", "-c", result.start])
     result.started = True

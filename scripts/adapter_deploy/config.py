@@ -69,6 +69,16 @@ DEFAULT_RESTART_COMMAND = ["systemctl", "--user", "restart", SERVICE_UNIT]
 ReleaseFormat = Literal["adapter", "merged", "bitsandbytes", "gguf", "gguf-lora"]
 
 
+class PullParams(_Strict):
+    """Where a pulling endpoint (mode: pull) reads its desired state and releases, as this
+    endpoint reaches them; each defaults to the store's own setting."""
+
+    git_remote: str | None = None  # default: store.git_remote
+    dvc_remote: str | None = None  # default: store.remote
+    reports: str | None = None  # where it leaves its report; default: <dvc_remote>/reports
+    interval_s: float = Field(300.0, gt=0, description="the pull timer's period")
+
+
 class EndpointParams(_Strict):
     host: str = "localhost"
     user: str | None = None
@@ -82,6 +92,9 @@ class EndpointParams(_Strict):
     reload_method: Literal["sigusr1", "restart", "none"] = "none"
     restart_command: list[str] | None = None
     transport: Literal["ssh", "local"] = "ssh"
+    # push: the training machine deploys to it; pull: it fetches what `make promote` assigned
+    mode: Literal["push", "pull"] = "push"
+    pull: PullParams | None = None
     rsync_path: str | None = None  # rsync on the endpoint, when not on its PATH
     min_free_bytes: int = Field(64 << 20, ge=0, description="keep this much free on the endpoint")
     base_models: dict[str, str] = {}
@@ -142,6 +155,9 @@ class StoreParams(_Strict):
     # `dvc remote modify` settings for it (keyfile, port, region, ...); committed with
     # .dvc/config, so never a password: use `dvc remote modify --local` for secrets.
     remote_config: dict[str, str] = {}
+    # The project's git remote (URL or path): `make promote` pushes stage tags there and
+    # pulling endpoints fetch them from it.
+    git_remote: str | None = None
     signing_key: str | None = None  # ed25519 private key (make keygen); never committed
     signature_expiry_days: int = Field(365, description="signed metadata expires after this")
 
@@ -206,6 +222,31 @@ class Params(_Strict):
                 f"{', '.join(map(repr, unknown))} (known: {known})",
                 f"add it under endpoints: in {self.source.name} or pick a known one",
             )
+
+    def check_pushable(self, names: list[str]) -> None:
+        """A push command (deploy, rollback, a phase) never targets a pulling endpoint."""
+        pulling = [n for n in names if self.endpoint(n).mode == "pull"]
+        if pulling:
+            listed = " ".join(pulling)
+            raise UsageError(
+                f"{', '.join(pulling)} pull{'s' if len(pulling) == 1 else ''} its releases "
+                "(mode: pull): the training machine does not deploy to it",
+                f'record the version it should run with make promote CYCLE=N ENDPOINT="{listed}"',
+            )
+
+    def pull_remotes(self, name: str) -> tuple[str, str, str]:
+        """A pulling endpoint's (git remote, DVC remote, reports location)."""
+        ep = self.endpoint(name)
+        pull = ep.pull or PullParams()
+        git = pull.git_remote or self.store.git_remote
+        dvc = pull.dvc_remote or self.store.remote
+        if not git or not dvc:
+            raise ConfigError(
+                f"endpoint {name} (mode: pull) has no {'git' if not git else 'DVC'} remote",
+                f"set store.{'git_remote' if not git else 'remote'} (or endpoints.{name}.pull."
+                f"{'git_remote' if not git else 'dvc_remote'}) in {self.source.name}",
+            )
+        return git, dvc, pull.reports or f"{dvc.rstrip('/')}/reports"
 
     def resolve(self, path: str) -> Path:
         """A path from params: ~ expanded, relative ones against the params file's directory."""
@@ -272,7 +313,20 @@ def load_params(path: str | Path | None = None) -> Params:
         )
     params.source = source
     _check_rollout(params)
+    _check_pull(params)
     return params
+
+
+def _check_pull(params: Params) -> None:
+    """`pull:` only on a pulling endpoint, and every pulling endpoint knows its remotes."""
+    for name, ep in params.endpoints.items():
+        if ep.pull is not None and ep.mode != "pull":
+            raise ConfigError(
+                f"{params.source}: endpoints.{name} has pull: settings but mode: push",
+                f"set endpoints.{name}.mode: pull, or remove its pull: settings",
+            )
+        if ep.mode == "pull":
+            params.pull_remotes(name)
 
 
 def _check_rollout(params: Params) -> None:

@@ -32,11 +32,12 @@ def main(args: argparse.Namespace) -> int:
     for r in results:
         if args.dry_run:
             print(f"[{r.endpoint}] would write {r.path} ({r.kind}):\n{r.text}")
-            print(f"[{r.endpoint}] then run: {r.start}")
+            if r.start:
+                print(f"[{r.endpoint}] then run: {r.start}")
             continue
         done = "installed and started" if r.started else "installed (not started)"
         print(f"[{r.endpoint}] {r.kind} service {done}: {r.path}")
-        if not r.started:
+        if not r.started and r.start:
             print(f"[{r.endpoint}] start it with: {r.start}")
         if r.warning:
             print(f"[{r.endpoint}] warning: {r.warning}")

@@ -17,7 +17,7 @@ from adapter_deploy.cli.render import render
 from adapter_deploy.common.names import printable
 from adapter_deploy.common.runner import make_parser, run
 from adapter_deploy.config import load_params
-from adapter_deploy.deploy.fleet_status import COLUMNS, status_rows
+from adapter_deploy.deploy.fleet_status import columns_for, status_rows
 
 
 def main(args: argparse.Namespace) -> int:
@@ -26,7 +26,9 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"exit_code": result.exit_code, "endpoints": result.endpoints}, indent=2))
     else:
-        print(render("status", COLUMNS, status_rows(result.endpoints)), end="")
+        print(
+            render("status", columns_for(result.endpoints), status_rows(result.endpoints)), end=""
+        )
         for failed in (st for st in result.endpoints if "error" in st):
             print(printable(failed["error"]))  # whole, where a table cell would fold it
     return result.exit_code

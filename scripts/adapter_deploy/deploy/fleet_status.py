@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from adapter_deploy import protocol as p
-from adapter_deploy.common.errors import AdapterDeployError
+from adapter_deploy.common.errors import AdapterDeployError, CorruptState
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.fleet import run_parallel
 from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.store.pull_source import Place
 
 COLUMNS = (
     "endpoint", "model", "active", "previous", "loaded", "last reload", "health", "rollout",
-    "last pre-check",
+    "last pre-check", "reported",
 )  # fmt: skip
 
 
 def endpoint_status(params: Params, name: str, control_dir: Path) -> dict[str, Any]:
     ep = params.endpoint(name)
+    if ep.mode == "pull":  # never reached: its last report, wherever it left it
+        return pulled_status(params, name)
     conn = Connection(name, ep, control_dir)
     try:
         session = Session(conn, ep.adapter_dir, read_only=True)
@@ -30,6 +36,62 @@ def endpoint_status(params: Params, name: str, control_dir: Path) -> dict[str, A
         return {"endpoint": name, "error": err.one_line(), "exit_code": err.exit_code}
     finally:
         conn.close()
+
+
+def report_place(params: Params, name: str) -> Place:
+    """Where this machine reads a pulling endpoint's report: `pull.reports`, else the
+    store's DVC remote's `reports/` (the place the endpoint writes by default)."""
+    ep = params.endpoint(name)
+    reports = ep.pull.reports if ep.pull else None
+    if not reports:
+        remote = params.store.remote
+        reports = f"{remote.rstrip('/')}/reports" if remote else params.pull_remotes(name)[2]
+    keyfile = params.store.remote_config.get("keyfile")
+    options = ("-i", os.path.expanduser(keyfile)) if keyfile else ()
+    return Place.parse(reports, "reports location", options).child(f"{name}.json")
+
+
+def pulled_status(params: Params, name: str, now: datetime | None = None) -> dict[str, Any]:
+    """A pulling endpoint's status from its report: what runs, the last pull's result and
+    how long ago it reported."""
+    try:
+        place = report_place(params, name)
+        report = json.loads(place.read_text())
+        if not isinstance(report, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return {"endpoint": name, "models": {}, "pull": None, "reported": "never (pull mode)"}
+    except AdapterDeployError as err:
+        return {"endpoint": name, "error": err.one_line(), "exit_code": err.exit_code}
+    except (OSError, ValueError) as err:
+        error = CorruptState(
+            f"{name}'s report {place.path} is unreadable ({err})",
+            "remove it; the endpoint's next pull writes it again",
+        )
+        return {"endpoint": name, "error": error.one_line(), "exit_code": error.exit_code}
+    when = report.get("reported_at")
+    try:
+        at = datetime.fromisoformat(str(when).replace("Z", "+00:00"))
+        age = _age(((now or datetime.now(UTC)) - at).total_seconds())
+    except ValueError:
+        age = f"at {when}"
+    result = report.get("result")
+    return {
+        "endpoint": name,
+        "models": report.get("models") or {},
+        "pull": report,
+        "reported": f"{age}: {result}" + (f" ({report['error']})" if report.get("error") else ""),
+    }
+
+
+def _age(seconds: float) -> str:
+    if seconds < 0:
+        return "in the future (clock skew)"
+    if seconds < 90:
+        return f"{round(seconds)} s ago"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 def fleet_status(params: Params, endpoints: list[str]) -> list[dict[str, Any]]:
@@ -46,18 +108,39 @@ def _loaded(status: dict[str, Any], model: str) -> str:
     return info.get("version_id") or "not served"
 
 
+def columns_for(statuses: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The table's columns: `reported` only where a pulling endpoint is shown."""
+    return COLUMNS if any("reported" in st for st in statuses) else COLUMNS[:-1]
+
+
 def status_rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
+    width = len(columns_for(statuses))
+    return [row[:width] for row in _rows(statuses)]
+
+
+def _rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for st in statuses:
         if "error" in st:
             rows.append(
-                [st["endpoint"], "-", "-", "-", "-", "-", st["error"], st.get("rollout"), ""]
+                [st["endpoint"], "-", "-", "-", "-", "-", st["error"], st.get("rollout"), "", ""]
             )
             continue
         models = st.get("models", {})
         if not models:
             rows.append(
-                [st["endpoint"], "-", "nothing deployed", "", "", "", "", st.get("rollout"), ""]
+                [
+                    st["endpoint"],
+                    "-",
+                    "nothing deployed",
+                    "",
+                    "",
+                    "",
+                    "",
+                    st.get("rollout"),
+                    "",
+                    st.get("reported") or "live",
+                ]  # fmt: skip
             )
         for model, info in sorted(models.items()):
             reload = info.get("last_reload") or {}
@@ -75,6 +158,7 @@ def status_rows(statuses: list[dict[str, Any]]) -> list[list[Any]]:
                     health,
                     st.get("rollout") or "",
                     _precheck(info.get("last_precheck")),
+                    st.get("reported") or "live",
                 ]
             )
     return rows

@@ -158,6 +158,86 @@ def _launchd(name: str, ep: EndpointParams) -> ServiceFiles:
     return ServiceFiles("launchd", directory, plist, text, start)
 
 
+PULL_UNIT = "adapter-pull"
+PULL_LABEL = "org.adapter-deploy.pull"
+
+
+def pull_command(name: str, ep: EndpointParams, jitter_s: float = 0.0) -> list[str]:
+    """`make pull` for endpoint `name` as its timer runs it."""
+    project = _project_dir(name, ep)
+    python = ep.python or f"{project}/.venv/bin/python"
+    _absolute(name, "python", python)
+    argv = [python, f"{project}/scripts/pull.py", "--params", f"{project}/params.yaml"]
+    argv += ["--endpoint", name]
+    return argv + (["--jitter", f"{jitter_s:g}"] if jitter_s else [])
+
+
+def pull_timer_files(name: str, ep: EndpointParams) -> list[ServiceFiles]:
+    """A pulling endpoint's timer: `make pull` every `pull.interval_s` (default 5 minutes),
+    spread by a random delay so a fleet does not hit the remotes at the same second. A pull
+    the timer starts while another runs exits at once (the pull lock), so a manual
+    `make pull` never races it."""
+    interval = round(ep.pull.interval_s if ep.pull else 300.0)
+    jitter = min(60, interval // 5)
+    if ep.platform == "mlx":  # launchd has no random delay of its own: pull.py sleeps first
+        project = _project_dir(name, ep)
+        log = f"{project}/logs/adapter-pull.log"
+        agent = {
+            "Label": PULL_LABEL,
+            "ProgramArguments": pull_command(name, ep, jitter),
+            "WorkingDirectory": project,
+            "RunAtLoad": True,
+            "StartInterval": interval,
+            "StandardOutPath": log,
+            "StandardErrorPath": log,
+        }
+        plist = f"{PULL_LABEL}.plist"
+        directory = ep.service_dir or "~/Library/LaunchAgents"
+        start = [
+            ["mkdir", "-p", f"{project}/logs"],
+            ["launchctl", "bootout", f"gui/$(id -u)/{PULL_LABEL}"],
+            ["launchctl", "bootstrap", "gui/$(id -u)", f"{directory.rstrip('/')}/{plist}"],
+        ]
+        text = plistlib.dumps(agent, sort_keys=True).decode()
+        return [ServiceFiles("launchd", directory, plist, text, start)]
+    project = systemd_value(_project_dir(name, ep))
+    service = f"""\
+# Adapter Deploy pull for endpoint {name}: one `make pull`, started by {PULL_UNIT}.timer.
+# Installed by `make service-install ENDPOINT={name}` to ~/.config/systemd/user/.
+[Unit]
+Description=Adapter Deploy pull ({systemd_value(name)})
+After=network-online.target
+
+[Service]
+Type=oneshot
+WorkingDirectory={project}
+ExecStart={systemd_value(shlex.join(pull_command(name, ep)))}
+"""
+    timer = f"""\
+# Adapter Deploy pull timer for endpoint {name}: every {interval} s, spread by up to {jitter} s.
+[Unit]
+Description=Adapter Deploy pull timer ({systemd_value(name)})
+
+[Timer]
+OnBootSec=60
+OnUnitActiveSec={interval}
+RandomizedDelaySec={jitter}
+Unit={PULL_UNIT}.service
+
+[Install]
+WantedBy=timers.target
+"""
+    directory = ep.service_dir or "~/.config/systemd/user"
+    start = [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", f"{PULL_UNIT}.timer"],
+    ]
+    return [
+        ServiceFiles("systemd", directory, f"{PULL_UNIT}.service", service),
+        ServiceFiles("systemd", directory, f"{PULL_UNIT}.timer", timer, start),
+    ]
+
+
 def start_script(files: ServiceFiles) -> str:
     """The shell line that starts the installed service (run on the endpoint over ssh)."""
     lines = []

@@ -28,6 +28,11 @@ SOURCE_LANG = "en"
 TARGET_LANG = "es"
 
 
+class NotBeside(AdapterError):
+    """The release cannot be checked beside the serving one in this engine (another base, a
+    whole model, other LoRA layers): the agent checks it in a process of its own."""
+
+
 @dataclass(frozen=True)
 class Translation:
     """One answer of an engine, how long it took and why decoding ended: "stop" (the model

@@ -37,6 +37,7 @@ from adapter_deploy.common.errors import AdapterError
 from adapter_deploy.common.fsutil import sha256_file
 from adapter_deploy.engines.base import (
     LoadedRelease,
+    NotBeside,
     SwappingEngine,
     Translation,
     chat_messages,
@@ -273,7 +274,7 @@ class LlamaCppEngine(SwappingEngine):
             why = self.candidate_refusal(adapter_path)
             release = replace(describe_release(adapter_path), kind="gguf-lora")
             if why:
-                raise AdapterError(f"cannot check {release.version_id} in place: {why}")
+                raise NotBeside(f"cannot check {release.version_id} in place: {why}")
             adapter = _load_lora(self.llm, Path(release.path) / LORA_FILE)
             self._candidate = (adapter, release)
             return release

@@ -40,6 +40,7 @@ from adapter_deploy.engines.base import (
     MLX_WEIGHTS,
     PEFT_CONFIG,
     LoadedRelease,
+    NotBeside,
     Translation,
     describe_release,
     prompt_text,
@@ -205,7 +206,7 @@ class MLXGemmaEngine:
     # --- a candidate beside the serving adapter (the in-service pre-check) ---------------
     def candidate_refusal(self, adapter_path: str | Path) -> str | None:
         """Why the release cannot be checked beside the serving one (None: it can). Reads
-        it (off the serving thread); `load_candidate` keeps what was read."""
+        it (off the serving thread) and keeps what it read as the candidate."""
         with self._staging:
             self._candidate = None
             release = describe_release(adapter_path)
@@ -221,12 +222,9 @@ class MLXGemmaEngine:
 
     def load_candidate(self, adapter_path: str | Path) -> LoadedRelease:
         """Read the release beside the serving adapter; it serves nothing yet."""
-        why = None
-        wanted = Path(adapter_path).resolve()
-        if self._candidate is None or Path(self._candidate.release.path) != wanted:
-            why = self.candidate_refusal(adapter_path)
+        why = self.candidate_refusal(adapter_path)
         if why or self._candidate is None:
-            raise AdapterError(f"cannot check {wanted.name} in place: {why}")
+            raise NotBeside(f"cannot check {Path(adapter_path).name} in place: {why}")
         return self._candidate.release
 
     @contextmanager
@@ -341,9 +339,10 @@ class MLXGemmaEngine:
         self._check_fits(adapter)
         self.model.load_weights(list(adapter.weights.items()), strict=False)
         self.model.eval()
+        mx.eval(list(adapter.weights.values()))  # a damaged file fails here, not mid-request
+        # load_weights stores the very arrays it is given: landed = the model holds them
         loaded = dict(tree_flatten(self.model.parameters()))
-        mx.eval(loaded)
-        stray = [n for n, w in adapter.weights.items() if not mx.array_equal(loaded[n], w)]
+        stray = [n for n, w in adapter.weights.items() if loaded.get(n) is not w]
         if stray:
             raise AdapterError(
                 f"adapter tensors did not land: {', '.join(stray[:5])}",

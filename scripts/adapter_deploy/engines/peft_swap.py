@@ -34,6 +34,7 @@ from adapter_deploy.common.errors import AdapterError, ReloadFailed
 from adapter_deploy.engines.base import (
     PEFT_WEIGHTS,
     LoadedRelease,
+    NotBeside,
     SwappingEngine,
     base_model_of,
     describe_release,
@@ -224,7 +225,7 @@ class PeftSwapEngine(SwappingEngine):
             release = describe_release(adapter_path)
             why = self._refusal(release)
             if why:
-                raise AdapterError(f"cannot check {release.version_id} in place: {why}")
+                raise NotBeside(f"cannot check {release.version_id} in place: {why}")
             self._adapter_seq += 1
             name = f"c{self._adapter_seq}"
             self._add_adapter(Path(release.path), name)

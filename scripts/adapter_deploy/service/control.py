@@ -25,6 +25,7 @@ from typing import Any
 
 from adapter_deploy.common.errors import AdapterDeployError
 from adapter_deploy.common.names import check_name, check_version_id
+from adapter_deploy.engines.base import NotBeside
 from adapter_deploy.engines.control_client import control_path, receive, send, sun_path
 from adapter_deploy.service.state import ServedModel, Service, reason_of
 
@@ -74,15 +75,12 @@ class CandidateCheck:
         if not path.is_dir():
             raise Unsupported(f"{path} is not a staged release")
 
-        def load() -> Any:
-            why = engine.candidate_refusal(path)
-            if why:
-                raise Unsupported(why)
-            return engine.load_candidate(path)
-
         # Loaded on this connection's thread: live requests are answered meanwhile (the
         # engine adds the candidate beside the serving adapter without holding them up).
-        release = load()
+        try:
+            release = engine.load_candidate(path)
+        except NotBeside as err:
+            raise Unsupported(str(err)) from err
         self.served, self.engine = served, engine
         log.info("%s: pre-check of %s beside %s", model, release.version_id, _active(served))
         return release.to_dict()
