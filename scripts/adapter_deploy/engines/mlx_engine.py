@@ -158,7 +158,7 @@ class MLXGemmaEngine:
             self.switch()
             return True
 
-    def prepare(self, adapter_path: str | Path) -> str:
+    def prepare(self, adapter_path: str | Path, release: LoadedRelease | None = None) -> str:
         """Hash, convert and read the release into host memory, off the serving thread.
 
         "noop": it is already serving; "prepared": `switch()` applies it. A release that
@@ -166,7 +166,7 @@ class MLXGemmaEngine:
         with self._staging:
             self._prepared = None
             try:
-                release = describe_release(adapter_path)
+                release = release or describe_release(adapter_path)
                 if self.loaded and (release.path, release.sha256) == (
                     self.loaded.path,
                     self.loaded.sha256,

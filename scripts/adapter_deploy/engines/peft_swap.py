@@ -137,17 +137,18 @@ class PeftSwapEngine(SwappingEngine):
         self.model.eval()
 
     # --- a reload in two steps: load beside (any thread), then switch (between requests) ---
-    def prepare(self, adapter_path: str | Path) -> str:
+    def prepare(self, adapter_path: str | Path, release: LoadedRelease | None = None) -> str:
         """Load the release beside the serving adapter without holding up a request.
 
         "noop": it is already serving; "prepared": loaded and checked, `switch()` makes it
         serve; "whole": it needs a whole model load (merged, a first adapter on a bare base,
         bitsandbytes), which `reload()` does. A release that fails to load raises
-        ReloadFailed and leaves nothing behind."""
+        ReloadFailed and leaves nothing behind. `release`: the path already described (its
+        sha256 computed once by the caller)."""
         with self._staging:
             self._discard_prepared()
             try:
-                release = describe_release(adapter_path)
+                release = release or describe_release(adapter_path)
                 if self._serving(release):
                     return "noop"
                 if self._refusal(release) is not None:

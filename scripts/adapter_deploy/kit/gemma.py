@@ -226,14 +226,16 @@ WIDTHS = {
 }
 
 
-def _model_config(widths: str = "standard"):
+def _model_config(widths: str | dict[str, int] = "standard", layers: int = KIT_LAYERS):
+    """The kit's Gemma 3 text config at one of WIDTHS, or at the sizes given (hidden_size,
+    intermediate_size, head_dim: the bench stand-in's)."""
     from transformers import Gemma3TextConfig
 
-    size = WIDTHS[widths]
+    size = WIDTHS[widths] if isinstance(widths, str) else widths
     return Gemma3TextConfig(
         vocab_size=VOCAB_SIZE,
         **size,
-        num_hidden_layers=KIT_LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         query_pre_attn_scalar=size["head_dim"],

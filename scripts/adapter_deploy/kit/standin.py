@@ -32,13 +32,8 @@ from pathlib import Path
 import torch
 
 from adapter_deploy.kit.gemma import (
-    BOS_ID,
-    EOS_ID,
-    EOT_ID,
-    GEMMA3_SLIDING_PATTERN,
     KIT_LAYERS,
-    PAD_ID,
-    VOCAB_SIZE,
+    _model_config,
     build_once,
     save_adapter,
     save_base,
@@ -96,26 +91,8 @@ def build_standin(
 
 
 def _config(layers: int, hidden_size: int):
-    from transformers import Gemma3TextConfig
-
-    head_dim = hidden_size // HEADS
-    return Gemma3TextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        head_dim=head_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        query_pre_attn_scalar=head_dim,
-        sliding_window=512,
-        sliding_window_pattern=GEMMA3_SLIDING_PATTERN,
-        max_position_embeddings=2048,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=[EOS_ID, EOT_ID],
-        dtype="float32",
-    )
+    size = {"hidden_size": hidden_size, "intermediate_size": 4 * hidden_size}
+    return _model_config({**size, "head_dim": hidden_size // HEADS}, layers)
 
 
 def _build_base(out: Path, layers: int, seed: int, hidden_size: int) -> None:

@@ -290,7 +290,7 @@ class Service:
             if current == (wanted.path, wanted.sha256) and served.source == "active":
                 record["result"] = "noop"
             else:
-                record["engine_s"] = round(self._swap_in(served, target), 4)
+                record["engine_s"] = round(self._swap_in(served, target, wanted), 4)
                 record["result"] = "ok"
         except Exception as err:  # a bad release must never take the service down
             record["error"] = reason_of(err)
@@ -303,7 +303,7 @@ class Service:
         self.metrics.reloaded(served.name, record["result"])
         self._diagnose_reload(served.name, previous, record)
 
-    def _swap_in(self, served: ServedModel, target: Path) -> float:
+    def _swap_in(self, served: ServedModel, target: Path, wanted: LoadedRelease) -> float:
         """Serve `target`; the seconds the engine thread spent on it (no request ran then)."""
         state, held = "whole", []
         if self.config.standby or served.engine is None:
@@ -315,7 +315,7 @@ class Service:
             if prepare is not None:
                 # Read, hash, place and check the new weights here, off the engine thread:
                 # live requests go on being answered by the old release meanwhile.
-                state = prepare(target)
+                state = prepare(target, wanted)  # hashed once, by reload()
             if state == "whole":  # a whole model load (merged...): the engine waits for it
                 self._on_engine_thread(lambda: _timed(held, lambda: engine.reload(target)))
 
