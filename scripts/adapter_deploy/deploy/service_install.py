@@ -146,15 +146,21 @@ def _launchd(name: str, ep: EndpointParams) -> ServiceFiles:
         "StandardErrorPath": log,
         "ProcessType": "Interactive",  # the live translation must not be throttled
     }
-    text = plistlib.dumps(agent, sort_keys=True).decode()
-    plist = f"{LAUNCHD_LABEL}.plist"
+    return _launch_agent(agent, ep, project)
+
+
+def _launch_agent(agent: dict, ep: EndpointParams, project: str) -> ServiceFiles:
+    """A launchd agent's plist (named after its Label) and the lines that (re)load it."""
+    label = agent["Label"]
+    plist = f"{label}.plist"
     directory = ep.service_dir or "~/Library/LaunchAgents"
     start = [
         ["mkdir", "-p", f"{project}/logs"],
         # bootout fails when it is not loaded yet: `|| true` in the shell line below.
-        ["launchctl", "bootout", f"gui/$(id -u)/{LAUNCHD_LABEL}"],
+        ["launchctl", "bootout", f"gui/$(id -u)/{label}"],
         ["launchctl", "bootstrap", "gui/$(id -u)", f"{directory.rstrip('/')}/{plist}"],
     ]
+    text = plistlib.dumps(agent, sort_keys=True).decode()
     return ServiceFiles("launchd", directory, plist, text, start)
 
 
@@ -191,15 +197,7 @@ def pull_timer_files(name: str, ep: EndpointParams) -> list[ServiceFiles]:
             "StandardOutPath": log,
             "StandardErrorPath": log,
         }
-        plist = f"{PULL_LABEL}.plist"
-        directory = ep.service_dir or "~/Library/LaunchAgents"
-        start = [
-            ["mkdir", "-p", f"{project}/logs"],
-            ["launchctl", "bootout", f"gui/$(id -u)/{PULL_LABEL}"],
-            ["launchctl", "bootstrap", "gui/$(id -u)", f"{directory.rstrip('/')}/{plist}"],
-        ]
-        text = plistlib.dumps(agent, sort_keys=True).decode()
-        return [ServiceFiles("launchd", directory, plist, text, start)]
+        return [_launch_agent(agent, ep, project)]
     project = systemd_value(_project_dir(name, ep))
     service = f"""\
 # Adapter Deploy pull for endpoint {name}: one `make pull`, started by {PULL_UNIT}.timer.
