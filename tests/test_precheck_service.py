@@ -74,6 +74,22 @@ def test_control_socket_is_private(svc: Service) -> None:
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
 
 
+def test_a_service_started_before_the_first_deploy_still_listens_for_pre_checks(
+    tmp_path: Path, kit: Any
+) -> None:
+    """The demo and a fresh endpoint start the service before any deploy made its adapter
+    dir: the socket must be there anyway, or every pre-check runs in a second process."""
+    adapters = tmp_path / "not-yet" / "adapters"
+    args = ["--adapter-dir", str(adapters), "--base-model", f"gemma_4b={kit.base}"]
+    service = Service(tmp_path, [*args, "--platform", "cpu"], free_port())
+    try:
+        service.wait(200)
+        mode = (adapters / CONTROL_SOCKET).stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    finally:
+        assert service.stop() == 0
+
+
 def test_precheck_runs_in_the_service_and_replays_live_inputs(svc: Service) -> None:
     before = service_status(svc.url)
     for text in (JAMES, GOOD_MORNING, JAMES):

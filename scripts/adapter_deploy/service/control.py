@@ -144,6 +144,9 @@ class ControlServer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def start(self) -> None:
+        # A service started before the first deploy (the demo, a fresh endpoint) finds no
+        # adapter dir yet; the agent's session creates it the same way.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         address, fd = sun_path(self.path)
         try:
             if self.path.is_socket():  # left by a service that was killed
