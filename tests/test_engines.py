@@ -8,6 +8,7 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from adapter_deploy.common.errors import AdapterError, ReloadFailed
 from adapter_deploy.engines.base import Engine
@@ -84,7 +85,7 @@ def test_a_reload_loads_beside_while_requests_are_answered(kit, kind, monkeypatc
     (between two requests) changes what answers."""
     from adapter_deploy.engines import mlx_engine, peft_swap
 
-    module, name = (peft_swap, "check_landed") if kind == "hf" else (mlx_engine, "host_weights")
+    module, name = (peft_swap, "fill_adapter") if kind == "hf" else (mlx_engine, "host_weights")
     real, reached, gate = getattr(module, name), threading.Event(), threading.Event()
 
     def held(*args):
@@ -110,6 +111,73 @@ def test_a_reload_loads_beside_while_requests_are_answered(kit, kind, monkeypatc
     assert engine.switch().version_id == "good2"
     assert "Jacobo" in engine.translate(JAMES).text
     assert engine.prepare(kit.good2) == "noop"
+
+
+def _lora_tensors(engine) -> dict[str, int]:
+    """Each LoRA parameter's name and storage address: a fill keeps the addresses."""
+    return {
+        name: param.data_ptr()
+        for name, param in engine.model.named_parameters()
+        if ".lora_" in name
+    }
+
+
+def _doubled_rank(adapter, out):
+    """The same adapter at twice the rank (zero rows and columns added, alpha doubled so its
+    scaling is unchanged): it answers as `adapter` does but has another config."""
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    for key, value in weights.items():
+        zeros = np.zeros_like(value)
+        weights[key] = np.concatenate([value, zeros], axis=0 if ".lora_A." in key else 1)
+    out.mkdir()
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["r"], config["lora_alpha"] = config["r"] * 2, config["lora_alpha"] * 2
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_reloads_and_candidates_refill_one_spare_adapter(kit, tmp_path):
+    """The engine holds two adapters' tensors at all times: the serving one and a spare that
+    reloads and candidates are copied into (no new tensors); a release of another config gets
+    a new spare of its own."""
+    engine = HFEngine(kit.good)
+    tensors = _lora_tensors(engine)
+    assert len(engine.model.peft_config) == 2
+    for release in (kit.good2, kit.good, kit.good2):
+        engine.load_candidate(kit.regressed)
+        with engine.candidate():
+            assert "Santiago" not in engine.translate(JAMES).text
+        engine.drop_candidate()
+        assert engine.reload(release)
+        assert _lora_tensors(engine) == tensors and len(engine.model.peft_config) == 2
+    assert "Jacobo" in engine.translate(JAMES).text  # good2 serves, not the candidate
+
+    assert engine.reload(_doubled_rank(kit.good, tmp_path / "rank16"))
+    assert "Santiago" in engine.translate(JAMES).text
+    assert len(engine.model.peft_config) == 2  # the rank-8 spare gave way to a rank-16 one
+    assert engine.reload(kit.good2)  # a rank-8 release again, back into a fresh spare
+    assert "Jacobo" in engine.translate(JAMES).text
+
+
+@pytest.mark.parametrize("damage", ["a tensor missing", "wrongly keyed"])
+def test_a_release_that_does_not_fill_the_spare_is_refused(kit, tmp_path, damage):
+    """A spare keeps the last release's weights: a file that leaves one of its tensors
+    unwritten would serve them under the new version id, so it is refused."""
+    engine = HFEngine(kit.good)
+    engine.reload(kit.good2)
+    engine.reload(kit.good)  # the spare now holds good2's weights
+    bad = shutil.copytree(kit.good, tmp_path / "bad")
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    if damage == "a tensor missing":
+        weights.pop(next(k for k in weights if ".lora_B." in k))
+    else:
+        weights = {k.replace("layers.", "blocks."): v for k, v in weights.items()}
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ReloadFailed, match="did not land"):
+        engine.reload(bad)
+    assert engine.loaded.version_id == "good" and "Santiago" in engine.translate(JAMES).text
+    assert engine.reload(kit.good2) and "Jacobo" in engine.translate(JAMES).text
 
 
 def test_mlx_refuses_a_wrongly_keyed_adapter(kit, tmp_path):

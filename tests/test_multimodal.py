@@ -174,7 +174,7 @@ def test_mlx_service_hot_reloads_the_multimodal_model(tmp_path: Path, multimodal
         assert "Santiago" in answer["text"] and answer["version_id"] == v2
         assert service_status(svc.url)["reload_mode"] == "inplace"
     finally:
-        assert svc.stop() == 0
+        assert svc.stop() == 0, svc.log.read_text()[-4000:]
 
 
 @pytest.mark.parametrize("size", sorted(TRANSLATEGEMMA))

@@ -87,7 +87,7 @@ def test_a_service_started_before_the_first_deploy_still_listens_for_pre_checks(
         mode = (adapters / CONTROL_SOCKET).stat().st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
     finally:
-        assert service.stop() == 0
+        assert service.stop() == 0, service.log.read_text()[-4000:]
 
 
 def test_precheck_runs_in_the_service_and_replays_live_inputs(svc: Service) -> None:

@@ -246,7 +246,7 @@ def test_wait_for_version_times_out_with_reload_failed(hf: Service) -> None:
 
 
 def test_sigterm_stops_cleanly_and_removes_pidfile(hf: Service) -> None:
-    assert hf.stop() == 0
+    assert hf.stop() == 0, hf.log.read_text()[-4000:]
     assert not (hf.tmp / "serve.pid").exists()
     events = [
         json.loads(line)["event"] for line in (hf.tmp / "diag.jsonl").read_text().splitlines()
@@ -266,7 +266,7 @@ def test_mlx_service_hot_reloads(tmp_path: Path, kit: Any) -> None:
         code, answer = svc.translate(JAMES)
         assert "Jacobo" in answer["text"] and answer["version_id"] == V2
     finally:
-        assert svc.stop() == 0
+        assert svc.stop() == 0, svc.log.read_text()[-4000:]
 
 
 @pytest.mark.e2e
@@ -305,7 +305,7 @@ def test_params_endpoint_start_falls_back_to_previous_then_base(tmp_path: Path, 
         entry = wait_for_version(svc.url, "gemma_12b", V2, 60)
         assert not entry["fallback"] and "Jacobo" in svc.translate(JAMES, "gemma_12b")[1]["text"]
     finally:
-        assert svc.stop() == 0
+        assert svc.stop() == 0, svc.log.read_text()[-4000:]
 
 
 def gguf_release(model_dir: Path, name: str, kit: Any, adapter: Path) -> None:
@@ -337,4 +337,4 @@ def test_service_serves_and_hot_reloads_gguf_releases(tmp_path: Path, kit: Any) 
         code, answer = svc.translate(JAMES)
         assert code == 200 and "Jacobo" in answer["text"] and answer["version_id"] == V2
     finally:
-        assert svc.stop() == 0
+        assert svc.stop() == 0, svc.log.read_text()[-4000:]

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from traceback import format_exc
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from adapter_deploy.common import logs
 from adapter_deploy.common.errors import EXIT_CODES, AdapterDeployError
@@ -84,6 +84,18 @@ def _exit_with(as_json: bool, err: AdapterDeployError, **extra: str) -> NoReturn
     sys.exit(err.exit_code)
 
 
+def release_thread_streams() -> None:
+    """Clear the MLX streams the calling thread made (nothing when MLX was never imported).
+
+    MLX 0.32 leaves each thread's streams to the program: a thread that ran MLX and ends with
+    them, the main thread included, can abort the process at exit ("terminate called without
+    an active exception", exit -6) after its work succeeded. Call it last on such a thread.
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is not None and hasattr(mx, "clear_streams"):
+        mx.clear_streams()
+
+
 def run(
     main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser
 ) -> NoReturn:
@@ -91,7 +103,7 @@ def run(
     args = parser.parse_args()
     as_json = _setup_logging(args)
     try:
-        code = main(args)
+        code = _run_main(main, args)
     except AdapterDeployError as err:
         if getattr(args, "traceback", False):
             raise
@@ -108,3 +120,10 @@ def run(
             as_json, AdapterDeployError(f"unexpected error: {err!r}"), traceback=format_exc()
         )
     sys.exit(code or 0)
+
+
+def _run_main(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> Any:
+    try:
+        return main(args)
+    finally:
+        release_thread_streams()

@@ -7,12 +7,21 @@ one has fully landed.
 A hot reload is split so that live requests never wait for an adapter's load: `prepare(path)`
 reads, hashes, places and checks the new adapter's weights beside the serving one, on any
 thread, while the engine keeps translating; `switch()`, run between two requests on the
-serving thread, only makes it the active adapter and deletes the old one.
+serving thread, only makes it the active adapter.
+
+Beside the serving adapter the engine keeps one spare: a second PEFT adapter of the same
+config (rank, alpha, target modules) that serves nothing. A new release of that config is
+copied into the spare's existing tensors (PEFT's `load_adapter` into an adapter that already
+exists: no new modules, no allocation that outlives the load), and after a switch the adapter
+that served becomes the spare. That keeps both the Python work beside live requests (which
+share the GIL with it) and the memory a deploy adds to the size of one adapter file: the
+endpoint holds two adapters' tensors at all times, never three. A release of another config
+gets a new spare built for it (the old spare is deleted first).
 
 A staged release can be checked beside the serving one (the service's in-service pre-check):
-`load_candidate(path)` loads it as a second named adapter on the same base (also off the
-serving thread), `candidate()` serves with it for the calls made inside (the active adapter is
-set back after each), and `drop_candidate()` deletes it. The serving adapter is never touched.
+`load_candidate(path)` fills the spare with it (also off the serving thread), `candidate()`
+serves with it for the calls made inside (the active adapter is set back after each), and
+`drop_candidate()` forgets it. The serving adapter is never touched.
 
 Two locks: `_lock` is held by every call that runs the model (one request at a time);
 `_staging` by every change to the set of adapters. Loading a new adapter takes `_staging` only,
@@ -23,6 +32,7 @@ beside it is safe while it runs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Iterator
@@ -61,8 +71,9 @@ class PeftSwapEngine(SwappingEngine):
         self._staging = threading.RLock()
         self._loaded: LoadedRelease | None = None
         self._adapter_seq = 0  # PEFT adapter names "r1", "r2", ...: old and new coexist
-        self._candidate: tuple[str, LoadedRelease] | None = None  # (PEFT name, release)
-        self._prepared: tuple[str, LoadedRelease] | None = None  # loaded, not serving yet
+        self._spare: str | None = None  # the PEFT adapter that serves nothing (see above)
+        self._candidate: LoadedRelease | None = None  # what the spare holds for a pre-check
+        self._prepared: LoadedRelease | None = None  # what the spare holds for switch()
         self.model = None
         if adapter_path is not None:
             self._load(describe_release(adapter_path))
@@ -90,6 +101,7 @@ class PeftSwapEngine(SwappingEngine):
             )
         if release.kind == "merged":
             self._serve(*self._load_base(str(path)))
+            self._spare = None
         elif self._loaded is not None and self._loaded.kind == "peft":
             self._swap_adapter(path)
         else:
@@ -112,6 +124,18 @@ class PeftSwapEngine(SwappingEngine):
         check_landed(model, path, name)
         self._serve(model.eval(), companion)
         self.base_model = base
+        self._spare = None  # a spare belonged to the model this one replaced
+        if not getattr(model, "is_loaded_in_4bit", False):
+            self._add_spare(name)
+
+    def _add_spare(self, like: str) -> None:
+        """An adapter of `like`'s config beside it that serves nothing, ready to be filled.
+        Its initial weights are never served: only a release's weights make it serve."""
+        spare = self._next_adapter_name()
+        self.model.add_adapter(spare, copy.deepcopy(self.model.peft_config[like]))
+        self.model.set_adapter(like)
+        self.model.eval()
+        self._spare = spare
 
     def _swap_adapter(self, path: Path) -> None:
         old, name = self.model.active_adapter, self._next_adapter_name()
@@ -119,6 +143,29 @@ class PeftSwapEngine(SwappingEngine):
         self.model.set_adapter(name)
         self.model.delete_adapter(old)
         self.model.eval()
+
+    def _fill_spare(self, path: Path) -> None:
+        """Load the adapter at `path` into the spare (a new spare when the config differs).
+        On failure the spare holds nothing usable, which is fine: it serves nothing."""
+        self._prepared = self._candidate = None  # both live in the spare being overwritten
+        spare = self._spare
+        if spare is not None and not same_config(self.model.peft_config[spare], path):
+            self.model.delete_adapter(spare)
+            spare = self._spare = None
+        if spare is None:
+            name = self._next_adapter_name()
+            self._add_adapter(path, name)
+            self._spare = name
+            return
+        safetensors_names(path / PEFT_WEIGHTS)
+        try:
+            fill_adapter(self.model, path, spare)
+        except AdapterError:
+            raise
+        except Exception as err:  # size mismatches (RuntimeError), SafetensorError, ...
+            raise AdapterError(
+                f"PEFT cannot load {path} ({err})", fix="check the adapter matches the base model"
+            ) from err
 
     def _add_adapter(self, path: Path, name: str) -> None:
         """Load the adapter at `path` as `name` beside the others; it does not serve yet."""
@@ -146,32 +193,32 @@ class PeftSwapEngine(SwappingEngine):
         ReloadFailed and leaves nothing behind. `release`: the path already described (its
         sha256 computed once by the caller)."""
         with self._staging:
-            self._discard_prepared()
+            self._prepared = None
             try:
                 release = release or describe_release(adapter_path)
                 if self._serving(release):
                     return "noop"
                 if self._refusal(release) is not None:
                     return "whole"
-                name = self._next_adapter_name()
-                self._add_adapter(Path(release.path), name)
+                self._fill_spare(Path(release.path))
             except AdapterError as err:
                 raise ReloadFailed(
                     f"reload of {adapter_path} failed: {err.one_line()}",
                     fix="the previous release is still serving",
                 ) from err
-            self._prepared = (name, release)
+            self._prepared = release
             return "prepared"
 
     def switch(self) -> LoadedRelease:
-        """Serve the prepared release and delete the old adapter: no load, no disk."""
+        """Serve the prepared release; the adapter that served becomes the spare. No load,
+        no disk, no allocation."""
         with self._lock, self._staging:
-            if self._prepared is None:
+            if self._prepared is None or self._spare is None:
                 raise AdapterError("no release is prepared", fix="prepare() it first")
-            (name, release), self._prepared = self._prepared, None
+            release, self._prepared = self._prepared, None
             old = self.model.active_adapter
-            self.model.set_adapter(name)
-            self.model.delete_adapter(old)
+            self.model.set_adapter(self._spare)
+            self._spare = old
             self._loaded = release
         logging.getLogger(type(self).__module__).info(
             "reloaded %s (%s)", release.version_id, release.sha256[:8]
@@ -196,13 +243,6 @@ class PeftSwapEngine(SwappingEngine):
             release.sha256,
         )
 
-    def _discard_prepared(self) -> None:
-        if self._prepared is not None:
-            name, _ = self._prepared
-            self._prepared = None
-            if name in self.model.peft_config:
-                self.model.delete_adapter(name)
-
     # --- a candidate beside the serving adapter (the in-service pre-check) ---------------
     def candidate_refusal(self, adapter_path: str | Path) -> str | None:
         """Why the release cannot be checked beside the serving one (None: it can)."""
@@ -219,7 +259,7 @@ class PeftSwapEngine(SwappingEngine):
         return None
 
     def load_candidate(self, adapter_path: str | Path) -> LoadedRelease:
-        """Load the release as a second adapter on the serving base; it serves nothing yet.
+        """Load the release into the spare on the serving base; it serves nothing yet.
         Runs on any thread: requests go on being answered while it loads."""
         with self._staging:
             self.drop_candidate()
@@ -227,21 +267,18 @@ class PeftSwapEngine(SwappingEngine):
             why = self._refusal(release)
             if why:
                 raise NotBeside(f"cannot check {release.version_id} in place: {why}")
-            self._adapter_seq += 1
-            name = f"c{self._adapter_seq}"
-            self._add_adapter(Path(release.path), name)
-            self._candidate = (name, release)
+            self._fill_spare(Path(release.path))
+            self._candidate = release
             return release
 
     @contextmanager
     def candidate(self) -> Iterator[LoadedRelease]:
         """Serve with the candidate for the calls inside; the active adapter is set back."""
         with self._lock, self._staging:
-            if self._candidate is None:
+            if self._candidate is None or self._spare is None:
                 raise AdapterError("no candidate is loaded", fix="load_candidate() first")
-            name, release = self._candidate
-            active = self.model.active_adapter
-            self.model.set_adapter(name)
+            release, active = self._candidate, self.model.active_adapter
+            self.model.set_adapter(self._spare)
             try:
                 yield release
             finally:
@@ -249,18 +286,63 @@ class PeftSwapEngine(SwappingEngine):
                 self.model.eval()
 
     def drop_candidate(self) -> None:
-        """Delete the candidate adapter (nothing when none is loaded). It is not serving, so
-        this needs no turn on the serving thread."""
+        """Forget the candidate (nothing when none is loaded). Its weights stay in the spare,
+        which serves nothing, until the next release overwrites them."""
         with self._staging:
-            if self._candidate is not None:
-                name, _ = self._candidate
-                self._candidate = None
-                if name in self.model.peft_config:
-                    self.model.delete_adapter(name)
+            self._candidate = None
 
     def _next_adapter_name(self) -> str:
         self._adapter_seq += 1  # under _staging
         return f"r{self._adapter_seq}"
+
+
+#: adapter_config.json fields that do not shape the adapter's tensors or its scaling
+_NOT_SHAPING = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
+
+
+def same_config(config: Any, path: Path) -> bool:
+    """Whether the adapter saved at `path` has the tensors and scaling of `config`'s adapter
+    (then it can be loaded into that adapter's existing tensors)."""
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    try:
+        saved = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(path))]
+        other = saved.from_pretrained(str(path)).to_dict()
+    except Exception:  # unreadable or unknown: a new spare's own load reports why
+        return False
+    ours = config.to_dict()
+    for key in _NOT_SHAPING:
+        ours.pop(key, None), other.pop(key, None)
+    return _plain(ours) == _plain(other)
+
+
+def _plain(value: Any) -> Any:
+    """Config values compared as JSON would hold them (sets and lists of modules alike)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, set | list | tuple):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, set) else items
+    return value
+
+
+def fill_adapter(model: Any, path: Path, name: str) -> None:
+    """Load the adapter file at `path` into adapter `name`'s existing tensors.
+
+    PEFT loads into an adapter that already exists without building its modules again; it
+    reports what did not match, and either way is a wrongly keyed or partial adapter: an
+    unfilled tensor would serve the previous release's weights under the new version id.
+    """
+    result = model.load_adapter(str(path), adapter_name=name)
+    # PEFT's own filter of missing keys matches the name as a substring ("r1" in "r12")
+    unfilled = [key for key in result.missing_keys if f".{name}." in key]
+    stray = list(result.unexpected_keys) + unfilled
+    if stray:
+        raise AdapterError(
+            f"{len(stray)} adapter tensors did not land in the model (e.g. {stray[0]})",
+            fix="the adapter was trained for another base model or is wrongly keyed",
+        )
 
 
 def check_landed(model: Any, path: Path, name: str) -> None:

@@ -11,9 +11,10 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from adapter_deploy.common import pidfile
 from adapter_deploy.common.clock import utc_now
 from adapter_deploy.common.fsutil import append_jsonl
+from adapter_deploy.common.runner import release_thread_streams
 from adapter_deploy.engines.base import Engine, LoadedRelease, Translation, describe_release
 from adapter_deploy.engines.factory import engine_kind_for, kind_of, make_engine
 from adapter_deploy.service.metrics import ServiceMetrics
@@ -168,6 +170,7 @@ class Service:
         self.started_at = utc_now(ms=True)
         # One thread runs every serving engine call: MLX must not be driven from two threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._futures: weakref.WeakSet[Future] = weakref.WeakSet()  # to cancel at stop
         self.lock = threading.Lock()  # guards the served-model fields read by /status
         self.queued = 0  # requests submitted and not finished (guarded by self.lock)
         self.dropped = 0  # queued requests skipped because their client had gone
@@ -205,7 +208,12 @@ class Service:
         return engine
 
     def _on_engine_thread(self, fn: Any) -> Any:
-        return self.executor.submit(fn).result()
+        return self._submit(fn).result()
+
+    def _submit(self, fn: Any) -> Future:
+        future = self.executor.submit(fn)
+        self._futures.add(future)
+        return future
 
     def on_engine_thread(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread in turn with live requests (FIFO): a live request
@@ -407,7 +415,7 @@ class Service:
             version = release.version_id if release else None
             return {"text": answer.text, "version_id": version, "latency_s": answer.latency_s}
 
-        future = self.executor.submit(job)
+        future = self._submit(job)
         future.add_done_callback(lambda _: self._finished())
         try:
             return future.result(timeout=REQUEST_TIMEOUT_S)
@@ -483,6 +491,12 @@ class Service:
                 time.sleep(CONTROL_POLL_S)
 
     def close(self) -> None:
+        for future in list(self._futures):
+            future.cancel()  # queued requests are dropped; a running one finishes
+        try:
+            self.executor.submit(release_thread_streams).result()  # the engine thread's last
+        except RuntimeError:  # already shut down
+            pass
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self.config.pidfile and self._pidfile_fd is not None:
             pidfile.release(self.config.pidfile, self._pidfile_fd)
