@@ -284,6 +284,18 @@ def test_pull_failures_keep_the_last_good_release_and_say_why(pulls: Pulls, tmp_
     assert pulls.active("pa") == v1
     shutil.move(tmp_path / "objects", objects)
 
+    # a half-written object on the DVC remote (a push cut off): refused, nothing half-fetched
+    # becomes a release, and the version is not marked bad: the next pull retries it
+    weights = _remote_object(pulls, "cycle2", "adapter_model.safetensors")
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    damaged = pulls.pull("pa")
+    assert damaged.returncode == 3, damaged.stderr
+    assert "from the DVC remote is damaged" in pulls.report("pa")["error"]
+    assert pulls.active("pa") == v1
+    assert not (pulls.dirs["pa"] / "gemma_4b" / "releases" / pulls.versions["cycle2"]).exists()
+    weights.write_bytes(whole)
+
     # two pulls at once: the second exits at once, naming the first
     with file_lock(pulls.dirs["pa"] / ".pull" / "lock", "pull by the timer", "pull on pa"):
         second = pulls.run("pull.py", "--endpoint", "pa")
@@ -300,6 +312,16 @@ def test_pull_failures_keep_the_last_good_release_and_say_why(pulls: Pulls, tmp_
     assert "untrusted key" in pulls.report("pa")["error"]
     assert pulls.active("pa") == v1
     assert not (pulls.dirs["pa"] / "gemma_4b" / "releases" / pulls.versions["cycle2"]).exists()
+
+
+def _remote_object(pulls: Pulls, cycle: str, name: str) -> Path:
+    """Where the DVC remote keeps file `name` of `cycle`'s version (through its dir listing)."""
+    dvc_file = pulls.store.adapters / "gemma_4b" / f"{pulls.versions[cycle]}.dvc"
+    dir_md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    objects = pulls.store.remote / "files" / "md5"
+    listing = json.loads((objects / dir_md5[:2] / dir_md5[2:]).read_text())
+    md5 = next(e["md5"] for e in listing if e["relpath"] == name)
+    return objects / md5[:2] / md5[2:]
 
 
 @pytest.mark.e2e
