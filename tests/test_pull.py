@@ -94,6 +94,27 @@ def test_service_install_gives_a_pulling_endpoint_a_jittered_timer() -> None:
     assert plist["StartInterval"] == 120 and plist["ProgramArguments"][-2:] == ["--jitter", "24"]
 
 
+def test_only_a_refusal_that_is_the_release_s_own_marks_it_bad_here(tmp_path: Path) -> None:
+    """A bad signature marks the version bad here; an expiry does not (it is judged by this
+    machine's clock, which may be what is wrong), nor does a remote that was away."""
+    from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome
+    from adapter_deploy.deploy.pull import _remember
+    from adapter_deploy.store.pull_source import Desired
+
+    errors = {
+        "tampered": ("gemma_4b v2: signature does not match its metadata (tampered)", 2),
+        "expired": ("gemma_4b v2: signed metadata expired at 2026-01-01T00:00:00Z (...)", 2),
+        "away": ("cannot fetch ... from the DVC remote", 3),
+    }
+    for case, (error, code) in errors.items():
+        want = Desired("gemma_4b", "gemma_4b#pa#2", "c0ffee", "v2", 2, {}, {}, "0" * 32)
+        outcome = EndpointOutcome("pa")
+        outcome.models.append(ModelOutcome("gemma_4b", "v2", "failed", error=error, exit_code=code))
+        state: dict = {}
+        _remember(tmp_path, state, {"gemma_4b": want}, outcome)
+        assert bool(state["bad"]) == (case == "tampered"), case
+
+
 # --- the end-to-end tier -------------------------------------------------------------------
 
 
@@ -423,3 +444,28 @@ def test_a_pull_killed_mid_way_leaves_a_serving_endpoint_and_the_next_pull_finis
     report = pulls.report("pa")
     assert report["result"] == "success"
     assert report["models"]["gemma_4b"]["verified"] == v2
+
+
+@pytest.mark.e2e
+def test_an_endpoint_whose_clock_is_behind_deploys_and_says_so(
+    pulls: Pulls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clock skew is relative: the training machine's clock two days ahead (git's own
+    GIT_COMMITTER_DATE on its promote) is this endpoint's two days behind. The pull still
+    deploys, says so, and `make status` (by the training machine's clock) puts the age right."""
+    v2, skew = pulls.versions["cycle2"], timedelta(days=2)
+    _trust(pulls, "pa")
+    monkeypatch.setenv(
+        "GIT_COMMITTER_DATE", f"@{int((datetime.now(UTC) + skew).timestamp())} +0000"
+    )
+    assert pulls.run("promote.py", "--cycle", "2", "--endpoints", "pa").returncode == 0
+    monkeypatch.delenv("GIT_COMMITTER_DATE")
+    proc = pulls.pull("pa")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert pulls.active("pa") == v2
+    assert "this machine's clock is at least" in proc.stderr
+    assert pulls.report("pa")["clock_behind_s"] > 47 * 3600
+    training_now = datetime.now(UTC) + skew
+    reported = pulled_status(load_params(pulls.params), "pa", training_now)["reported"]
+    assert reported.split(" s ago ")[0].isdigit(), reported  # seconds, not two days
+    assert "(its clock >= 4" in reported and "h behind): success" in reported, reported

@@ -23,6 +23,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from adapter_deploy.common.clock import utc_text
 from adapter_deploy.common.errors import ConfigError, SignatureRefused, UsageError
 
+#: the words of the refusal of an expired release (a pull does not hold it against the release:
+#: an endpoint whose clock runs ahead refuses it until its clock is set right)
+EXPIRED = "signed metadata expired"
+
 __all__ = ["SignatureRefused", "generate", "sign", "verify", "version_metadata"]
 
 DEFAULT_EXPIRY_DAYS = 365
@@ -146,9 +150,12 @@ def verify(
             "deploy the version the metadata names",
         )
     expires = datetime.strptime(metadata["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    if (now or datetime.now(UTC)) > expires:
+    now = now or datetime.now(UTC)
+    if now > expires:
         raise SignatureRefused(
-            f"{model} {version_id}: signed metadata expired at {metadata['expires']}",
-            "re-sign it on the training machine (make version re-signs)",
+            f"{model} {version_id}: {EXPIRED} at {metadata['expires']} "
+            f"(this machine's clock reads {utc_text(now)})",
+            "re-sign it on the training machine (make version re-signs); if this machine's "
+            "clock is wrong, set it right first (NTP: timedatectl set-ntp true)",
         )
     return metadata

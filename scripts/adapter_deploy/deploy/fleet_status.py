@@ -69,10 +69,14 @@ def pulled_status(params: Params, name: str, now: datetime | None = None) -> dic
             "remove it; the endpoint's next pull writes it again",
         )
         return {"endpoint": name, "error": error.one_line(), "exit_code": error.exit_code}
-    when = report.get("reported_at")
+    when, behind = report.get("reported_at"), report.get("clock_behind_s")
     try:
         at = datetime.fromisoformat(str(when).replace("Z", "+00:00"))
-        age = _age(((now or datetime.now(UTC)) - at).total_seconds())
+        seconds = ((now or datetime.now(UTC)) - at).total_seconds()
+        if isinstance(behind, int | float) and behind > 0:  # its own clock's reading, put right
+            age = f"{_age(seconds - behind)} (its clock >= {_span(behind)} behind)"
+        else:
+            age = _age(seconds)
     except ValueError:
         age = f"at {when}"
     result = report.get("result")
@@ -87,11 +91,15 @@ def pulled_status(params: Params, name: str, now: datetime | None = None) -> dic
 def _age(seconds: float) -> str:
     if seconds < 0:
         return "in the future (clock skew)"
+    return f"{_span(seconds)} ago"
+
+
+def _span(seconds: float) -> str:
     if seconds < 90:
-        return f"{round(seconds)} s ago"
+        return f"{round(seconds)} s"
     if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min ago"
-    return f"{seconds / 3600:.1f} h ago"
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def fleet_status(params: Params, endpoints: list[str]) -> list[dict[str, Any]]:

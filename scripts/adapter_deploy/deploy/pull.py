@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,12 @@ from adapter_deploy.common.fsutil import append_jsonl, atomic_write_json, file_l
 from adapter_deploy.common.logs import log_context
 from adapter_deploy.config import Params
 from adapter_deploy.deploy import records
+from adapter_deploy.deploy.doctor_checks import CLOCK_WARN_S
 from adapter_deploy.deploy.fleet import endpoint_run, new_run_id, per_model
 from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome, Release
 from adapter_deploy.deploy.remote import holder_text
 from adapter_deploy.deploy.steps import EndpointRun
+from adapter_deploy.signing import EXPIRED
 from adapter_deploy.store import pull_source
 from adapter_deploy.store.pull_source import Desired, Place
 
@@ -61,6 +64,7 @@ class PullResult:
     notes: dict[str, str] = field(default_factory=dict)  # model -> why nothing was done
     report: dict[str, Any] = field(default_factory=dict)
     report_at: str | None = None  # where the report went (None: it could not be written)
+    clock_behind_s: float | None = None  # see clock_behind()
 
     @property
     def exit_code(self) -> int:
@@ -131,6 +135,7 @@ def _pull(
     except AdapterDeployError as err:
         result.outcome.error, result.outcome.exit_code = err.one_line(), err.exit_code
         log.error("%s", err.one_line())
+    result.clock_behind_s = clock_behind(wants.values())
     early = result.outcome
     # Through the agent even after a failure: the report must say what still runs here.
     with endpoint_run(_local(params, name), name, work / "control") as (run, outcome):
@@ -204,6 +209,21 @@ def _deploy(
             shutil.rmtree(cache, ignore_errors=True)  # staged (or refused) by now
 
 
+def clock_behind(wants: Iterable[Desired]) -> float | None:
+    """How far this machine's clock is at least behind the training machine's, when the
+    newest stage tag was made in this machine's future (None: no sign of it). Its reports
+    would otherwise look older than they are; an endpoint ahead shows in `make status`."""
+    behind = max((w.tagged_at for w in wants), default=0.0) - time.time()
+    if behind <= CLOCK_WARN_S:
+        return None
+    log.warning(
+        "this machine's clock is at least %.0f s behind the training machine's (a stage tag "
+        "was made in its future): set it right (NTP: timedatectl set-ntp true)",
+        behind,
+    )
+    return round(behind, 1)
+
+
 def _read_state(work: Path) -> dict[str, Any]:
     path = work / STATE
     return read_state(path, f"remove {path}; the pull then forgets which versions failed here")
@@ -220,6 +240,8 @@ def _remember(
             continue
         if m.status in ("success", "unchanged"):
             bad.pop(m.model, None)
+        elif EXPIRED in (m.error or ""):
+            continue  # expired by this machine's clock, which may be what is wrong
         elif m.status in ("aborted", "rolled_back") or m.exit_code not in TRANSIENT:
             bad[m.model] = {
                 "version_id": m.version_id,
@@ -244,6 +266,7 @@ def _report(
         "desired": {m: w.version_id for m, w in wants.items()},
         "notes": result.notes,
         "models": status.get("models", {}),
+        "clock_behind_s": result.clock_behind_s,
     }
 
 

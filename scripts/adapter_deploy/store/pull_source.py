@@ -48,6 +48,7 @@ class Desired:
     files: dict[str, dict[str, Any]]
     signed: dict[str, Any] | None
     dir_md5: str  # the DVC directory object of the version
+    tagged_at: float = 0.0  # when `make promote` made the tag, by the training machine's clock
 
 
 MD5_RE = re.compile(r"[0-9a-f]{32}")
@@ -230,7 +231,14 @@ def desired(mirror: Path, model: str, stage: str) -> Desired | None:
         check_file_names(entry["files"]),
         entry.get("signed"),
         dir_md5.removesuffix(".dir"),
+        _tagged_at(mirror, found.tag),
     )
+
+
+def _tagged_at(mirror: Path, tag: str) -> float:
+    """The stage tag's tagger date (unix seconds); 0 for a lightweight tag, which has none."""
+    when = registry.git(mirror, "for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{tag}")
+    return float(when.strip() or 0)
 
 
 def _show(mirror: Path, commit: str, path: str) -> str:
