@@ -137,13 +137,15 @@ def _doubled_rank(adapter, out):
     return out
 
 
-def test_reloads_and_candidates_refill_one_spare_adapter(kit, tmp_path):
+def test_reloads_and_candidates_refill_one_spare_adapter(kit, tmp_path, monkeypatch):
     """The engine holds two adapters' tensors at all times: the serving one and a spare that
-    reloads and candidates are copied into (no new tensors); a release of another config gets
-    a new spare of its own."""
+    reloads and candidates are copied into (no new tensors, and for a release of the same
+    recipe not even PEFT's loader); a release of another config gets a new spare of its own."""
     engine = HFEngine(kit.good)
     tensors = _lora_tensors(engine)
     assert len(engine.model.peft_config) == 2
+    peft_load = engine.model.load_adapter
+    monkeypatch.setattr(engine.model, "load_adapter", lambda *a, **k: pytest.fail("PEFT load"))
     for release in (kit.good2, kit.good, kit.good2):
         engine.load_candidate(kit.regressed)
         with engine.candidate():
@@ -153,6 +155,7 @@ def test_reloads_and_candidates_refill_one_spare_adapter(kit, tmp_path):
         assert _lora_tensors(engine) == tensors and len(engine.model.peft_config) == 2
     assert "Jacobo" in engine.translate(JAMES).text  # good2 serves, not the candidate
 
+    monkeypatch.setattr(engine.model, "load_adapter", peft_load)  # a new spare needs it
     assert engine.reload(_doubled_rank(kit.good, tmp_path / "rank16"))
     assert "Santiago" in engine.translate(JAMES).text
     assert len(engine.model.peft_config) == 2  # the rank-8 spare gave way to a rank-16 one

@@ -330,10 +330,15 @@ def _plain(value: Any) -> Any:
 def fill_adapter(model: Any, path: Path, name: str) -> None:
     """Load the adapter file at `path` into adapter `name`'s existing tensors.
 
-    PEFT loads into an adapter that already exists without building its modules again; it
-    reports what did not match, and either way is a wrongly keyed or partial adapter: an
-    unfilled tensor would serve the previous release's weights under the new version id.
+    When the file holds exactly that adapter's tensors under the keys PEFT saves them with (a
+    retrain of the same recipe), each is copied straight in: a few Python calls per tensor,
+    since this runs beside live requests that share the GIL with it. Anything else goes
+    through PEFT's own load into the existing adapter (its key conversions, its report of what
+    did not match); a wrongly keyed or partial adapter is refused either way: an unfilled
+    tensor would serve the previous release's weights under the new version id.
     """
+    if _copy_into(model, path, name):
+        return
     result = model.load_adapter(str(path), adapter_name=name)
     # PEFT's own filter of missing keys matches the name as a substring ("r1" in "r12")
     unfilled = [key for key in result.missing_keys if f".{name}." in key]
@@ -343,6 +348,30 @@ def fill_adapter(model: Any, path: Path, name: str) -> None:
             f"{len(stray)} adapter tensors did not land in the model (e.g. {stray[0]})",
             fix="the adapter was trained for another base model or is wrongly keyed",
         )
+
+
+def _copy_into(model: Any, path: Path, name: str) -> bool:
+    """Copy the file's tensors into adapter `name`'s when the two match key for key and shape
+    for shape (checked before anything is written); False (nothing written) otherwise."""
+    import torch
+    from safetensors import safe_open
+
+    marker = f".{name}."
+    slot = {
+        key.replace(marker, ".", 1): param
+        for key, param in model.named_parameters()
+        if marker in key
+    }
+    with safe_open(str(path / PEFT_WEIGHTS), framework="pt") as saved:
+        keys = set(saved.keys())
+        if keys != slot.keys() or any(
+            tuple(saved.get_slice(key).get_shape()) != tuple(slot[key].shape) for key in keys
+        ):
+            return False
+        with torch.no_grad():
+            for key in keys:
+                slot[key].copy_(saved.get_tensor(key))
+    return True
 
 
 def check_landed(model: Any, path: Path, name: str) -> None:
