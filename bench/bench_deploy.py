@@ -41,7 +41,7 @@ from adapter_deploy.config import Params, load_params
 from adapter_deploy.deploy import remote
 from adapter_deploy.deploy.fleet import run_parallel
 from adapter_deploy.deploy.plan import ModelOutcome, Release
-from adapter_deploy.deploy.remote import Connection
+from adapter_deploy.deploy.remote import SshConnection
 from adapter_deploy.deploy.steps import EndpointRun
 from adapter_deploy.kit.sshd import SSHServer, running_sshd
 from safetensors.numpy import save_file
@@ -193,7 +193,7 @@ def timed_rsync(
 ) -> float:
     """`rsync -a` of the same files over the same ssh argv (own ControlPath), fresh dest."""
     with tempfile.TemporaryDirectory(prefix="adeploy-bench-") as control:
-        conn = Connection(name, params.endpoint(name), Path(control))
+        conn = SshConnection(name, params.endpoint(name), Path(control))
         sources = [str(r.local_dir) for r in chosen]
         argv = ["rsync", "-a", "-e", shlex.join(conn.ssh_argv())]
         argv += [f"--bwlimit={link_kib_s}"] if link_kib_s else []
@@ -248,7 +248,7 @@ def probe_startup(params: Params, name: str) -> dict[str, float]:
     """Where an endpoint session's start-up goes: ssh connect, a bare python, our imports."""
     ep = params.endpoint(name)
     with tempfile.TemporaryDirectory(prefix="adeploy-bench-") as control:
-        conn = Connection(name, ep, Path(control))
+        conn = SshConnection(name, ep, Path(control))
         cold = ["ssh", "-F", ep.ssh_config or "", "-o", "BatchMode=yes", ep.host, "true"]
         probes = {
             "ssh connect + true (no mux)": cold,

@@ -37,7 +37,7 @@ from adapter_deploy import protocol as p
 from adapter_deploy.config import Params, load_params
 from adapter_deploy.deploy import fleet, records
 from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome, Release
-from adapter_deploy.deploy.remote import Connection
+from adapter_deploy.deploy.remote import SshConnection
 from adapter_deploy.kit.sshd import SSHServer, running_sshd
 from bench_deploy import MB, make_releases
 
@@ -73,13 +73,13 @@ class MasterMeter:
     the run, where its control socket still exists); the /proc scan's own CPU is left out."""
 
     def __init__(self) -> None:
-        self.original = Connection.close
+        self.original = SshConnection.close
         self.masters = 0.0
         self.scanning = 0.0
         self.lock = threading.Lock()
 
     def __enter__(self) -> MasterMeter:
-        def close(conn: Connection) -> None:
+        def close(conn: SshConnection) -> None:
             t0 = time.thread_time()
             cpu = master_cpu(conn.control_path)
             with self.lock:
@@ -87,11 +87,11 @@ class MasterMeter:
                 self.scanning += time.thread_time() - t0
             self.original(conn)
 
-        Connection.close = close  # type: ignore[method-assign]
+        SshConnection.close = close  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        Connection.close = self.original  # type: ignore[method-assign]
+        SshConnection.close = self.original  # type: ignore[method-assign]
 
 
 def write_params(path: Path, store: Path, endpoints: dict[str, dict], parallel: int) -> Params:

@@ -17,6 +17,7 @@ ORDER = [
     "bench_hash.py",
     "bench_deploy.py",
     "bench_fleet.py",
+    "bench_pull.py",
     "bench_engines.py",
     "bench_reload.py",
     "bench_precheck.py",

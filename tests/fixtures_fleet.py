@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fixtures_repo import ROOT, Store, copy_store, run_script, run_script_here
+from fixtures_repo import ROOT, Store, copy_store, make_store, run_script, run_script_here
 from safetensors.numpy import load_file, save_file
 
 
@@ -153,3 +153,20 @@ def restart_deploy_and_rollback(fleet: Fleet, tmp_path: Path, check_active, **en
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert fleet.links("ep2")[0] == v1
     assert restarts.read_text().count("restarted") == 3  # two activations and the rollback
+
+
+@pytest.fixture(scope="session")
+def signed_template(kit, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A store with a signing key: cycle1=good, cycle2=good2, cycle3=regressed, all signed
+    (the pull tests' template, shared by every module that pulls)."""
+    store = make_store(tmp_path_factory.mktemp("pull-template"))
+    key = store.repo.parent / "keys" / "signing.pem"
+    data = yaml.safe_load(store.params.read_text())
+    data["models"]["gemma_4b"]["base_model"] = str(kit.base)
+    data["store"]["signing_key"] = str(key)
+    store.params.write_text(yaml.safe_dump(data))
+    assert run_script("keygen.py", params=store.params).returncode == 0
+    versions = {}
+    for cycle, adapter in ((1, kit.good), (2, kit.good2), (3, kit.regressed)):
+        versions[f"cycle{cycle}"] = version(store, store.params, adapter, cycle)
+    return store.repo.parent, versions

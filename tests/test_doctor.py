@@ -279,19 +279,19 @@ def test_missing_tools_are_worded_from_the_prerequisite_table(tmp_path: Path) ->
     from adapter_deploy.config import EndpointParams
     from adapter_deploy.deploy.doctor import python_missing
     from adapter_deploy.deploy.doctor_checks import check_python, check_rsync
-    from adapter_deploy.deploy.remote import Connection
+    from adapter_deploy.deploy.remote import connect
 
     ep = EndpointParams(adapter_dir="/srv/a", host="box")
-    row = check_rsync(ep, {"rsync_version": None})
+    row = check_rsync(ep, {"rsync_version": None}, needs_endpoint_rsync=True)
     assert (row.status, row.exit_code) == ("FAIL", 3) and install_hint("rsync") in row.fix
     old = check_python({"python": [3, 9, 6], "python_executable": "/usr/bin/python3"})
     assert old.status == "FAIL" and install_hint("python3") in old.fix
 
-    conn = Connection("box", ep, tmp_path)
+    conn = connect("box", ep, tmp_path)
     for said in ("bash: line 1: python3: command not found", "sh: 1: python3: not found",
                  "zsh:1: command not found: python3"):  # fmt: skip
         row = python_missing(conn, RemoteError(f"box: endpoint command failed: {said}"))
         assert row is not None and row.check == "python" and install_hint("python3") in row.fix
     assert python_missing(conn, RemoteError("box: ssh login to box was refused")) is None
-    venv = Connection("box", ep.model_copy(update={"project_dir": "/srv/p"}), tmp_path)
+    venv = connect("box", ep.model_copy(update={"project_dir": "/srv/p"}), tmp_path)
     assert python_missing(venv, RemoteError("box: the project is not installed on box")) is None

@@ -14,7 +14,7 @@ from adapter_deploy import protocol as p
 from adapter_deploy.common.errors import UsageError
 from adapter_deploy.common.names import check_file_names, check_name, check_version_id
 from adapter_deploy.config import load_params
-from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.remote import Session, connect
 from fixtures_fleet import Fleet, agent_wrapper
 from fixtures_repo import ROOT, run_script, run_script_here
 
@@ -46,7 +46,7 @@ def test_endpoint_refuses_a_file_name_outside_the_release(fleet: Fleet, tmp_path
     files = {"../../../../outside.txt": {"sha256": "0" * 64, "size": 1}}
     version_id = fleet.versions["cycle1"]
     with tempfile.TemporaryDirectory() as control:
-        conn = Connection("ep1", params.endpoint("ep1"), Path(control))
+        conn = connect("ep1", params.endpoint("ep1"), Path(control))
         session = Session(conn, str(fleet.endpoints["ep1"]))
         try:
             for request in (
@@ -167,11 +167,11 @@ def test_a_home_relative_path_is_the_endpoints_home_not_a_literal_tilde() -> Non
     from adapter_deploy.config import EndpointParams
 
     ep = EndpointParams(adapter_dir="~/adapters", project_dir="~/adapter-deploy", host="h")
-    conn = Connection("e", ep, Path("/tmp"))
+    conn = connect("e", ep, Path("/tmp"))
     assert conn.remote_path("~/adapters") == "adapters"  # ssh starts in the home directory
     assert conn.remote_path("~") == "." and conn.remote_path("/abs/x") == "/abs/x"
     assert conn.endpoint_python() == "adapter-deploy/.venv/bin/python"
-    local = Connection("e", EndpointParams(adapter_dir="~/a", transport="local"), Path("/tmp"))
+    local = connect("e", EndpointParams(adapter_dir="~/a", transport="local"), Path("/tmp"))
     assert local.remote_path("~/a") == str(Path.home() / "a")
 
 

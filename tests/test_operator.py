@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from adapter_deploy import protocol as p
 from adapter_deploy.config import load_params
-from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.remote import Session, connect
 from fixtures_fleet import Fleet
 from fixtures_repo import ROOT, run_script
 
@@ -126,7 +126,7 @@ def test_bootstrap_copies_the_project(fleet: Fleet, tmp_path: Path) -> None:
 def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
     params = load_params(fleet.params)
     with tempfile.TemporaryDirectory() as control:
-        conn = Connection("ep1", params.endpoint("ep1"), Path(control))
+        conn = connect("ep1", params.endpoint("ep1"), Path(control))
         first = Session(conn, str(fleet.endpoints["ep1"]))
         os.kill(first.proc.pid, signal.SIGKILL)  # the ssh client dies mid-deploy
         first.proc.wait()
@@ -134,7 +134,7 @@ def test_dropped_ssh_connection_releases_the_lock(fleet: Fleet) -> None:
         while True:
             try:
                 second = Session(
-                    Connection("ep1", params.endpoint("ep1"), Path(control)),
+                    connect("ep1", params.endpoint("ep1"), Path(control)),
                     str(fleet.endpoints["ep1"]),
                 )
                 break

@@ -28,7 +28,7 @@ from adapter_deploy.config import load_params
 from adapter_deploy.deploy.fleet import endpoint_run, run_parallel
 from adapter_deploy.deploy.plan import ModelOutcome, Release
 from adapter_deploy.deploy.progress import RsyncOutput, local_rsync_version, progress_flags
-from adapter_deploy.deploy.remote import Connection
+from adapter_deploy.deploy.remote import connect
 from adapter_deploy.kit.sshd import SSHServer
 from fixtures_fleet import Fleet
 from rich.console import Console
@@ -186,7 +186,7 @@ def test_rsync_before_3_1_reports_bytes_from_per_file_lines(sshd: SSHServer, tmp
     dest = tmp_path / "ep1" / "landing"
     dest.mkdir(parents=True)
     seen: list[int] = []
-    conn = Connection("ep1", params.endpoint("ep1"), tmp_path)
+    conn = connect("ep1", params.endpoint("ep1"), tmp_path)
     try:
         files = [release.local_dir / n for n in release.files]
         conn.push(files, str(dest), seen.append, endpoint_rsync=(2, 6, 9))

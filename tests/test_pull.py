@@ -26,8 +26,7 @@ from adapter_deploy.deploy.service_install import pull_timer_files, start_script
 from adapter_deploy.kit.net import free_port
 from adapter_deploy.signing import generate
 from adapter_deploy.store.stages import current
-from fixtures_fleet import version
-from fixtures_repo import Store, copy_store, make_store, run_script, run_script_here
+from fixtures_repo import Store, copy_store, run_script, run_script_here
 
 GEMMA = ("--models", "gemma_4b")
 
@@ -116,22 +115,6 @@ def test_only_a_refusal_that_is_the_release_s_own_marks_it_bad_here(tmp_path: Pa
 
 
 # --- the end-to-end tier -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def signed_template(kit, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A store with a signing key: cycle1=good, cycle2=good2, cycle3=regressed, all signed."""
-    store = make_store(tmp_path_factory.mktemp("pull-template"))
-    key = store.repo.parent / "keys" / "signing.pem"
-    data = yaml.safe_load(store.params.read_text())
-    data["models"]["gemma_4b"]["base_model"] = str(kit.base)
-    data["store"]["signing_key"] = str(key)
-    store.params.write_text(yaml.safe_dump(data))
-    assert run_script("keygen.py", params=store.params).returncode == 0
-    versions = {}
-    for cycle, adapter in ((1, kit.good), (2, kit.good2), (3, kit.regressed)):
-        versions[f"cycle{cycle}"] = version(store, store.params, adapter, cycle)
-    return store.repo.parent, versions
 
 
 class Pulls:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from adapter_deploy import protocol as p
 from adapter_deploy.config import load_params
-from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.remote import Session, connect
 from adapter_deploy.signing import (
     SignatureRefused,
     generate,
@@ -131,7 +131,7 @@ def test_older_version_needs_an_explicit_request(fleet: Fleet, kit, tmp_path) ->
     )
     params = load_params(fleet.params)
     with tempfile.TemporaryDirectory() as control:
-        conn = Connection("ep1", params.endpoint("ep1"), Path(control))
+        conn = connect("ep1", params.endpoint("ep1"), Path(control))
         session = Session(conn, str(fleet.endpoints["ep1"]))
         prep = session.call(
             p.Prepare(model="gemma_4b", version_id=old, files=entry["files"], size=1)

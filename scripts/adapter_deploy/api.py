@@ -27,7 +27,7 @@ from adapter_deploy.deploy.phases import run_phase
 from adapter_deploy.deploy.plan import EndpointOutcome, choose_releases, dry_run_plan
 from adapter_deploy.deploy.progress import NO_PROGRESS, Progress
 from adapter_deploy.deploy.records import DEPLOY_LOG, last_run, record
-from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.remote import Connection, Session, connect
 from adapter_deploy.deploy.rollback import rollback_endpoint
 from adapter_deploy.deploy.service_install import (
     ServiceFiles,
@@ -476,7 +476,7 @@ def trust(params: Params, endpoints: list[str]) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as control:
         for name in endpoints:
             ep = params.endpoint(name)
-            session = Session(Connection(name, ep, Path(control)), ep.adapter_dir)
+            session = Session(connect(name, ep, Path(control)), ep.adapter_dir)
             try:
                 reply = session.call(protocol.Trust(public_pem=pub.read_text()))
                 trusted[name] = reply["key_id"]
@@ -535,7 +535,7 @@ def bootstrap(
             ep = params.endpoint(name)
             if not ep.project_dir:
                 raise UsageError(f"{name} has no project_dir", "set project_dir in params.yaml")
-            conn = Connection(name, ep, Path(control))
+            conn = connect(name, ep, Path(control))
             try:
                 code = [checkout / c for c in BOOTSTRAP_CODE if (checkout / c).exists()]
                 progress.step(name, "copying the project code")
@@ -584,7 +584,7 @@ def service_install(
         return results
     with tempfile.TemporaryDirectory() as work:
         for (name, files), result in zip(planned, results, strict=True):
-            conn = Connection(name, params.endpoint(name), Path(work))
+            conn = connect(name, params.endpoint(name), Path(work))
             try:
                 _install_service(conn, files, Path(work), result, start)
             finally:
@@ -599,10 +599,7 @@ def _install_service(
     local.parent.mkdir(parents=True, exist_ok=True)
     local.write_text(files.text)
     directory = conn.remote_path(files.directory)
-    if conn.local:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-    else:
-        conn.run(["mkdir", "-p", "--", directory])
+    conn.make_dir(directory)
     conn.push([local], directory)
     if not start or not result.start:
         return

@@ -40,7 +40,7 @@ from adapter_deploy.deploy.doctor_checks import (
 )
 from adapter_deploy.deploy.fleet import run_parallel
 from adapter_deploy.deploy.plan import base_model_for, reload_spec
-from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.remote import Connection, Session, connect
 
 COLUMNS = ("endpoint", "check", "status", "detail", "fix")
 
@@ -63,12 +63,12 @@ def planned(params: Params, ep: EndpointParams) -> list[str]:
 
 def doctor_endpoint(params: Params, name: str, control_dir: Path) -> dict[str, Any]:
     ep = params.endpoint(name)
-    conn = Connection(name, ep, control_dir)
+    conn = connect(name, ep, control_dir)
     rows: list[Check] = []
     try:
         facts, arrived = _reach(params, conn, rows)
         if facts is not None:
-            rows += _judge(params, name, ep, facts, arrived)
+            rows += _judge(params, conn, facts, arrived)
     finally:
         conn.close()
     done = {r.check for r in rows}
@@ -86,15 +86,11 @@ def _reach(
 ) -> tuple[dict[str, Any] | None, float]:
     """ssh login, then the agent's ready line and its facts (rows appended as they pass)."""
     ep = conn.ep
-    if conn.local:
-        rows.append(ok("ssh", "transport local: no ssh"))
-    else:
-        try:
-            conn.run(["true"])
-        except AdapterDeployError as err:
-            rows.append(fail("ssh", err.message, err.fix, err.exit_code))
-            return None, 0.0
-        rows.append(ok("ssh", f"logged in to {ep.host} without a prompt; host key known"))
+    try:
+        rows.append(ok("ssh", conn.log_in()))
+    except AdapterDeployError as err:
+        rows.append(fail("ssh", err.message, err.fix, err.exit_code))
+        return None, 0.0
     try:
         session = Session(conn, ep.adapter_dir, read_only=True)
         try:
@@ -139,10 +135,9 @@ def python_missing(conn: Connection, err: AdapterDeployError) -> Check | None:
     return fail("python", f"{python} is missing on the endpoint", fix, 3)
 
 
-def _judge(
-    params: Params, name: str, ep: EndpointParams, facts: dict[str, Any], arrived: float
-) -> list[Check]:
-    rows = [check_python(facts), check_rsync(ep, facts)]
+def _judge(params: Params, conn: Connection, facts: dict[str, Any], arrived: float) -> list[Check]:
+    name, ep = conn.name, conn.ep
+    rows = [check_python(facts), check_rsync(ep, facts, conn.needs_endpoint_rsync)]
     rows += [check_base_model(m, facts["base_models"][m]) for m in endpoint_models(params, ep)]
     rows.append(check_disk(params, ep, facts["disk"]))
     if ep.reload_method == "sigusr1":

@@ -62,12 +62,13 @@ def check_python(facts: dict[str, Any]) -> Check:
     return ok("python", detail)
 
 
-def check_rsync(ep: EndpointParams, facts: dict[str, Any]) -> Check:
+def check_rsync(ep: EndpointParams, facts: dict[str, Any], needs_endpoint_rsync: bool) -> Check:
+    """`needs_endpoint_rsync`: the connection's (over ssh, rsync runs at both ends)."""
     here, theirs = rsync_version(), facts["rsync_version"]
     if here is None:
         fix = f"install it here: {install_hint('rsync')}"
         return fail("rsync", "rsync is missing on this machine", fix, 3)
-    if ep.transport == "local":
+    if not needs_endpoint_rsync:
         return ok("rsync", f"here {_dotted(here)} (transport local)")
     detail = f"here {_dotted(here)}, endpoint {_dotted(theirs)}"
     if theirs is None:

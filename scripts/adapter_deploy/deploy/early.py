@@ -7,9 +7,10 @@ safe before the session holds the lock:
 - files land in incoming/<model>/releases/<id>/, the release's own path under the landing
   root, and `--compare-dest=..` skips every file a kept release already has (same size and
   mtime): a release already on the endpoint costs no bytes;
-- the endpoint's shell checks first that its agent speaks this protocol and that the disk
-  has the releases' size plus `min_free_bytes` free; else rsync does not start and the
-  session decides as before (a mismatched endpoint is refused with nothing moved);
+- the endpoint checks first that its agent speaks this protocol and that the disk has the
+  releases' size plus `min_free_bytes` free (`Connection.push`'s `room_for`: over ssh its
+  shell, in the same command as rsync); else rsync does not start and the session decides
+  as before (a mismatched endpoint is refused with nothing moved);
 - staging moves the landing dir away before verifying it (agent/releases.py `_claim`), so
   the rsync of another deploy never adds or replaces a file in what is verified;
 - the session still prepares, hashes every file and stages. If this rsync fails for any
@@ -18,16 +19,13 @@ safe before the session holds the lock:
 
 from __future__ import annotations
 
-import shlex
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from adapter_deploy.common import wire
 from adapter_deploy.common.errors import AdapterDeployError
 from adapter_deploy.deploy.plan import Release
-from adapter_deploy.deploy.remote import REFUSED, Connection
+from adapter_deploy.deploy.remote import Connection
 from adapter_deploy.protocol import LANDING, landing_path
 
 
@@ -51,26 +49,6 @@ def landing_files(releases: list[Release], farm: Path) -> list[str]:
     return files
 
 
-def landing_check(conn: Connection, root: str, need: int) -> str:
-    """The endpoint shell's test, before rsync starts: the endpoint's agent speaks this
-    protocol (a mismatched endpoint is refused at the ready line with nothing moved), and
-    `root` exists (private) with `need` bytes free."""
-    python = shlex.quote(conn.endpoint_python())
-    ask = shlex.quote(f"from {wire.__name__} import PROTOCOL_VERSION as v; print(v)")
-    protocol = f'test "$({python} -c {ask} 2>/dev/null)" = {wire.PROTOCOL_VERSION}'
-    q = shlex.quote(root)
-    free = f"$(df -Pk -- {q} | awk 'NR==2 {{print $4}}')"
-    room = f'mkdir -p -m 700 -- {q} && test "{free}" -ge {-(-need // 1024)}'
-    return (
-        f"{{ {protocol} || {_refuse('no agent of this protocol here')}; }} && "
-        f"{{ {room} || {_refuse(f'less than {need} bytes free')}; }}"
-    )
-
-
-def _refuse(why: str) -> str:
-    return f"{{ echo {shlex.quote(REFUSED + why)} >&2; exit 1; }}"
-
-
 class EarlyPush:
     """One rsync of store releases into the endpoint's landing root, in a thread."""
 
@@ -88,21 +66,14 @@ class EarlyPush:
         self.error: AdapterDeployError | None = None
         self.size = sum(r.size for r in releases)
         files = landing_files(releases, farm)
-        root = landing_root(conn)
-        check = None
-        if conn.local:
-            if not _local_room(Path(root), self.size + reserve):
-                self._thread = None
-                return
-        else:
-            check = landing_check(conn, root, self.size + reserve)
+        need = self.size + reserve
         self._thread = threading.Thread(
-            target=self._run, args=(files, root, progress, check), daemon=True
+            target=self._run, args=(files, landing_root(conn), progress, need), daemon=True
         )
         self._thread.start()
 
     def _run(
-        self, files: list[str], root: str, progress: Callable[[int], None] | None, check: str | None
+        self, files: list[str], root: str, progress: Callable[[int], None] | None, need: int
     ) -> None:
         try:
             # the endpoint's rsync version is not known yet: no --protect-args (params paths
@@ -114,31 +85,22 @@ class EarlyPush:
                 relative=True,
                 protect_args=False,
                 compare_dest="..",
-                before_rsync=check,
+                room_for=need,
             )
         except AdapterDeployError as err:
             self.error = err
 
     def finish(self) -> int | None:
-        """Bytes sent, or None when it did not run or failed (the ordinary push resumes)."""
-        if self._thread is not None:
-            self._thread.join()
+        """Bytes sent, or None when it was refused or failed (the ordinary push resumes)."""
+        self._thread.join()
         return self.sent
 
     def why_not(self) -> str:
         """Why it sent nothing, in one line."""
-        if self._thread is None:
-            return "less than the releases' size plus min_free_bytes free"
         return self.error.message if self.error else "cancelled"
 
     def cancel(self) -> None:
         """Stop it (what landed stays for a resume); the rsync may not have started yet."""
-        while self._thread is not None and self._thread.is_alive():
+        while self._thread.is_alive():
             self.conn.cancel()
             self._thread.join(timeout=0.05)
-
-
-def _local_room(root: Path, need: int) -> bool:
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o700)
-    return shutil.disk_usage(root).free >= need

@@ -37,6 +37,7 @@ from adapter_deploy.deploy.plan import (
     release_format,
 )
 from adapter_deploy.deploy.progress import Progress
+from adapter_deploy.deploy.remote import Connection
 from adapter_deploy.deploy.steps import EndpointRun
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,17 @@ def _guard(outcome: EndpointOutcome, model_out: ModelOutcome | None, err: Adapte
 
 @contextlib.contextmanager
 def endpoint_run(
-    params: Params, name: str, control_dir: Path, progress: Progress | None = None
+    params: Params,
+    name: str,
+    control_dir: Path,
+    progress: Progress | None = None,
+    conn: Connection | None = None,
 ) -> Iterator[tuple[EndpointRun, EndpointOutcome]]:
     """One endpoint's run: an endpoint-wide failure is recorded in its outcome, never raised,
-    so one endpoint's trouble never stops the others."""
+    so one endpoint's trouble never stops the others. `conn`: as for EndpointRun."""
     started = time.monotonic()
     outcome = EndpointOutcome(name)
-    run = EndpointRun(params, name, control_dir, progress)
+    run = EndpointRun(params, name, control_dir, progress, conn)
     try:
         yield run, outcome
     except AdapterDeployError as err:
@@ -99,7 +104,7 @@ def deploy_endpoint(
     with endpoint_run(params, name, control_dir, progress) as (run, outcome):
         session = run.open(early_releases(params, name, chosen), farm)
         hello = session.call(p.Hello(models=[r.model for r in chosen]))
-        if not hello["rsync"] and not run.conn.local:
+        if not hello["rsync"] and run.conn.needs_endpoint_rsync:
             fix = f"install it on the endpoint: {install_hint('rsync')}"
             raise RemoteError(f"{name}: rsync is missing on the endpoint", fix)
         prepared = [for_endpoint(params, run.ep, r) for r in chosen]

@@ -12,7 +12,7 @@ from adapter_deploy import protocol as p
 from adapter_deploy.common.errors import AdapterDeployError, CorruptState
 from adapter_deploy.config import Params
 from adapter_deploy.deploy.fleet import run_parallel
-from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.remote import Session, connect
 from adapter_deploy.store.pull_source import Place
 
 COLUMNS = (
@@ -25,7 +25,7 @@ def endpoint_status(params: Params, name: str, control_dir: Path) -> dict[str, A
     ep = params.endpoint(name)
     if ep.mode == "pull":  # never reached: its last report, wherever it left it
         return pulled_status(params, name)
-    conn = Connection(name, ep, control_dir)
+    conn = connect(name, ep, control_dir)
     try:
         session = Session(conn, ep.adapter_dir, read_only=True)
         try:
@@ -48,7 +48,11 @@ def report_place(params: Params, name: str) -> Place:
         reports = f"{remote.rstrip('/')}/reports" if remote else params.pull_remotes(name)[2]
     keyfile = params.store.remote_config.get("keyfile")
     options = ("-i", os.path.expanduser(keyfile)) if keyfile else ()
-    return Place.parse(reports, "reports location", options).child(f"{name}.json")
+    # s3://: the S3-compatible server `dvc push` uses (`dvc remote modify ... endpointurl`);
+    # without one, botocore's own (AWS_ENDPOINT_URL, ~/.aws/config, else AWS)
+    endpoint_url = params.store.remote_config.get("endpointurl")
+    place = Place.parse(reports, "reports location", options, endpoint_url=endpoint_url)
+    return place.child(f"{name}.json")
 
 
 def pulled_status(params: Params, name: str, now: datetime | None = None) -> dict[str, Any]:
@@ -65,7 +69,7 @@ def pulled_status(params: Params, name: str, now: datetime | None = None) -> dic
         return {"endpoint": name, "error": err.one_line(), "exit_code": err.exit_code}
     except (OSError, ValueError) as err:
         error = CorruptState(
-            f"{name}'s report {place.path} is unreadable ({err})",
+            f"{name}'s report {place.where} is unreadable ({err})",
             "remove it; the endpoint's next pull writes it again",
         )
         return {"endpoint": name, "error": error.one_line(), "exit_code": error.exit_code}

@@ -41,7 +41,7 @@ from adapter_deploy.deploy import records
 from adapter_deploy.deploy.doctor_checks import CLOCK_WARN_S
 from adapter_deploy.deploy.fleet import endpoint_run, new_run_id, per_model
 from adapter_deploy.deploy.plan import EndpointOutcome, ModelOutcome, Release
-from adapter_deploy.deploy.remote import holder_text
+from adapter_deploy.deploy.remote import PullConnection, holder_text
 from adapter_deploy.deploy.steps import EndpointRun
 from adapter_deploy.signing import EXPIRED
 from adapter_deploy.store import pull_source
@@ -83,12 +83,6 @@ class PullResult:
 
 def adapter_dir_of(params: Params, name: str) -> Path:
     return Path(os.path.expanduser(params.endpoint(name).adapter_dir))
-
-
-def _local(params: Params, name: str) -> Params:
-    """The params as this endpoint runs them: itself reached by local processes."""
-    ep = params.endpoints[name].model_copy(update={"transport": "local"})
-    return params.model_copy(update={"endpoints": {**params.endpoints, name: ep}})
 
 
 def pull(params: Params, name: str, force: bool = False) -> PullResult:
@@ -138,7 +132,8 @@ def _pull(
     result.clock_behind_s = clock_behind(wants.values())
     early = result.outcome
     # Through the agent even after a failure: the report must say what still runs here.
-    with endpoint_run(_local(params, name), name, work / "control") as (run, outcome):
+    here = PullConnection(name, params.endpoint(name))
+    with endpoint_run(params, name, work / "control", conn=here) as (run, outcome):
         result.outcome = outcome
         outcome.error, outcome.exit_code = early.error, early.exit_code
         session = run.open()
@@ -310,7 +305,7 @@ def trust_here(params: Params, name: str, public_pem: str) -> str:
     """Install the public signing key on this pulling endpoint (what `make trust` does over
     ssh for a pushed one); its key id."""
     control = adapter_dir_of(params, name) / WORK / "control"
-    run = EndpointRun(_local(params, name), name, control)
+    run = EndpointRun(params, name, control, conn=PullConnection(name, params.endpoint(name)))
     try:
         return run.open().call(p.Trust(public_pem=public_pem))["key_id"]
     finally:

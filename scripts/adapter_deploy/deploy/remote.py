@@ -21,12 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from adapter_deploy import protocol
-from adapter_deploy.common import errors
+from adapter_deploy.common import errors, wire
 from adapter_deploy.common.errors import DiskFull, RemoteError
 from adapter_deploy.common.names import printable
 from adapter_deploy.common.prereqs import install_hint
@@ -101,68 +102,79 @@ def holder_text() -> str:
     return f"deploy by {getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
 
 
-class Connection:
-    """How to reach one endpoint: ssh (multiplexed) or local processes."""
+class Connection(ABC):
+    """How the deployer reaches one endpoint: the few things the deploy steps ask of it.
 
-    def __init__(self, name: str, ep: EndpointParams, control_dir: Path) -> None:
+    Three implementations, so that no step asks how the endpoint is reached: `SshConnection`
+    (another machine, over one multiplexed ssh connection), `LocalConnection` (this machine,
+    `transport: local`) and `PullConnection` (a pulling endpoint reaching itself). `connect()`
+    picks the first two from params; deploy/pull.py builds the third. What they share (the
+    rsync flags, the agent's command line, reading ssh's complaints) lives here.
+    """
+
+    # Whether the endpoint needs an rsync of its own: over ssh, rsync runs at both ends.
+    needs_endpoint_rsync: bool
+
+    def __init__(self, name: str, ep: EndpointParams) -> None:
         self.name = name
         self.ep = ep
-        self.control_path = control_dir / f"{name}.sock"
         self._running: list[subprocess.Popen] = []  # the rsync under way, for cancel()
+
+    @abstractmethod
+    def remote_path(self, path: str) -> str:
+        """A params path as the endpoint takes it (a leading `~` is the endpoint's home)."""
+
+    @abstractmethod
+    def endpoint_python(self) -> str:
+        """The endpoint's interpreter: `python`, else where the project is installed there."""
+
+    @abstractmethod
+    def argv(self, command: list[str]) -> list[str]:
+        """`command` as this machine starts it so that it runs on the endpoint."""
+
+    @abstractmethod
+    def project_file(self, relative: str, here: Path) -> str:
+        """A file of the project checkout as the endpoint reads it; `here` is the same file
+        in this machine's checkout (resolved against the params file's directory)."""
+
+    @abstractmethod
+    def make_dir(self, path: str) -> None:
+        """Create `path` (and its parents) on the endpoint."""
+
+    @abstractmethod
+    def wait_connected(self, session: subprocess.Popen, timeout: float) -> bool:
+        """Wait until what carries `session` (just started) is up; False if the session
+        ended first or it took longer than `timeout`."""
+
+    @abstractmethod
+    def log_in(self) -> str:
+        """Reach the endpoint without a prompt (doctor's first row); what that showed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """End what this connection keeps open between calls."""
+
+    @abstractmethod
+    def _rsync_shell(self) -> list[str]:
+        """rsync's flags for how it reaches the endpoint."""
+
+    @abstractmethod
+    def _rsync_target(self, dest_dir: str) -> str:
+        """dest_dir as rsync's destination argument."""
+
+    @abstractmethod
+    def _check_first(self, dest_dir: str, need: int) -> str | None:
+        """push's `room_for` check: a shell line the endpoint runs before rsync starts
+        (rsync starts only if it succeeds), or None when it was done here already."""
 
     def cancel(self) -> None:
         """Stop a push under way (its rsync keeps what landed for a resume)."""
         for proc in list(self._running):
             proc.terminate()
 
-    @property
-    def local(self) -> bool:
-        return self.ep.transport == "local"
-
-    def ssh_argv(self) -> list[str]:
-        """The ssh command without host; absent optional keys add no flag at all."""
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
-        argv += ["-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5"]
-        argv += ["-o", "ServerAliveCountMax=3", "-o", "ControlMaster=auto"]
-        argv += ["-o", f"ControlPath={self.control_path}", "-o", "ControlPersist=30"]
-        if self.ep.ssh_config:
-            argv += ["-F", os.path.expanduser(self.ep.ssh_config)]
-        if self.ep.port is not None:
-            argv += ["-p", str(self.ep.port)]
-        if self.ep.identity_file:
-            argv += ["-i", os.path.expanduser(self.ep.identity_file)]
-        if self.ep.user:
-            argv += ["-l", self.ep.user]
-        return argv
-
-    def remote_path(self, path: str) -> str:
-        """A params path as the endpoint takes it. Remote commands are quoted, so a leading
-        `~` would be a literal directory: over ssh (which starts in the home directory) it
-        becomes a relative path; locally it is expanded here."""
-        if self.local:
-            return os.path.expanduser(path)
-        if path == "~":
-            return "."
-        return path[2:] or "." if path.startswith("~/") else path
-
-    def endpoint_python(self) -> str:
-        """The endpoint's interpreter: `python`, else the venv `make bootstrap` made there."""
-        if self.ep.python:
-            return self.remote_path(self.ep.python)
-        if self.local:
-            return sys.executable
-        if self.ep.project_dir:
-            return self.remote_path(f"{self.ep.project_dir.rstrip('/')}/.venv/bin/python")
-        return "python3"
-
     def endpoint_command(self, *args: str) -> list[str]:
         """The endpoint agent, run from the package installed on the endpoint."""
         return [self.endpoint_python(), "-m", "adapter_deploy.agent", *args]
-
-    def argv(self, command: list[str]) -> list[str]:
-        if self.local:
-            return command
-        return [*self.ssh_argv(), self.ep.host, "--", shlex.join(command)]
 
     def explain(self, stderr: str) -> RemoteError:
         for needle, message, fix, *kind in _SSH_FAILURES:
@@ -185,15 +197,17 @@ class Connection:
         protect_args: bool = True,
         endpoint_rsync: tuple[int, ...] = (0,),
         compare_dest: str | None = None,
-        before_rsync: str | None = None,
+        room_for: int | None = None,
     ) -> int:
         """rsync the files into dest_dir on the endpoint; returns bytes sent.
 
         `progress` gets the running byte count as rsync reports it (parsed, never relayed
         raw). With `relative`, each file is given as `<root>/./<path>` and lands at
         dest_dir/<path>: several releases travel in one rsync (one start-up, one channel).
-        `compare_dest`: a file already there (same size and mtime) is not sent. `before_rsync`:
-        a shell command the endpoint runs first; rsync starts only if it succeeds.
+        `compare_dest`: a file already there (same size and mtime) is not sent. `room_for`
+        (the early rsync's guard, deploy/early.py): first the endpoint's agent must speak
+        this protocol and dest_dir (made private) have that many bytes free; else nothing
+        is sent and the RemoteError says which (its message carries REFUSED).
         """
         if shutil.which("rsync") is None:
             raise RemoteError("rsync is missing on this machine", install_hint("rsync"))
@@ -208,19 +222,16 @@ class Connection:
         argv += [f"--compare-dest={compare_dest}"] if compare_dest else []
         flags, per_file = progress_flags(endpoint_rsync) if progress else ([], False)
         argv += flags
-        rsync_path = self.ep.rsync_path or ("rsync" if before_rsync else None)
-        if before_rsync and not self.local:
+        check = None if room_for is None else self._check_first(dest_dir, room_for)
+        rsync_path = self.ep.rsync_path or ("rsync" if check else None)
+        if check:
             # the endpoint's shell runs rsync-path; rsync appends its server arguments
-            rsync_path = f"{before_rsync} && exec {rsync_path}"
+            rsync_path = f"{check} && exec {rsync_path}"
         argv += [f"--rsync-path={rsync_path}"] if rsync_path else []
-        if self.local:
-            target = dest_dir.rstrip("/") + "/"
-        else:
-            argv += ["-e", shlex.join(self.ssh_argv())]
-            target = f"{self.ep.host}:{self.remote_path(dest_dir).rstrip('/')}/"
-        argv += [str(f) for f in files] + [target]
+        argv += self._rsync_shell()
+        argv += [str(f) for f in files] + [self._rsync_target(dest_dir)]
         code, stdout, stderr = _run_rsync(argv, progress, per_file, self._running)
-        refused = [line for line in stderr.splitlines() if before_rsync and REFUSED in line]
+        refused = [line for line in stderr.splitlines() if check and REFUSED in line]
         if code != 0 and refused:
             raise RemoteError(f"{self.name}: {refused[0].strip()}", "")
         if code != 0:
@@ -238,15 +249,9 @@ class Connection:
         argv += [f"--exclude={pattern}" for pattern in exclude]
         # mkdir first: --mkpath needs rsync >= 3.2.3 on the endpoint, older than macOS ships.
         dest_dir = self.remote_path(dest_dir)
-        if self.local:
-            Path(dest_dir).mkdir(parents=True, exist_ok=True)
-        else:
-            self.run(["mkdir", "-p", "--", dest_dir])
-        target = dest_dir.rstrip("/") + "/"
-        if not self.local:
-            argv += ["-e", shlex.join(self.ssh_argv())]
-            target = f"{self.ep.host}:{target}"
-        code, stdout, stderr = _run_rsync([*argv, *map(str, paths), target])
+        self.make_dir(dest_dir)
+        argv += self._rsync_shell()
+        code, stdout, stderr = _run_rsync([*argv, *map(str, paths), self._rsync_target(dest_dir)])
         if code != 0:
             raise self.explain(stderr)
         return _bytes_sent(stdout)
@@ -258,11 +263,165 @@ class Connection:
             raise self.explain(proc.stderr or proc.stdout)
         return proc.stdout
 
+
+class SshConnection(Connection):
+    """Another machine, over ssh: one multiplexed connection per endpoint per run (its own
+    ControlPath), and an rsync at each end."""
+
+    needs_endpoint_rsync = True
+
+    def __init__(self, name: str, ep: EndpointParams, control_dir: Path) -> None:
+        super().__init__(name, ep)
+        self.control_path = control_dir / f"{name}.sock"
+
+    def ssh_argv(self) -> list[str]:
+        """The ssh command without host; absent optional keys add no flag at all."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        argv += ["-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5"]
+        argv += ["-o", "ServerAliveCountMax=3", "-o", "ControlMaster=auto"]
+        argv += ["-o", f"ControlPath={self.control_path}", "-o", "ControlPersist=30"]
+        if self.ep.ssh_config:
+            argv += ["-F", os.path.expanduser(self.ep.ssh_config)]
+        if self.ep.port is not None:
+            argv += ["-p", str(self.ep.port)]
+        if self.ep.identity_file:
+            argv += ["-i", os.path.expanduser(self.ep.identity_file)]
+        if self.ep.user:
+            argv += ["-l", self.ep.user]
+        return argv
+
+    def remote_path(self, path: str) -> str:
+        # Remote commands are quoted, so a leading `~` would be a literal directory; ssh
+        # starts in the home directory, so the path becomes a relative one.
+        if path == "~":
+            return "."
+        return path[2:] or "." if path.startswith("~/") else path
+
+    def endpoint_python(self) -> str:
+        if self.ep.python:
+            return self.remote_path(self.ep.python)
+        if self.ep.project_dir:  # the venv `make bootstrap` made there
+            return self.remote_path(f"{self.ep.project_dir.rstrip('/')}/.venv/bin/python")
+        return "python3"
+
+    def argv(self, command: list[str]) -> list[str]:
+        return [*self.ssh_argv(), self.ep.host, "--", shlex.join(command)]
+
+    def project_file(self, relative: str, here: Path) -> str:
+        # the endpoint's own checkout, where it has one (`project_dir`)
+        if self.ep.project_dir:
+            return self.remote_path(f"{self.ep.project_dir.rstrip('/')}/{relative}")
+        return str(here)
+
+    def make_dir(self, path: str) -> None:
+        self.run(["mkdir", "-p", "--", path])
+
+    def wait_connected(self, session: subprocess.Popen, timeout: float) -> bool:
+        # up once its multiplexing socket exists, while the agent is still starting
+        deadline = time.monotonic() + timeout
+        while not self.control_path.exists():
+            if session.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def log_in(self) -> str:
+        self.run(["true"])
+        return f"logged in to {self.ep.host} without a prompt; host key known"
+
     def close(self) -> None:
-        if not self.local and self.control_path.exists():
+        if self.control_path.exists():
             subprocess.run(
                 [*self.ssh_argv(), "-O", "exit", self.ep.host], capture_output=True, timeout=10
             )
+
+    def _rsync_shell(self) -> list[str]:
+        return ["-e", shlex.join(self.ssh_argv())]
+
+    def _rsync_target(self, dest_dir: str) -> str:
+        return f"{self.ep.host}:{self.remote_path(dest_dir).rstrip('/')}/"
+
+    def _check_first(self, dest_dir: str, need: int) -> str:
+        # In the endpoint's shell, in the same ssh command as rsync: nothing lands unless
+        # it passes (an endpoint of another protocol is refused with nothing moved).
+        python = shlex.quote(self.endpoint_python())
+        ask = shlex.quote(f"from {wire.__name__} import PROTOCOL_VERSION as v; print(v)")
+        protocol = f'test "$({python} -c {ask} 2>/dev/null)" = {wire.PROTOCOL_VERSION}'
+        q = shlex.quote(self.remote_path(dest_dir))
+        free = f"$(df -Pk -- {q} | awk 'NR==2 {{print $4}}')"
+        room = f'mkdir -p -m 700 -- {q} && test "{free}" -ge {-(-need // 1024)}'
+        return (
+            f"{{ {protocol} || {_refuse('no agent of this protocol here')}; }} && "
+            f"{{ {room} || {_refuse(f'less than {need} bytes free')}; }}"
+        )
+
+
+def _refuse(why: str) -> str:
+    return f"{{ echo {shlex.quote(REFUSED + why)} >&2; exit 1; }}"
+
+
+class LocalConnection(Connection):
+    """This machine (`transport: local`, the demo's): the agent and rsync are local
+    processes, and the endpoint reads this machine's files."""
+
+    needs_endpoint_rsync = False  # this machine's rsync copies on its own
+
+    def remote_path(self, path: str) -> str:
+        # remote commands are quoted, never read by a shell: `~` is expanded here
+        return os.path.expanduser(path)
+
+    def endpoint_python(self) -> str:
+        return self.remote_path(self.ep.python) if self.ep.python else sys.executable
+
+    def argv(self, command: list[str]) -> list[str]:
+        return command
+
+    def project_file(self, relative: str, here: Path) -> str:
+        return str(here)  # the endpoint shares this checkout
+
+    def make_dir(self, path: str) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+    def wait_connected(self, session: subprocess.Popen, timeout: float) -> bool:
+        return True  # no connection to wait for
+
+    def log_in(self) -> str:
+        return "transport local: no ssh"
+
+    def close(self) -> None:
+        pass  # nothing held between calls
+
+    def _rsync_shell(self) -> list[str]:
+        return []
+
+    def _rsync_target(self, dest_dir: str) -> str:
+        return self.remote_path(dest_dir).rstrip("/") + "/"
+
+    def _check_first(self, dest_dir: str, need: int) -> None:
+        # Checked here, before rsync starts: the agent is this very package, so only the room.
+        root = Path(self.remote_path(dest_dir))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            root.chmod(0o700)
+            free = shutil.disk_usage(root).free
+        except OSError as err:
+            raise RemoteError(f"{self.name}: {REFUSED}{err}", "") from err
+        if free < need:
+            raise RemoteError(f"{self.name}: {REFUSED}less than {need} bytes free", "")
+
+
+class PullConnection(LocalConnection):
+    """A pulling endpoint reaching itself (deploy/pull.py): local processes whatever its
+    `transport:` says (that is how the training machine reaches it, for bootstrap and
+    service-install); its pushes copy the release from the pull's fetch cache."""
+
+
+def connect(name: str, ep: EndpointParams, control_dir: Path) -> Connection:
+    """The connection the training side uses for `ep`; `control_dir` holds ssh's sockets.
+    The one place that asks how an endpoint is reached."""
+    if ep.transport == "local":
+        return LocalConnection(name, ep)
+    return SshConnection(name, ep, control_dir)
 
 
 def die_with_this_process() -> Callable[[], None] | None:
@@ -344,16 +503,9 @@ class Session:
             self.ready()
 
     def connected(self, timeout: float = 30.0) -> bool:
-        """Wait until the ssh connection is up (its multiplexing socket exists), while the
-        agent is still starting; False if the session ended first or it took too long."""
-        if self.conn.local:
-            return True
-        deadline = time.monotonic() + timeout
-        while not self.conn.control_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        """Wait until the connection is up, while the agent is still starting; False if the
+        session ended first or it took too long."""
+        return self.conn.wait_connected(self.proc, timeout)
 
     def ready(self) -> None:
         """Wait for the agent's ready line (it holds the endpoint's lock from then on)."""

@@ -29,7 +29,7 @@ from adapter_deploy.deploy.plan import (
     reload_spec,
 )
 from adapter_deploy.deploy.progress import NO_PROGRESS, Progress
-from adapter_deploy.deploy.remote import Connection, Session
+from adapter_deploy.deploy.remote import Connection, Session, connect
 
 log = logging.getLogger("adapter_deploy.deploy.fleet")
 
@@ -38,12 +38,19 @@ class EndpointRun:
     """One endpoint's part of a deploy or rollback, over one session."""
 
     def __init__(
-        self, params: Params, name: str, control_dir: Path, progress: Progress | None = None
+        self,
+        params: Params,
+        name: str,
+        control_dir: Path,
+        progress: Progress | None = None,
+        conn: Connection | None = None,
     ) -> None:
+        """`conn`: how the endpoint is reached, where not as its params say (a pull reaches
+        its own endpoint, deploy/pull.py); `control_dir` holds ssh's sockets."""
         self.params = params
         self.name = name
         self.ep = params.endpoint(name)
-        self.conn = Connection(name, self.ep, control_dir)
+        self.conn = conn or connect(name, self.ep, control_dir)
         self.progress = progress or NO_PROGRESS
         self.session: Session | None = None
         self.pushed: dict[str, int] = {}  # model -> bytes sent by push_all (-1: was present)
@@ -112,14 +119,11 @@ class EndpointRun:
 
     def sentences_path(self, model: str) -> str | None:
         """The model's sentence (or clip) file as a path on the endpoint: a relative one
-        resolves against the endpoint's checkout (`project_dir`), else against the params
-        file's directory here (a local endpoint shares this checkout)."""
+        resolves against the endpoint's checkout (`Connection.project_file`)."""
         sentences = self.params.models[model].sentences
         if sentences is None or Path(sentences).is_absolute():
             return sentences
-        if self.ep.project_dir and not self.conn.local:
-            return self.conn.remote_path(f"{self.ep.project_dir.rstrip('/')}/{sentences}")
-        return str(self.params.resolve(sentences))
+        return self.conn.project_file(sentences, self.params.resolve(sentences))
 
     @property
     def via_service(self) -> bool:

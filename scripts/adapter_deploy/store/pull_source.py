@@ -6,6 +6,11 @@ entry with the signed file list, the version's .dvc file) and copies exactly tha
 objects out of the DVC remote's content-addressed layout (`files/md5/<2>/<30>`, the directory
 listing in `<md5>.dir`). No DVC install is needed on the endpoint, and nothing there is
 trusted: every file is checked against its md5 here and its signed sha256 by the agent.
+
+The DVC remote and the reports location may be `s3://bucket/prefix` (AWS S3 or an
+S3-compatible server such as MinIO), reached with botocore, the client dvc-s3 runs on, and
+its standard credentials and settings: AWS_PROFILE, AWS_ACCESS_KEY_ID..., ~/.aws/, and
+AWS_ENDPOINT_URL (or `endpoint_url` in ~/.aws/config) for a server other than AWS.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,20 +66,35 @@ SSH_OPTIONS = (
 )  # fmt: skip
 
 
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
+
+
 @dataclass(frozen=True)
 class Place:
     """A remote file or folder as this machine reaches it: a local path (a disk, an NFS
-    mount), or a path on an ssh host reached with OpenSSH (never a prompt; the host key
-    checked against known_hosts, an unknown or changed one refused before anything moves)."""
+    mount), a path on an ssh host reached with OpenSSH (never a prompt; the host key
+    checked against known_hosts, an unknown or changed one refused before anything moves),
+    or an S3 object or prefix (`path` is then the whole `s3://bucket/key` URL)."""
 
     path: str
     host: str | None = None  # [user@]host, for ssh://
     port: int | None = None
     options: tuple[str, ...] = ()  # more ssh flags (-F config, -i key)
+    endpoint_url: str | None = None  # s3:// on a server other than AWS's (None: botocore's own)
 
     @classmethod
-    def parse(cls, url: str, what: str, options: tuple[str, ...] = ()) -> Place:
+    def parse(
+        cls, url: str, what: str, options: tuple[str, ...] = (), endpoint_url: str | None = None
+    ) -> Place:
         parts = urlsplit(url)
+        if parts.scheme == "s3":
+            if not BUCKET_RE.fullmatch(parts.netloc):
+                raise UsageError(
+                    f"{what} {url}: {parts.netloc or 'no bucket'} is not an S3 bucket name",
+                    "write it as s3://<bucket>/<prefix>",
+                )
+            key = parts.path.strip("/")
+            return cls(f"s3://{parts.netloc}/{key}".rstrip("/"), endpoint_url=endpoint_url)
         if parts.scheme in ("", "file"):
             return cls(os.path.expanduser(parts.path if parts.scheme else url))
         if parts.scheme == "ssh" and parts.hostname:
@@ -84,11 +107,21 @@ class Place:
             return cls(parts.path or "/", host, parts.port, options)
         raise UsageError(
             f"{what} {url}: pulling over {parts.scheme}:// is not supported yet",
-            "name a path (a local disk or an NFS mount) or an ssh:// URL",
+            "name a path (a local disk or an NFS mount), an ssh:// or an s3:// URL",
         )
 
     def child(self, *names: str) -> Place:
-        return Place("/".join([self.path.rstrip("/"), *names]), self.host, self.port, self.options)
+        path = "/".join([self.path.rstrip("/"), *names])
+        return Place(path, self.host, self.port, self.options, self.endpoint_url)
+
+    @property
+    def s3(self) -> bool:
+        return self.path.startswith("s3://")
+
+    @property
+    def where(self) -> str:
+        """The place as a reader names it: a path, host:path or s3://bucket/key."""
+        return f"{self.host}:{self.path}" if self.host else self.path
 
     @property
     def local(self) -> Path:
@@ -115,6 +148,8 @@ class Place:
 
     def read_text(self) -> str:
         """The file's text; FileNotFoundError when it is not there."""
+        if self.s3:
+            return _s3_get(self, lambda body: body.read()).decode()
         if self.host is None:
             return self.local.read_text()
         done = self._ssh("cat", "--", self.path)
@@ -126,6 +161,9 @@ class Place:
 
     def copy_to(self, dest: Path) -> None:
         """Copy the file to `dest`; FileNotFoundError when it is not there."""
+        if self.s3:
+            _s3_get(self, lambda body: _stream(body, dest))
+            return
         if self.host is None:
             shutil.copyfile(self.local, dest)
             return
@@ -139,6 +177,11 @@ class Place:
 
     def write_atomic(self, data: bytes) -> None:
         """Replace the file whole (a reader never sees half of it)."""
+        if self.s3:  # one PutObject: S3 replaces an object whole, never half of one
+            bucket, key = _bucket_key(self)
+            with _s3_errors(self, "write"):
+                _s3_client(self.endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
+            return
         if self.host is None:
             self.local.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.local, data)
@@ -170,10 +213,119 @@ class Place:
         return url if self.host else self.path
 
 
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+# The S3 error codes that mean: these credentials may not do that.
+DENIED = {
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403", "Forbidden",
+}  # fmt: skip
+
+
+def _s3_client(endpoint_url: str | None) -> Any:
+    """One botocore S3 client per endpoint and AWS_* environment (the settings it read)."""
+    key = (endpoint_url, *sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            import botocore.config  # here: make status and the agent never need it
+            import botocore.session
+
+            config = botocore.config.Config(
+                connect_timeout=10,
+                read_timeout=60,
+                retries={"mode": "standard", "max_attempts": 3},
+            )
+            session = botocore.session.get_session()
+            try:
+                client = session.create_client("s3", endpoint_url=endpoint_url, config=config)
+            except ValueError as err:  # botocore's word for a malformed endpoint URL
+                raise UsageError(
+                    f"the S3 endpoint URL is not usable: {printable(str(err))}",
+                    "fix AWS_ENDPOINT_URL (or endpoint_url in ~/.aws/config, or DVC's "
+                    "endpointurl): http(s)://host[:port]",
+                ) from None
+            _CLIENTS[key] = client
+        return _CLIENTS[key]
+
+
+def _bucket_key(place: Place) -> tuple[str, str]:
+    bucket, _, key = place.path.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _s3_get(place: Place, use: Any) -> Any:
+    """GetObject, its body handed to `use`; FileNotFoundError when the object is missing."""
+    bucket, key = _bucket_key(place)
+    with _s3_errors(place, "read"):
+        body = _s3_client(place.endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return use(body)
+        finally:
+            body.close()
+
+
+def _stream(body: Any, dest: Path) -> None:
+    with dest.open("wb") as f:
+        for chunk in body.iter_chunks(1 << 20):
+            f.write(chunk)
+
+
+@contextmanager
+def _s3_errors(place: Place, doing: str) -> Iterator[None]:
+    """botocore's exceptions as this project's one-line errors (exit 3); a missing object as
+    FileNotFoundError, as a path or an ssh host reports one."""
+    from botocore import exceptions as bx
+
+    try:
+        yield
+    except bx.ClientError as err:
+        raise _client_error(place, doing, err) from None
+    except (bx.NoCredentialsError, bx.PartialCredentialsError):
+        raise RemoteError(
+            f"no AWS credentials to {doing} {place.path}",
+            "set AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+            "~/.aws/credentials) for this machine's user",
+        ) from None
+    except bx.BotoCoreError as err:  # unreachable, timed out, cut off mid-object
+        where = _s3_client(place.endpoint_url).meta.endpoint_url  # made by now: cached
+        raise RemoteError(
+            f"cannot {doing} {place.path} at {where}: {printable(str(err))}",
+            "check the network and the S3 endpoint (AWS_ENDPOINT_URL, or endpoint_url in "
+            "~/.aws/config, for a server other than AWS); an endpoint keeps serving its "
+            "release meanwhile",
+        ) from None
+
+
+def _client_error(place: Place, doing: str, err: Any) -> Exception:
+    error = err.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return FileNotFoundError(place.path)
+    if code == "NoSuchBucket":
+        return RemoteError(
+            f"the S3 bucket of {place.path} does not exist",
+            "create it, or fix the s3:// URL (store.remote, or the endpoint's pull: settings) "
+            "or the S3 endpoint it is on (AWS_ENDPOINT_URL)",
+        )
+    if code in DENIED:
+        action = "s3:PutObject" if doing == "write" else "s3:GetObject and s3:ListBucket"
+        return RemoteError(
+            f"access denied to {doing} {place.path} ({code})",
+            f"give this machine's AWS credentials {action} there (docs/pull.md has a "
+            "policy), or set AWS_PROFILE to a profile that has",
+        )
+    message = printable(str(error.get("Message") or code or err))
+    return RemoteError(
+        f"S3 refused to {doing} {place.path}: {message}",
+        "check the bucket, the credentials and the S3 endpoint (AWS_ENDPOINT_URL)",
+    )
+
+
 def local_path(url: str, what: str) -> Path:
-    """A remote reached as a path; ssh:// and the rest refused (for callers that need one)."""
+    """A remote reached as a path; ssh://, s3:// and the rest refused (for callers that need
+    one)."""
     place = Place.parse(url, what)
-    if place.host is not None:
+    if place.host is not None or place.s3:
         raise UsageError(f"{what} {url} must be a path here", "name a local or mounted path")
     return place.local
 
@@ -181,10 +333,16 @@ def local_path(url: str, what: str) -> Path:
 def sync_tags(mirror: Path, remote: str, options: tuple[str, ...] = ()) -> None:
     """Fetch the git remote's tags into the endpoint's bare mirror (read-only to the remote).
     Tags the remote no longer has are dropped here too, so a withdrawn tag stops counting."""
+    place = Place.parse(remote, "git remote", options)
+    if place.s3:
+        raise UsageError(
+            f"the git remote {remote}: git cannot fetch tags from S3",
+            "name a path or an ssh:// URL for the git remote (store.git_remote, or the "
+            "endpoint's pull.git_remote); the DVC remote and the reports may be on S3",
+        )
     if not (mirror / "HEAD").is_file():
         mirror.mkdir(parents=True, exist_ok=True)
         registry.git(mirror, "init", "--quiet", "--bare")
-    place = Place.parse(remote, "git remote", options)
     argv = ["git", "fetch", "--quiet", "--prune", "--force", "--no-write-fetch-head"]
     argv += [place.git_url(remote), "+refs/tags/*:refs/tags/*"]
     done = subprocess.run(argv, cwd=mirror, env=place.git_env(), capture_output=True, timeout=600)
@@ -256,7 +414,7 @@ def fetch(dvc_remote: str, want: Desired, dest: Path, options: tuple[str, ...] =
     """Copy exactly the release's files from the DVC remote into `dest` (created whole: a
     hidden partial dir renamed into place once every file matched its md5 and size)."""
     remote = Place.parse(dvc_remote, "DVC remote", options)
-    if remote.host is None and not remote.local.is_dir():
+    if remote.host is None and not remote.s3 and not remote.local.is_dir():
         raise RemoteError(
             f"the DVC remote {dvc_remote} is not reachable from this endpoint",
             "mount it (or fix endpoints.<name>.pull.dvc_remote); the endpoint keeps serving "
