@@ -9,13 +9,12 @@ cause deterministically: which threads clear their streams, recorded by a stand-
 
 from __future__ import annotations
 
-import argparse
+import subprocess
 import sys
 import threading
 import types
 
 import pytest
-from adapter_deploy.common.runner import run
 from adapter_deploy.service.state import Control, Service, ServiceConfig
 
 
@@ -37,9 +36,16 @@ def test_a_stopping_service_clears_the_engine_threads_streams(cleared, tmp_path)
     assert engine_thread in cleared
 
 
-def test_every_script_clears_the_main_threads_streams_on_the_way_out(cleared, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["script"])
-    for main in (lambda _: 0, lambda _: 1 / 0):
-        with pytest.raises((SystemExit, ZeroDivisionError)):
-            run(main, argparse.ArgumentParser())
-    assert cleared == ["MainThread", "MainThread"]
+def test_every_process_that_loads_the_runner_clears_the_main_threads_streams_at_exit():
+    """At exit, not when run() returns: MLX on a thread fails once its streams are cleared, and
+    a process may go on after run() (a test, a script calling another's main)."""
+    probe = (
+        "import sys, threading, types\n"
+        "stub = lambda: print('cleared on', threading.current_thread().name)\n"
+        "sys.modules['mlx.core'] = types.SimpleNamespace(clear_streams=stub)\n"
+        "import adapter_deploy.common.runner\n"
+        "print('work done')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["work done", "cleared on MainThread"]

@@ -9,11 +9,12 @@ LOG_JSON=1 that line is a JSON object like every other log line.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 from collections.abc import Callable
 from traceback import format_exc
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from adapter_deploy.common import logs
 from adapter_deploy.common.errors import EXIT_CODES, AdapterDeployError
@@ -89,11 +90,16 @@ def release_thread_streams() -> None:
 
     MLX 0.32 leaves each thread's streams to the program: a thread that ran MLX and ends with
     them, the main thread included, can abort the process at exit ("terminate called without
-    an active exception", exit -6) after its work succeeded. Call it last on such a thread.
+    an active exception", exit -6) after its work succeeded. Call it last on such a thread:
+    MLX on that thread fails afterwards. The main thread's run at exit (below).
     """
     mx = sys.modules.get("mlx.core")
     if mx is not None and hasattr(mx, "clear_streams"):
         mx.clear_streams()
+
+
+# At exit, not at the end of run(): a process may call run() and go on using MLX (tests do).
+atexit.register(release_thread_streams)
 
 
 def run(
@@ -103,7 +109,7 @@ def run(
     args = parser.parse_args()
     as_json = _setup_logging(args)
     try:
-        code = _run_main(main, args)
+        code = main(args)
     except AdapterDeployError as err:
         if getattr(args, "traceback", False):
             raise
@@ -120,10 +126,3 @@ def run(
             as_json, AdapterDeployError(f"unexpected error: {err!r}"), traceback=format_exc()
         )
     sys.exit(code or 0)
-
-
-def _run_main(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> Any:
-    try:
-        return main(args)
-    finally:
-        release_thread_streams()
